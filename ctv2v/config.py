@@ -1,0 +1,424 @@
+"""The run configuration: one pydantic schema, YAML files layered in order, `--set a.b=c` overrides.
+
+Every section forbids unknown keys. Before pydantic sees the data, the raw mapping is walked against the
+schema so that a typo or a key at the wrong depth is reported with its full dotted path and the nearest
+valid key (a sibling with a similar name, or the same name where it belongs elsewhere in the tree).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ctv2v.files import atomic_write_text
+
+
+class ConfigError(ValueError):
+    """A configuration file, key or value is invalid; the message names the file and the dotted key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------------- data
+class IntensityConfig(_Section):
+    """The VAE's input contract: HU clipped to [hu_min, hu_max] and scaled to [0, 1] (MAISI's CT contract)."""
+
+    hu_min: float = -1000.0
+    hu_max: float = 1000.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "IntensityConfig":
+        if not self.hu_max > self.hu_min:
+            raise ValueError(f"hu_max ({self.hu_max}) must be greater than hu_min ({self.hu_min})")
+        return self
+
+
+class ThickConfig(_Section):
+    """How the thick series is made when a dataset has no real paired thick series.
+
+    `factor` k keeps one thick slice per k thin slices (thick spacing = k x thin spacing). `slab_average`
+    averages the thin slices inside a slab of `thickness_mm` centred on each thick position (default: the
+    thick spacing, i.e. contiguous slabs); `subsample` keeps every k-th thin slice.
+    """
+
+    method: Literal["slab_average", "subsample"] = "slab_average"
+    factor: int = Field(4, ge=2)
+    thickness_mm: float | None = Field(None, gt=0)
+
+
+class SplitConfig(_Section):
+    """Patient-level split fractions; the assignment is a deterministic function of patient id and seed."""
+
+    train: float = Field(0.6, ge=0)
+    val: float = Field(0.2, ge=0)
+    test: float = Field(0.2, ge=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> "SplitConfig":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be 1.0, got {total:g}")
+        return self
+
+
+class ClipConfig(_Section):
+    """A clip: `frames` consecutive thin slices over a `height` x `width` crop, plus the matching thick slices."""
+
+    frames: int = Field(16, ge=4)
+    height: int = Field(128, ge=8)
+    width: int = Field(128, ge=8)
+    random_flip: bool = True
+    clips_per_volume: int = Field(8, ge=1)
+    eval_overlap: float = Field(0.25, ge=0, lt=1)
+
+
+class DataConfig(_Section):
+    source: str = "demo"
+    """`demo` (the embedded TotalSegmentator CT volumes), a local folder, or `s3://bucket/prefix`."""
+    workspace: Path = Path("workspace")
+    """Where staged data, the preprocessing cache, the manifest and step outputs live (a PVC in the cluster)."""
+    slice_spacing_tolerance: float = Field(0.01, gt=0, lt=0.5)
+    """Relative tolerance on the gap between consecutive DICOM slices before a series counts as irregular."""
+    intensity: IntensityConfig = IntensityConfig()
+    thick: ThickConfig = ThickConfig()
+    split: SplitConfig = SplitConfig()
+    clip: ClipConfig = ClipConfig()
+    num_workers: int = Field(0, ge=0)
+
+
+# ------------------------------------------------------------------------------------------------ VAE
+class ScratchVAEConfig(_Section):
+    """The `main` variant's VAE: 3D convolutions that downsample in-plane only ("2D + time")."""
+
+    channels: list[int] = [64, 128, 256]
+    latent_channels: int = Field(4, ge=1)
+    num_res_blocks: int = Field(1, ge=1)
+    norm_num_groups: int = Field(32, ge=1)
+    kl_weight: float = Field(1e-6, ge=0)
+    perceptual_weight: float = Field(0.0, ge=0)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(2, ge=1)
+    lr: float = Field(1e-4, gt=0)
+
+    @model_validator(mode="after")
+    def _groups_divide_channels(self) -> "ScratchVAEConfig":
+        bad = [c for c in self.channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"channels {bad} are not divisible by norm_num_groups={self.norm_num_groups}")
+        return self
+
+
+class TileConfig(_Section):
+    """Overlapping tiles for clips too large to encode at once (MONAI sliding-window inference)."""
+
+    depth: int = Field(32, ge=4)
+    height: int = Field(128, ge=4)
+    width: int = Field(128, ge=4)
+    overlap: float = Field(0.25, ge=0, lt=1)
+
+
+class MaisiVAEConfig(_Section):
+    """The `pretrained` variant's VAE: MONAI's AutoencoderKlMaisi with MAISI's CT weights."""
+
+    checkpoint: str = "hf://MONAI/maisi_ct_generative/models/autoencoder.pt@main"
+    sha256: str | None = None
+    md5: str | None = None
+    weights: Literal["pretrained", "stand-in"] = "pretrained"
+    """`stand-in` builds a checkpoint of MAISI's exact layout with random values (offline demos and tests)."""
+    allow_partial: bool = False
+    encode_mode: Literal["volume", "stack", "tiled"] = "volume"
+    stack_size: int = Field(4, ge=4)
+    tile: TileConfig = TileConfig()
+    num_splits: int = Field(1, ge=1)
+    dim_split: int = Field(1, ge=0, le=2)
+    norm_float16: bool = False
+    use_checkpointing: bool = False
+    recon_psnr_floor_db: float = 25.0
+    recon_check_clips: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _stack_multiple_of_four(self) -> "MaisiVAEConfig":
+        if self.stack_size % 4:
+            raise ValueError(f"stack_size must be a multiple of 4 (MAISI's depth factor), got {self.stack_size}")
+        return self
+
+
+class VAEConfig(_Section):
+    scratch: ScratchVAEConfig = ScratchVAEConfig()
+    maisi: MaisiVAEConfig = MaisiVAEConfig()
+    latent_scale_clips: int = Field(8, ge=1)
+    """How many training clips estimate the latent scale factor 1/std(z)."""
+
+
+# ------------------------------------------------------------------------------------ denoiser, diffusion
+class DenoiserConfig(_Section):
+    """MONAI DiffusionModelUNet (3D) on [noisy thin latent, thick latent resampled to the thin depth]."""
+
+    channels: list[int] = [64, 128, 256]
+    attention_levels: list[bool] = [False, False, True]
+    num_res_blocks: int = Field(2, ge=1)
+    num_head_channels: int = Field(32, ge=1)
+    norm_num_groups: int = Field(32, ge=1)
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _levels_match(self) -> "DenoiserConfig":
+        if len(self.attention_levels) != len(self.channels):
+            raise ValueError(
+                f"attention_levels has {len(self.attention_levels)} entries, channels has {len(self.channels)}"
+            )
+        bad = [c for c in self.channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"channels {bad} are not divisible by norm_num_groups={self.norm_num_groups}")
+        return self
+
+
+class DiffusionConfig(_Section):
+    scheduler: Literal["ddpm", "rflow"] = "ddpm"
+    num_train_timesteps: int = Field(1000, ge=2)
+    beta_schedule: Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta"] = "scaled_linear_beta"
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    sample_steps: int = Field(50, ge=1)
+    min_snr_gamma: float | None = Field(None, gt=0)
+
+
+# -------------------------------------------------------------------------------------------- training
+class PhaseConfig(_Section):
+    epochs: int = Field(5, ge=0)
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(1, ge=1)
+    warmup_steps: int = Field(0, ge=0)
+
+
+class FullPhaseConfig(PhaseConfig):
+    vae_lr_multiplier: float = Field(0.1, ge=0)
+    recon_weight: float = Field(1.0, ge=0)
+
+
+class TrainingConfig(_Section):
+    frozen: PhaseConfig = PhaseConfig()
+    full: FullPhaseConfig = FullPhaseConfig(epochs=5, lr=5e-5)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    grad_accum_steps: int = Field(1, ge=1)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    precision: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    """`auto`: fp16 autocast + GradScaler on CUDA (V100 has no bf16), fp32 on CPU."""
+    checkpoint_every_steps: int = Field(100, ge=1)
+    latent_cache: bool = True
+    """Frozen phase: encode the training clips once and train the denoiser on cached latents."""
+    val_every_epochs: int = Field(1, ge=1)
+
+
+class EvaluationConfig(_Section):
+    hu_min: float = -1000.0
+    hu_max: float = 1000.0
+    """Metrics are computed in HU over this range (it moves PSNR by ~6 dB: it is stated in every report)."""
+    sample_steps: int = Field(50, ge=1)
+    baselines: list[Literal["nearest", "linear", "cubic"]] = ["nearest", "linear", "cubic"]
+    panel_plane: Literal["coronal", "sagittal"] = "coronal"
+    write_nifti: bool = True
+    max_volumes: int | None = Field(None, ge=1)
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str | None = None
+    """None: MLFLOW_TRACKING_URI from the environment; unset there too means no tracking."""
+    experiment: str = "ctv2v"
+    request_timeout_s: float = Field(10.0, gt=0)
+    max_retries: int = Field(2, ge=0)
+    register_model: bool = True
+
+
+class StorageConfig(_Section):
+    s3_endpoint: str | None = None
+    """None: S3_ENDPOINT from the environment. Credentials come only from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY."""
+    s3_region: str = "us-east-1"
+    s3_secure: bool = True
+
+
+class RunConfig(_Section):
+    """The whole run. `variant` picks the VAE: `main` trains one from scratch, `pretrained` loads MAISI's."""
+
+    variant: Literal["main", "pretrained"] = "main"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = DataConfig()
+    vae: VAEConfig = VAEConfig()
+    denoiser: DenoiserConfig = DenoiserConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    storage: StorageConfig = StorageConfig()
+
+
+# ------------------------------------------------------------------------------------ key validation
+def _section_of(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model a field holds, if any (unwrapping Optional/Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = get_origin(annotation)
+    if origin is Annotated or origin is not None:
+        for arg in get_args(annotation):
+            found = _section_of(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _all_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    paths = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        paths.append(path)
+        sub = _section_of(field.annotation)
+        if sub is not None:
+            paths.extend(_all_paths(sub, path + "."))
+    return paths
+
+
+def _check_keys(raw: Any, model: type[BaseModel], prefix: str, errors: list[str]) -> None:
+    if not isinstance(raw, dict):
+        return
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key not in model.model_fields:
+            errors.append(f"unknown key '{path}'{_suggest(str(key), model, prefix)}")
+            continue
+        sub = _section_of(model.model_fields[key].annotation)
+        if sub is not None:
+            if not isinstance(value, dict):
+                errors.append(f"'{path}' is a section and needs a mapping, got {type(value).__name__}")
+            else:
+                _check_keys(value, sub, path + ".", errors)
+
+
+def _suggest(key: str, model: type[BaseModel], prefix: str) -> str:
+    elsewhere = [p for p in _all_paths(RunConfig) if p.rsplit(".", 1)[-1] == key]
+    if elsewhere:
+        return "; did you mean " + " or ".join(f"'{p}'" for p in elsewhere) + "? (the key belongs there)"
+    close = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.5)
+    if close:
+        return f"; did you mean '{prefix}{close[0]}'?"
+    return f"; valid keys here: {', '.join(model.model_fields)}"
+
+
+# ------------------------------------------------------------------------------------ loading, merging
+def deep_merge(base: dict, overlay: dict) -> dict:
+    """`overlay` on top of `base`: mappings merge key by key, anything else replaces."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> dict:
+    """`a.b.c=value` -> {'a': {'b': {'c': value}}}, the value parsed as YAML (numbers, lists, null...)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. training.frozen.epochs=2")
+    key, value = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {text!r}: empty component in key {key!r}")
+    try:
+        parsed: Any = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML: {exc}") from exc
+    for part in reversed(parts):
+        parsed = {part: parsed}
+    return parsed
+
+
+def validate(raw: dict, origin: str) -> RunConfig:
+    """Validate a raw mapping; `origin` (files and overrides) is named in every error."""
+    errors: list[str] = []
+    _check_keys(raw, RunConfig, "", errors)
+    if errors:
+        raise ConfigError(f"{origin}: " + "; ".join(errors))
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            problems.append(f"'{loc}': {err['msg']}" if loc else err["msg"])
+        raise ConfigError(f"{origin}: " + "; ".join(problems)) from None
+
+
+def load_config(paths: list[str | Path] | str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read YAML files in order (later files overlay earlier ones), apply `--set` overrides, validate."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    raw: dict = {}
+    for path in paths:
+        raw = deep_merge(raw, _read_yaml(Path(path)))
+    for text in overrides:
+        raw = deep_merge(raw, parse_override(text))
+    origin = " + ".join(str(p) for p in paths) or "<defaults>"
+    if overrides:
+        origin += " with --set " + " ".join(overrides)
+    return validate(raw, origin)
+
+
+def config_from_text(text: str, origin: str = "<config text>") -> RunConfig:
+    """A resolved config passed as YAML text (how pipeline components receive it)."""
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: a config must be a mapping, got {type(data).__name__}")
+    return validate(data, origin)
+
+
+def to_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False)
+
+
+def flatten(config: RunConfig) -> dict[str, str]:
+    """Dotted key -> value string, for MLflow params."""
+    out: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            out[prefix[:-1]] = json.dumps(node) if isinstance(node, (list, bool)) or node is None else str(node)
+
+    walk(json.loads(config.model_dump_json()), "")
+    return out
+
+
+def write_resolved(config: RunConfig, out_dir: Path) -> Path:
+    """Write `resolved-config.yaml` into `out_dir` atomically; every step output carries one."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / "resolved-config.yaml"
+    atomic_write_text(target, to_yaml(config))
+    return target

@@ -1,0 +1,54 @@
+"""Submit the compiled DAG to a Kubeflow Pipelines API server through kfp.Client."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import kfp
+
+from ctv2v.config import RunConfig, to_yaml
+from pipeline.spec import compile_pipeline
+
+log = logging.getLogger(__name__)
+
+
+class RunFailed(RuntimeError):
+    """A submitted run finished in a state other than SUCCEEDED."""
+
+
+def submit(
+    config: RunConfig,
+    *,
+    host: str,
+    namespace: str | None,
+    experiment: str,
+    branches: str,
+    token: str | None = None,
+    cookie: str | None = None,
+    run_name: str | None = None,
+    wait: bool = False,
+    timeout_s: int = 7 * 24 * 3600,
+    poll_s: int = 30,
+) -> str:
+    """Compile, submit one run with the resolved config as its argument, optionally wait; returns the run id."""
+    client = kfp.Client(host=host, namespace=namespace, existing_token=token, cookies=cookie)
+    with tempfile.TemporaryDirectory() as tmp:
+        package = compile_pipeline(config, Path(tmp) / "ctv2v-pipeline.yaml")
+        result = client.create_run_from_pipeline_package(
+            str(package),
+            arguments={"config": to_yaml(config), "branches": branches},
+            run_name=run_name,
+            experiment_name=experiment,
+            namespace=namespace,
+        )
+    run_id = result.run_id
+    log.info("submitted run %s to %s (experiment %s, branches %s)", run_id, host, experiment, branches)
+    if wait:
+        run = client.wait_for_run_completion(run_id, timeout=timeout_s, sleep_duration=poll_s)
+        state = (run.state or "UNKNOWN").upper()
+        if state != "SUCCEEDED":
+            raise RunFailed(f"run {run_id} finished as {state}")
+        log.info("run %s succeeded", run_id)
+    return run_id

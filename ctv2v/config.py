@@ -245,6 +245,34 @@ class StorageConfig(_Section):
     s3_secure: bool = True
 
 
+class ClusterConfig(_Section):
+    """How the KFP DAG is scheduled on the cluster (compile-time settings; ignored by kfp.local)."""
+
+    trainer_image: str = "ctv2v/trainer:0.1.0"
+    gpu_resource: str = "nvidia.com/gpu"
+    gpu_product: str = "Tesla-V100-SXM2-32GB"
+    """Node selector value for the `nvidia.com/gpu.product` label (NVIDIA GPU feature discovery)."""
+    gpus_per_step: int = Field(1, ge=1)
+    """GPUs for each training step; more than one runs the step under `torchrun --nproc_per_node`."""
+    cpu_request: str = "8"
+    memory_request: str = "48Gi"
+    memory_limit: str = "64Gi"
+    shm_size: str = "16Gi"
+    step_timeout_s: int = Field(172800, ge=60)
+    train_retries: int = Field(2, ge=0)
+    workspace_size: str = "200Gi"
+    env_config_map: str = "ctv2v-env"
+    """ConfigMap with MLFLOW_TRACKING_URI and S3_ENDPOINT."""
+    s3_secret: str = "ctv2v-s3"
+    """Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for the object store."""
+    mlflow_secret: str | None = None
+    """Optional Secret with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."""
+    hf_secret: str | None = None
+    """Optional Secret with HF_TOKEN for fetching from Hugging Face."""
+    pod_label: str = "ctv2v-pipeline"
+    """Value of `app.kubernetes.io/part-of` on every step pod (the NetworkPolicies select on it)."""
+
+
 class RunConfig(_Section):
     """The whole run. `variant` picks the VAE: `main` trains one from scratch, `pretrained` loads MAISI's."""
 
@@ -259,6 +287,7 @@ class RunConfig(_Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     tracking: TrackingConfig = TrackingConfig()
     storage: StorageConfig = StorageConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
 
 # ------------------------------------------------------------------------------------ key validation

@@ -1,0 +1,115 @@
+"""The run configuration: every file in configs/ validates; typos and misplaced keys are errors with a hint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ctv2v.config import ConfigError, flatten, load_config, to_yaml, write_resolved
+from pipeline.cli import main as cli_main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("files", [
+    ["main.yaml"], ["pretrained.yaml"], ["smoke.yaml"],
+    ["main.yaml", "smoke.yaml"], ["pretrained.yaml", "smoke.yaml"],
+    ["main.yaml", "v100-16gb.yaml"], ["pretrained.yaml", "v100-16gb.yaml"],
+    ["main.yaml", "v100-32gb.yaml"], ["pretrained.yaml", "v100-32gb.yaml"],
+])
+def test_every_shipped_config_validates(files):
+    config = load_config([CONFIGS / f for f in files])
+    assert config.variant == ("pretrained" if files[0] == "pretrained.yaml" else "main")
+
+
+def test_main_and_pretrained_differ_only_in_the_vae():
+    main = flatten(load_config(CONFIGS / "main.yaml"))
+    pretrained = flatten(load_config(CONFIGS / "pretrained.yaml"))
+    differing = {k for k in main if main[k] != pretrained[k]}
+    assert differing <= {"variant"} | {k for k in main if k.startswith("vae.")}
+    assert "variant" in differing
+
+
+def test_v100_overlays_keep_the_variant_and_set_fp16():
+    config = load_config([CONFIGS / "pretrained.yaml", CONFIGS / "v100-16gb.yaml"])
+    assert config.variant == "pretrained"
+    assert config.training.precision == "fp16"
+    assert config.denoiser.gradient_checkpointing
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("variantt=main", "unknown key 'variantt'; did you mean 'variant'?"),
+    ("data.clip.frame=8", "unknown key 'data.clip.frame'; did you mean 'data.clip.frames'?"),
+    ("training.full.vae_lr_multiplyer=0.5", "'training.full.vae_lr_multiplier'"),
+    ("vae.maisi.tile.overlapp=0.5", "'vae.maisi.tile.overlap'"),
+    ("model.channels=[8]", "unknown key 'model'"),
+])
+def test_typos_at_every_depth_name_the_full_path_and_the_nearest_key(override, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config([CONFIGS / "main.yaml"], [override])
+    assert expected in str(info.value)
+
+
+def test_misplaced_key_points_to_where_it_belongs(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"training": {"encode_mode": "stack"}}))
+    with pytest.raises(ConfigError) as info:
+        load_config([bad])
+    message = str(info.value)
+    assert str(bad) in message
+    assert "unknown key 'training.encode_mode'" in message
+    assert "'vae.maisi.encode_mode'" in message
+
+
+def test_a_section_given_a_scalar_is_an_error():
+    with pytest.raises(ConfigError, match="'data.clip' is a section"):
+        load_config([], ["data.clip=16"])
+
+
+def test_invalid_values_name_their_key():
+    with pytest.raises(ConfigError, match="'data.thick.factor'"):
+        load_config([], ["data.thick.factor=1"])
+    with pytest.raises(ConfigError, match="'vae.maisi.encode_mode'"):
+        load_config([], ["vae.maisi.encode_mode=slices"])
+    with pytest.raises(ConfigError, match="hu_max"):
+        load_config([], ["data.intensity.hu_max=-2000"])
+
+
+def test_set_overrides_parse_yaml_values_and_apply_last():
+    config = load_config([CONFIGS / "main.yaml"],
+                         ["training.frozen.epochs=2", "denoiser.channels=[8, 16]",
+                          "denoiser.attention_levels=[false, true]", "diffusion.min_snr_gamma=5"])
+    assert config.training.frozen.epochs == 2
+    assert config.denoiser.channels == [8, 16]
+    assert config.diffusion.min_snr_gamma == 5.0
+
+
+def test_malformed_override_is_an_error():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config([], ["training.frozen.epochs"])
+
+
+def test_unreadable_or_non_mapping_files_are_errors(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config([tmp_path / "missing.yaml"])
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config([listing])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = load_config([CONFIGS / "pretrained.yaml", CONFIGS / "smoke.yaml"])
+    path = write_resolved(config, tmp_path / "out")
+    assert load_config([path]) == config
+    assert to_yaml(config) == path.read_text()
+
+
+def test_config_show_prints_the_resolved_config_and_fails_on_a_bad_key(capsys):
+    assert cli_main(["config", "show", "--config", str(CONFIGS / "smoke.yaml"), "--set", "seed=7"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["seed"] == 7 and shown["data"]["clip"]["height"] == 32
+    assert cli_main(["config", "show", "--config", str(CONFIGS / "smoke.yaml"), "--set", "sed=7"]) == 2
+    assert "unknown key 'sed'" in capsys.readouterr().err

@@ -33,7 +33,9 @@ class ThickSeries:
     def describe(self) -> str:
         """How the thick series was made, for every report next to every number."""
         if self.method == "subsample":
-            return f"every {self.factor}th thin slice kept (spacing {self.spacing_mm:g} mm)"
+            return f"one thin slice in {self.factor} kept (spacing {self.spacing_mm:g} mm)"
+        if self.method == "paired":
+            return f"real paired thick series every {self.spacing_mm:g} mm (x{self.factor} of the thin spacing)"
         return (
             f"slab average over {self.thickness_mm:g} mm every {self.spacing_mm:g} mm "
             f"(x{self.factor} of the thin spacing)"

@@ -1,0 +1,151 @@
+"""Clips: T consecutive thin slices over an H x W crop, with the T/k thick slices that sit on them.
+
+A clip starts at a thin index z0 that is a multiple of the thick factor k, so thick slice j (which lies on thin
+slice j*k) is the first thick frame when j = z0/k and the clip holds thick slices z0/k .. z0/k + T/k - 1. Both
+are scaled to [0, 1] by ctv2v.intensity.Intensity. Regions beyond a volume's edge (a volume smaller than the
+crop, or a last tile that reaches past the final thin slice) are filled with hu_min, i.e. 0 after scaling,
+at the high-index end of each axis, so `origin` is always a voxel index of the unpadded volume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ctv2v.config import ClipConfig
+from ctv2v.data.cache import Preprocessed
+from ctv2v.intensity import Intensity
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A clip position: thin slices z0 .. z0+frames-1, rows y0 .. y0+height-1, columns x0 .. x0+width-1."""
+
+    z0: int
+    y0: int
+    x0: int
+    frames: int
+    height: int
+    width: int
+    factor: int
+
+    @property
+    def thick_start(self) -> int:
+        """Index of the clip's first thick slice."""
+        return self.z0 // self.factor
+
+    @property
+    def thick_frames(self) -> int:
+        """Number of thick slices in the clip."""
+        return self.frames // self.factor
+
+
+def check_frames(frames: int, factor: int) -> None:
+    """Raise ValueError unless a clip of `frames` thin slices holds a whole number of thick slices."""
+    if factor < 1 or frames % factor:
+        raise ValueError(f"data.clip.frames={frames} must be a multiple of the thick factor {factor} "
+                         "(each thick slice stands for factor thin slices)")
+
+
+def _crop(array: np.ndarray, starts: tuple[int, ...], sizes: tuple[int, ...], fill: float) -> np.ndarray:
+    """array[starts : starts + sizes], with the part beyond the array's end filled with `fill`."""
+    out = np.full(sizes, fill, dtype=np.float32)
+    inside = tuple(slice(s, min(s + n, dim)) for s, n, dim in zip(starts, sizes, array.shape))
+    out[tuple(slice(0, sl.stop - sl.start) for sl in inside)] = array[inside]
+    return out
+
+
+def extract_clip(volume: Preprocessed, tile: Tile, intensity: Intensity) -> dict[str, np.ndarray]:
+    """The thin (T, H, W) and thick (T/k, H, W) clip at `tile`, scaled to [0, 1]."""
+    if tile.factor != volume.thick.factor:
+        raise ValueError(f"tile factor {tile.factor} differs from volume {volume.volume_id}'s thick factor "
+                         f"{volume.thick.factor}")
+    thin = _crop(volume.thin, (tile.z0, tile.y0, tile.x0), (tile.frames, tile.height, tile.width),
+                 intensity.hu_min)
+    thick = _crop(volume.thick.array, (tile.thick_start, tile.y0, tile.x0),
+                  (tile.thick_frames, tile.height, tile.width), intensity.hu_min)
+    return {"thin": intensity.to_unit(thin), "thick": intensity.to_unit(thick)}
+
+
+def _starts(extent: int, size: int, stride: int) -> list[int]:
+    """Tile starts from 0 to the last start `extent - size` (0 if the tile is larger), `stride` apart."""
+    last = max(extent - size, 0)
+    return list(range(0, last, stride)) + [last]
+
+
+def eval_tiles(shape: tuple[int, int, int], clip: ClipConfig, factor: int, n_thick: int | None = None) -> list[Tile]:
+    """Overlapping tiles covering thin slices 0 .. (n_thick-1)*k and the full in-plane extent of `shape`.
+
+    `shape` is the thin volume's; `n_thick` defaults to the simulated count ceil(slices / k) (give it for a
+    real paired series). z starts are multiples of k, and the last tile in z ends with the k thin slices of
+    the last thick slice, so every tile's thick slices exist. Neighbouring tiles overlap by about
+    `clip.eval_overlap` of the tile size (z strides rounded down to a multiple of k, at least k).
+    """
+    check_frames(clip.frames, factor)
+    slices, rows, cols = shape
+    n_thick = -(-slices // factor) if n_thick is None else n_thick
+    z_stride = max(factor, int(clip.frames * (1 - clip.eval_overlap)) // factor * factor)
+    y_stride = max(1, int(clip.height * (1 - clip.eval_overlap)))
+    x_stride = max(1, int(clip.width * (1 - clip.eval_overlap)))
+    z_starts = _starts(n_thick * factor, clip.frames, z_stride)
+    return [Tile(z0, y0, x0, clip.frames, clip.height, clip.width, factor)
+            for z0 in z_starts
+            for y0 in _starts(rows, clip.height, y_stride)
+            for x0 in _starts(cols, clip.width, x_stride)]
+
+
+class TrainClips(Dataset):
+    """Random training clips: `clip.clips_per_volume` per volume, random crop and in-plane flips.
+
+    Item i of epoch e depends only on (seed, e, i), so a resumed run sees exactly the clips it would have
+    seen. Call set_epoch(e) before iterating (before a DataLoader creates its worker processes).
+    """
+
+    def __init__(self, volumes: list[Preprocessed], clip: ClipConfig, intensity: Intensity, seed: int):
+        if not volumes:
+            raise ValueError("TrainClips needs at least one volume")
+        for volume in volumes:
+            check_frames(clip.frames, volume.thick.factor)
+        self.volumes = volumes
+        self.clip = clip
+        self.intensity = intensity
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose clips the dataset returns."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.volumes) * self.clip.clips_per_volume
+
+    def tile(self, index: int) -> tuple[Tile, bool, bool]:
+        """Item `index`'s position and whether its rows and its columns are flipped."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"clip index {index} out of range for {len(self)} clips")
+        volume = self.volumes[index // self.clip.clips_per_volume]
+        k = volume.thick.factor
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        clip = self.clip
+        # The clip's thick slices must exist and, where the volume is long enough, so must its thin slices.
+        last_thick_start = max(min(volume.thick.array.shape[0] - clip.frames // k,
+                                   (volume.thin.shape[0] - clip.frames) // k), 0)
+        z0 = int(rng.integers(0, last_thick_start + 1)) * k
+        y0 = int(rng.integers(0, max(volume.thin.shape[1] - clip.height, 0) + 1))
+        x0 = int(rng.integers(0, max(volume.thin.shape[2] - clip.width, 0) + 1))
+        flip_rows, flip_cols = (bool(f) for f in rng.random(2) < 0.5) if clip.random_flip else (False, False)
+        return Tile(z0, y0, x0, clip.frames, clip.height, clip.width, k), flip_rows, flip_cols
+
+    def __getitem__(self, index: int) -> dict:
+        tile, flip_rows, flip_cols = self.tile(index)
+        volume = self.volumes[index // self.clip.clips_per_volume]
+        arrays = extract_clip(volume, tile, self.intensity)
+        axes = [axis for axis, flip in ((1, flip_rows), (2, flip_cols)) if flip]
+        item = {name: torch.from_numpy(np.ascontiguousarray(np.flip(a, axes) if axes else a))[None]
+                for name, a in arrays.items()}
+        item["volume_id"] = volume.volume_id
+        item["origin"] = (tile.z0, tile.y0, tile.x0)
+        return item

@@ -115,6 +115,17 @@ class ScratchVAEConfig(_Section):
             raise ValueError(f"channels {bad} are not divisible by norm_num_groups={self.norm_num_groups}")
         return self
 
+    @model_validator(mode="after")
+    def _perceptual_needs_hub_weights(self) -> "ScratchVAEConfig":
+        if self.perceptual_weight > 0:
+            raise ValueError(
+                "perceptual_weight > 0 is not supported: MONAI's PerceptualLoss networks (LPIPS, RadImageNet, "
+                "MedicalNet) download pretrained weights from torch.hub / GitHub at construction, which these "
+                "offline training nodes cannot reach, and a random-weight feature network is no perceptual loss; "
+                "set vae.scratch.perceptual_weight to 0"
+            )
+        return self
+
 
 class TileConfig(_Section):
     """Overlapping tiles for clips too large to encode at once (MONAI sliding-window inference)."""
@@ -123,6 +134,19 @@ class TileConfig(_Section):
     height: int = Field(128, ge=4)
     width: int = Field(128, ge=4)
     overlap: float = Field(0.25, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _aligned_to_latent_grid(self) -> "TileConfig":
+        # Tiles and their stride must land on whole latent voxels (MAISI downsamples 4x), or blended latents shift.
+        for name in ("depth", "height", "width"):
+            size = getattr(self, name)
+            stride = int(size * (1 - self.overlap))
+            if size % 4 or stride % 4:
+                raise ValueError(
+                    f"tile {name}={size} with overlap={self.overlap} gives stride {stride}: tile size and stride "
+                    "must both be multiples of 4 (MAISI's downsampling factor)"
+                )
+        return self
 
 
 class MaisiVAEConfig(_Section):
@@ -188,6 +212,17 @@ class DiffusionConfig(_Section):
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     sample_steps: int = Field(50, ge=1)
     min_snr_gamma: float | None = Field(None, gt=0)
+    """Min-SNR-gamma loss weighting (Hang et al. 2023), DDPM only; None weights every timestep equally."""
+
+    @model_validator(mode="after")
+    def _rflow_predicts_velocity(self) -> "DiffusionConfig":
+        if self.scheduler == "rflow" and self.prediction_type != "v_prediction":
+            raise ValueError(
+                "scheduler 'rflow' predicts the flow velocity (x0 - noise) only: set prediction_type: v_prediction"
+            )
+        if self.scheduler == "rflow" and self.min_snr_gamma is not None:
+            raise ValueError("min_snr_gamma weights DDPM timesteps by SNR; it is not defined for scheduler 'rflow'")
+        return self
 
 
 # -------------------------------------------------------------------------------------------- training
@@ -216,6 +251,12 @@ class TrainingConfig(_Section):
     latent_cache: bool = True
     """Frozen phase: encode the training clips once and train the denoiser on cached latents."""
     val_every_epochs: int = Field(1, ge=1)
+    val_clips: int = Field(4, ge=1)
+    """Fixed val clips (spread over the val volumes' evaluation tiles) whose diffusion loss is tracked."""
+    val_sample_clips: int = Field(2, ge=0)
+    """How many of those are also sampled and scored (PSNR/SSIM) at every validation."""
+    val_sample_steps: int = Field(8, ge=1)
+    """Sampling steps at validation: few, to keep it cheap; the evaluate step uses evaluation.sample_steps."""
 
 
 class EvaluationConfig(_Section):
@@ -227,6 +268,8 @@ class EvaluationConfig(_Section):
     panel_plane: Literal["coronal", "sagittal"] = "coronal"
     write_nifti: bool = True
     max_volumes: int | None = Field(None, ge=1)
+    tile_batch_size: int = Field(1, ge=1)
+    """Tiles sampled together in one model.sample call (throughput on a GPU; memory grows with it)."""
 
 
 class TrackingConfig(_Section):
@@ -234,15 +277,24 @@ class TrackingConfig(_Section):
     """None: MLFLOW_TRACKING_URI from the environment; unset there too means no tracking."""
     experiment: str = "ctv2v"
     request_timeout_s: float = Field(10.0, gt=0)
-    max_retries: int = Field(2, ge=0)
+    """Per HTTP request (MLFLOW_HTTP_REQUEST_TIMEOUT, whole seconds: rounded up)."""
+    max_retries: int = Field(1, ge=0, le=5)
+    """MLFLOW_HTTP_REQUEST_MAX_RETRIES. A second retry already adds a 4 s backoff sleep to every failing call."""
+    flush_interval_s: float = Field(30.0, gt=0)
+    """Buffered metrics are sent (or written to the pending file) at most this often, and at the end."""
+    retry_interval_s: float = Field(60.0, gt=0)
+    """After the server failed to answer, no call is tried for this long (doubling up to 16x while it stays away)."""
+    system_metrics_interval_s: float | None = Field(10.0, gt=0)
+    """Sampling period of CPU/memory/disk/network/GPU metrics (`system/...`); None turns them off."""
     register_model: bool = True
 
 
 class StorageConfig(_Section):
     s3_endpoint: str | None = None
-    """None: S3_ENDPOINT from the environment. Credentials come only from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY."""
+    """A URL (http:// or https://: the scheme decides TLS); None: S3_ENDPOINT from the environment.
+    Credentials come only from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY."""
     s3_region: str = "us-east-1"
-    s3_secure: bool = True
+    """S3-compatible servers such as rclone need a region for request signing."""
 
 
 class ClusterConfig(_Section):
@@ -417,12 +469,14 @@ def load_config(paths: list[str | Path] | str | Path, overrides: list[str] = ())
     return validate(raw, origin)
 
 
-def config_from_text(text: str, origin: str = "<config text>") -> RunConfig:
-    """A resolved config passed as YAML text (how pipeline components receive it)."""
+def config_from_text(text: str, origin: str = "<config text>", overrides: list[str] = ()) -> RunConfig:
+    """A resolved config passed as YAML text (how pipeline components receive it), with `--set` overrides."""
     data = yaml.safe_load(text) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: a config must be a mapping, got {type(data).__name__}")
-    return validate(data, origin)
+    for override in overrides:
+        data = deep_merge(data, parse_override(override))
+    return validate(data, origin + (" with --set " + " ".join(overrides) if overrides else ""))
 
 
 def to_yaml(config: RunConfig) -> str:

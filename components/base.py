@@ -1,0 +1,21 @@
+"""The KFP component decorator every pipeline step uses.
+
+Steps are lightweight Python components: the decorated function takes typed inputs and outputs (str/int/bool
+parameters, Input[...] / Output[...] artifacts) and its body only imports and calls the step's plain function
+with artifact paths; imports sit inside the body because KFP ships the function's source alone. They run in
+the trainer image, which already holds ctv2v and kfp, so KFP must not pip-install anything at start-up
+(install_kfp_package=False; this also lets kfp.local's SubprocessRunner run them offline).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+from kfp import dsl
+
+TRAINER_IMAGE = os.environ.get("CTV2V_TRAINER_IMAGE", "ctv2v/trainer:0.1.0")
+"""The image every step runs in; override with CTV2V_TRAINER_IMAGE when compiling."""
+
+step_component = functools.partial(dsl.component, base_image=TRAINER_IMAGE, install_kfp_package=False)
+"""`@step_component` turns a typed function into a KFP component that runs in TRAINER_IMAGE."""

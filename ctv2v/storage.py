@@ -1,0 +1,197 @@
+"""S3 object storage through the `minio` client: stage datasets in, push files out, all writes atomic.
+
+The endpoint is a URL (`http://host:port` or `https://host`) from `storage.s3_endpoint` or the S3_ENDPOINT
+environment variable; its scheme decides TLS. Credentials come only from AWS_ACCESS_KEY_ID and
+AWS_SECRET_ACCESS_KEY (a Kubernetes Secret in the cluster), never from a config file. Every failure is one
+StorageError that names the s3:// URI and the endpoint. S3-compatible servers differ in how they report
+errors: MinIO sends XML bodies that minio-py parses into S3Error, `rclone serve s3` sends text/xml that minio-py
+raises as InvalidResponseError; both are translated here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
+
+import urllib3
+from minio import Minio
+from minio.error import InvalidResponseError, MinioException, S3Error
+
+from ctv2v.config import StorageConfig
+from ctv2v.files import atomic_path
+
+log = logging.getLogger(__name__)
+
+ACCESS_KEY_ENV = "AWS_ACCESS_KEY_ID"
+SECRET_KEY_ENV = "AWS_SECRET_ACCESS_KEY"
+ENDPOINT_ENV = "S3_ENDPOINT"
+_CHUNK = 1 << 20
+_TRANSLATED = (MinioException, urllib3.exceptions.HTTPError, OSError)
+"""Errors turned into one StorageError: server replies, connection failures, local file errors."""
+
+
+class StorageError(RuntimeError):
+    """An object-storage operation failed; the message names the s3:// URI and the endpoint."""
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """`s3://bucket/key/path` -> ("bucket", "key/path"); the key may be empty (a whole bucket)."""
+    parts = urlsplit(uri)
+    if parts.scheme != "s3" or not parts.netloc:
+        raise ValueError(f"{uri!r} is not an s3:// URI (expected s3://BUCKET/KEY)")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{uri!r}: an s3:// URI takes no query or fragment")
+    return parts.netloc, parts.path.lstrip("/")
+
+
+def _endpoint(storage: StorageConfig) -> tuple[str, str, bool]:
+    """(endpoint URL, host[:port], secure) from the configured or environment endpoint URL."""
+    url = storage.s3_endpoint or os.environ.get(ENDPOINT_ENV)
+    if not url:
+        raise StorageError(
+            f"no S3 endpoint: set storage.s3_endpoint in the config or the {ENDPOINT_ENV} environment variable "
+            "(a URL such as http://minio.kubeflow:9000)"
+        )
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise StorageError(f"S3 endpoint {url!r} must be a URL with scheme http:// or https://")
+    if parts.path not in ("", "/") or parts.query:
+        raise StorageError(f"S3 endpoint {url!r} must be scheme://host[:port] with no path")
+    return url, parts.netloc, parts.scheme == "https"
+
+
+class _Store:
+    """A minio client plus the endpoint URL that every error message names."""
+
+    def __init__(self, storage: StorageConfig | None):
+        storage = storage or StorageConfig()
+        self.endpoint, host, secure = _endpoint(storage)
+        missing = [name for name in (ACCESS_KEY_ENV, SECRET_KEY_ENV) if not os.environ.get(name)]
+        if missing:
+            raise StorageError(f"S3 credentials missing: set the {' and '.join(missing)} environment variable(s)")
+        # Few, short retries: an unreachable endpoint should fail in seconds, not after minio's default minutes.
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=10, read=120),
+            retries=urllib3.Retry(total=3, backoff_factor=0.5, status_forcelist=[500, 502, 503, 504]),
+        )
+        self.client = Minio(
+            host,
+            access_key=os.environ[ACCESS_KEY_ENV],
+            secret_key=os.environ[SECRET_KEY_ENV],
+            secure=secure,
+            region=storage.s3_region,
+            http_client=http,
+        )
+
+    def error(self, action: str, exc: Exception) -> StorageError:
+        """One StorageError naming what failed, the endpoint and the server's reason."""
+        if isinstance(exc, S3Error):
+            reason = f"{exc.code}: {exc.message}"
+        elif isinstance(exc, InvalidResponseError):
+            # rclone's text/xml error bodies land here unparsed: pull the status and the S3 error code out.
+            text = str(exc)
+            status = re.search(r"Response code: (\d+)", text)
+            code = re.search(r"<Code>(.*?)</Code>", text, re.S)
+            message = re.search(r"<Message>(.*?)</Message>", text, re.S)
+            reason = ": ".join(
+                part for part in (
+                    f"HTTP {status.group(1)}" if status else "invalid response",
+                    code.group(1) if code else None,
+                    message.group(1).strip() if message else None,
+                ) if part
+            )
+        elif isinstance(exc, urllib3.exceptions.MaxRetryError):
+            reason = f"cannot connect: {exc.reason}"
+        else:
+            reason = f"{type(exc).__name__}: {exc}"
+        return StorageError(f"{action} failed (endpoint {self.endpoint}): {reason}")
+
+    def get(self, uri: str, dest: Path) -> Path:
+        bucket, key = parse_s3_uri(uri)
+        if not key or key.endswith("/"):
+            raise ValueError(f"{uri!r} names a prefix, not an object: use download_prefix")
+        try:
+            response = self.client.get_object(bucket, key)
+            try:
+                with atomic_path(dest) as tmp, open(tmp, "wb") as out:
+                    for block in response.stream(_CHUNK):
+                        out.write(block)
+            finally:
+                response.close()
+                response.release_conn()
+        except _TRANSLATED as exc:
+            raise self.error(f"download of {uri}", exc) from exc
+        log.info("downloaded %s -> %s (%d bytes)", uri, dest, dest.stat().st_size)
+        return dest
+
+    def put(self, path: Path, uri: str) -> str:
+        bucket, key = parse_s3_uri(uri)
+        if not key or key.endswith("/"):
+            raise ValueError(f"{uri!r} names a prefix, not an object key")
+        try:
+            self.client.fput_object(bucket, key, str(path))
+        except _TRANSLATED as exc:
+            raise self.error(f"upload of {path} to {uri}", exc) from exc
+        log.info("uploaded %s -> %s (%d bytes)", path, uri, path.stat().st_size)
+        return uri
+
+
+
+def s3_client(storage: StorageConfig | None = None) -> Minio:
+    """A minio client for the configured endpoint, with credentials from the environment only."""
+    return _Store(storage).client
+
+
+def download(uri: str, dest: Path, *, storage: StorageConfig | None = None) -> Path:
+    """Download one object to `dest` atomically (the file appears only once complete)."""
+    return _Store(storage).get(uri, Path(dest))
+
+
+def upload(path: Path, uri: str, *, storage: StorageConfig | None = None) -> str:
+    """Upload one file to `uri`; returns the URI."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file to upload to {uri}")
+    return _Store(storage).put(path, uri)
+
+
+def _prefix(key: str) -> str:
+    """A key prefix that matches whole folder names only (`data` must not match `data2/...`)."""
+    return key if not key or key.endswith("/") else key + "/"
+
+
+def download_prefix(uri_prefix: str, dest_dir: Path, *, storage: StorageConfig | None = None) -> list[Path]:
+    """Stage every object under `uri_prefix` into `dest_dir`, keeping relative paths; returns the files."""
+    bucket, key = parse_s3_uri(uri_prefix)
+    prefix = _prefix(key)
+    store = _Store(storage)
+    dest_dir = Path(dest_dir)
+    try:
+        names = [obj.object_name for obj in store.client.list_objects(bucket, prefix=prefix, recursive=True)]
+    except _TRANSLATED as exc:
+        raise store.error(f"listing of {uri_prefix}", exc) from exc
+    names = [name for name in names if not name.endswith("/")]
+    if not names:
+        raise StorageError(f"no objects under {uri_prefix} (endpoint {store.endpoint})")
+    files = []
+    for name in names:
+        relative = PurePosixPath(name[len(prefix):])
+        if relative.is_absolute() or ".." in relative.parts:
+            raise StorageError(f"object s3://{bucket}/{name} would be written outside {dest_dir}")
+        files.append(store.get(f"s3://{bucket}/{name}", dest_dir.joinpath(*relative.parts)))
+    return files
+
+
+def upload_dir(src_dir: Path, uri_prefix: str, *, storage: StorageConfig | None = None) -> list[str]:
+    """Upload every file under `src_dir` to `uri_prefix`, keeping relative paths; returns the object URIs."""
+    src_dir = Path(src_dir)
+    if not src_dir.is_dir():
+        raise NotADirectoryError(f"{src_dir}: not a directory to upload to {uri_prefix}")
+    bucket, key = parse_s3_uri(uri_prefix)
+    prefix = _prefix(key)
+    store = _Store(storage)
+    files = sorted(p for p in src_dir.rglob("*") if p.is_file())
+    return [store.put(path, f"s3://{bucket}/{prefix}{path.relative_to(src_dir).as_posix()}") for path in files]

@@ -1,0 +1,132 @@
+"""Image-quality metrics of a thin-slice prediction against the true thin series, in HU, with MONAI's metrics.
+
+Both volumes are clipped to [hu_min, hu_max] first; that window moves PSNR by ~6 dB, so every report states
+it. PSNR uses the window width as its data range and MAE is in HU. SSIM is computed on the window mapped to
+[0, 1] (ctv2v.intensity) with data range 1: SSIM's luminance term is not shift invariant, so SSIM "in HU"
+would depend on where zero HU sits, and float32 variances of raw HU squared (~1e6) lose the small local
+contrasts SSIM measures.
+
+Every metric is reported over two slice sets of the scored (slice, row, col) volume:
+- `all`: every thin slice;
+- `synthesized`: the thin slices a method had to make up, i.e. indices that are not a multiple of the thick
+  factor k (thick slice j sits on thin slice j*k, ctv2v.data.thick).
+PSNR and MAE over `synthesized` pool the squared / absolute errors of those slices. The 2D SSIM is the mean
+of MONAI's per-slice SSIM over the set. The 3D SSIM's `all` value is MONAI's SSIMMetric (mean of the 3D SSIM
+map, 11-voxel Gaussian window, valid positions only); its `synthesized` value is the mean of the same map
+over the window positions centred on a synthesized slice (the window itself spans neighbouring slices).
+A perfect prediction has infinite PSNR; a NaN or Inf in either input is an error, never a score.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.metrics import MAEMetric, PSNRMetric, SSIMMetric
+from monai.metrics.regression import compute_ssim_and_cs
+
+from ctv2v.intensity import Intensity
+
+SSIM_WINDOW = 11
+"""MONAI's default Gaussian window (sigma 1.5); a 3D SSIM needs at least this many slices, rows and columns."""
+SSIM_SIGMA = 1.5
+SLICE_SETS = ("all", "synthesized")
+METRIC_NAMES = ("psnr_db", "ssim_3d", "ssim_2d", "mae_hu")
+
+
+def describe_metrics(hu_min: float, hu_max: float) -> dict[str, str]:
+    """What each metric name means under the window [hu_min, hu_max], for reports."""
+    return {
+        "psnr_db": f"PSNR in dB, HU clipped to [{hu_min:g}, {hu_max:g}], data range {hu_max - hu_min:g} HU",
+        "ssim_3d": (f"MONAI SSIM 3D (Gaussian window {SSIM_WINDOW}, sigma {SSIM_SIGMA:g}) on the HU window mapped "
+                    "to [0, 1]; over a slice set: mean of the SSIM map at window centres on those slices"),
+        "ssim_2d": "MONAI SSIM 2D of each axial slice, averaged over the slice set",
+        "mae_hu": "mean absolute error in HU after clipping",
+    }
+
+
+def synthesized_slices(n_slices: int, thick_factor: int) -> np.ndarray:
+    """Thin-slice indices that no thick slice sits on (not a multiple of `thick_factor`)."""
+    if thick_factor < 2:
+        raise ValueError(f"thick_factor must be at least 2, got {thick_factor}")
+    indices = np.arange(n_slices)
+    return indices[indices % thick_factor != 0]
+
+
+def _check_inputs(pred_hu: np.ndarray, target_hu: np.ndarray) -> None:
+    for name, array in (("pred_hu", pred_hu), ("target_hu", target_hu)):
+        if array.ndim != 3:
+            raise ValueError(f"{name} must be (slice, row, col), got shape {array.shape}")
+    if pred_hu.shape != target_hu.shape:
+        raise ValueError(f"pred_hu has shape {pred_hu.shape} but target_hu has shape {target_hu.shape}")
+    small = [dim for dim in pred_hu.shape if dim < SSIM_WINDOW]
+    if small:
+        raise ValueError(f"volumes of shape {pred_hu.shape} are too small for SSIM's {SSIM_WINDOW}-voxel window")
+    for name, array in (("pred_hu", pred_hu), ("target_hu", target_hu)):
+        bad = ~np.isfinite(array)
+        if bad.any():
+            slices = np.unique(np.nonzero(bad)[0])
+            raise ValueError(
+                f"{name} (shape {array.shape}) has {int(bad.sum())} NaN/Inf values in slices {slices[:10].tolist()}"
+                + (" ..." if len(slices) > 10 else "")
+            )
+
+
+def _as_batch(array: np.ndarray) -> torch.Tensor:
+    """(slice, row, col) -> (1, 1, slice, row, col), as MONAI's metrics take it."""
+    return torch.from_numpy(np.ascontiguousarray(array))[None, None]
+
+
+def _psnr_mae(pred: np.ndarray, target: np.ndarray, data_range: float) -> tuple[float, float]:
+    psnr = PSNRMetric(max_val=data_range)(_as_batch(pred), _as_batch(target))
+    mae = MAEMetric()(_as_batch(pred), _as_batch(target))
+    return float(psnr.item()), float(mae.item())
+
+
+def score_volume(
+    pred_hu: np.ndarray, target_hu: np.ndarray, thick_factor: int, hu_min: float, hu_max: float
+) -> dict[str, dict[str, float]]:
+    """PSNR (dB), SSIM 3D, SSIM 2D (mean over axial slices) and MAE (HU), over `all` and `synthesized` slices."""
+    pred_hu = np.asarray(pred_hu)
+    target_hu = np.asarray(target_hu)
+    _check_inputs(pred_hu, target_hu)
+    window = Intensity(hu_min, hu_max)
+    synthesized = synthesized_slices(pred_hu.shape[0], thick_factor)
+    if len(synthesized) == 0:
+        raise ValueError(f"{pred_hu.shape[0]} slices at x{thick_factor} contain no synthesized slice to score")
+
+    # float64 so that pooled squared errors of millions of voxels keep their precision.
+    pred_clipped = np.clip(pred_hu.astype(np.float64), hu_min, hu_max)
+    target_clipped = np.clip(target_hu.astype(np.float64), hu_min, hu_max)
+    psnr_all, mae_all = _psnr_mae(pred_clipped, target_clipped, window.width)
+    psnr_syn, mae_syn = _psnr_mae(pred_clipped[synthesized], target_clipped[synthesized], window.width)
+
+    pred_unit = torch.from_numpy(window.to_unit(pred_hu))
+    target_unit = torch.from_numpy(window.to_unit(target_hu))
+    per_slice = SSIMMetric(spatial_dims=2, data_range=1.0, win_size=SSIM_WINDOW, kernel_sigma=SSIM_SIGMA)(
+        pred_unit[:, None], target_unit[:, None]
+    )[:, 0].numpy()
+    ssim_map, _ = compute_ssim_and_cs(
+        pred_unit[None, None], target_unit[None, None], spatial_dims=3,
+        kernel_size=[SSIM_WINDOW] * 3, kernel_sigma=[SSIM_SIGMA] * 3, data_range=1.0,
+    )
+    # MONAI's map has valid positions only: its depth d holds the windows centred on slice d + SSIM_WINDOW // 2.
+    ssim_3d_by_depth = ssim_map[0, 0].mean(dim=(1, 2)).numpy()
+    synthesized_depths = synthesized - SSIM_WINDOW // 2
+    synthesized_depths = synthesized_depths[(synthesized_depths >= 0) & (synthesized_depths < len(ssim_3d_by_depth))]
+    if len(synthesized_depths) == 0:
+        raise ValueError(f"no synthesized slice of {pred_hu.shape[0]} lies inside the 3D SSIM window's valid range")
+
+    return {
+        "all": {
+            "psnr_db": psnr_all,
+            "ssim_3d": float(ssim_3d_by_depth.mean()),
+            "ssim_2d": float(per_slice.mean()),
+            "mae_hu": mae_all,
+        },
+        "synthesized": {
+            "psnr_db": psnr_syn,
+            "ssim_3d": float(ssim_3d_by_depth[synthesized_depths].mean()),
+            "ssim_2d": float(per_slice[synthesized].mean()),
+            "mae_hu": mae_syn,
+        },
+    }

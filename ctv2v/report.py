@@ -1,0 +1,207 @@
+"""The interpolation-baseline report: every volume x thick factor x method, scored in HU on the covered range.
+
+Each volume of a dataset folder is read and its thick series made at each factor k by the data package
+(ctv2v.data.cache: simulated per data.thick, or a real paired thick series), rebuilt by nearest / linear /
+cubic interpolation along z (ctv2v.baselines) and scored against the thin series with ctv2v.metrics. Only
+the covered range, thin slices 0..(n_thick-1)*k, is scored: the few slices after the last thick position
+would need extrapolation. The HU window and how the thick slices were made move the numbers by several dB,
+so both are written into every JSON file and into the table's title and rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ctv2v.baselines import METHODS, Method, covered_slices, interpolate
+from ctv2v.config import DataConfig, ThickConfig
+from ctv2v.data.cache import PreprocessCache, preprocess
+from ctv2v.data.manifest import build_manifest
+from ctv2v.data.thick import ThickSeries
+from ctv2v.files import atomic_write_text
+from ctv2v.metrics import METRIC_NAMES, SLICE_SETS, describe_metrics, score_volume
+
+log = logging.getLogger(__name__)
+
+REPORT_VERSION = 1
+AGGREGATE_FILE = "baselines.json"
+TABLE_FILE = "baselines.md"
+VOLUMES_DIR = "volumes"
+SCORED_RANGE = ("thin slices 0..(n_thick-1)*k, from the first to the last thick position; the slices after the "
+                "last thick position would need extrapolation and are not scored")
+SLICE_SET_MEANING = {
+    "all": "every thin slice of the scored range",
+    "synthesized": "thin slices of the scored range that no thick slice sits on (index not a multiple of k)",
+}
+
+
+def _thick_settings(thick: ThickConfig) -> dict:
+    if thick.method == "subsample":
+        summary = "subsample: every k-th thin slice kept"
+    else:
+        extent = (f"{thick.thickness_mm:g} mm" if thick.thickness_mm is not None
+                  else "the thick spacing (k x thin spacing)")
+        summary = f"slab_average: thin slices averaged over {extent} around each thick position"
+    return {"method": thick.method, "thickness_mm": thick.thickness_mm, "summary": summary}
+
+
+def score_baselines(thin: np.ndarray, thick: ThickSeries, hu_min: float, hu_max: float,
+                    methods: Sequence[Method] = METHODS) -> list[dict]:
+    """One result per method: the thin series rebuilt from `thick` and scored on the covered range."""
+    covered = covered_slices(thick)
+    if thin.shape[0] < covered:
+        raise ValueError(f"thin volume has {thin.shape[0]} slices but its thick series covers {covered}")
+    results = []
+    for method in methods:
+        rebuilt = interpolate(thick, thin.shape[0], method)
+        scores = score_volume(rebuilt[:covered], thin[:covered], thick.factor, hu_min, hu_max)
+        results.append({"factor": thick.factor, "method": method, "thick": thick.describe(),
+                        "thick_method": thick.method, "scored_slices": covered,
+                        "synthesized_slices": covered - thick.array.shape[0], **scores})
+    return results
+
+
+def baseline_report(
+    dataset_dir: Path,
+    data: DataConfig,
+    factors: Sequence[int] = (2, 4),
+    hu_min: float = -1000.0,
+    hu_max: float = 1000.0,
+    methods: Sequence[Method] = METHODS,
+    volume_ids: Sequence[str] | None = None,
+    cache: PreprocessCache | None = None,
+) -> dict:
+    """Score every method on every volume of a dataset folder at every factor, thick series made per `data.thick`.
+
+    `volume_ids` restricts the report to those manifest ids; `cache` (a PreprocessCache) keeps the decoded
+    volumes and thick series for the next run, without it every volume is read from the dataset folder.
+    """
+    if not factors or any(isinstance(k, bool) or int(k) != k or k < 2 for k in factors):
+        raise ValueError(f"factors must be integers >= 2, got {list(factors)}")
+    if len(set(factors)) != len(factors):
+        raise ValueError(f"factors must not repeat, got {list(factors)}")
+    if not hu_max > hu_min:
+        raise ValueError(f"hu_max ({hu_max}) must be greater than hu_min ({hu_min})")
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown:
+        raise ValueError(f"methods must be among {list(METHODS)}, got {list(methods)}")
+
+    per_volume: dict[str, dict] = {}
+    for factor in factors:
+        data_k = data.model_copy(update={"thick": data.thick.model_copy(update={"factor": int(factor)})})
+        manifest = build_manifest(dataset_dir, data_k.split, data_k.thick, data_k.slice_spacing_tolerance)
+        entries = _select(manifest["volumes"], volume_ids, dataset_dir)
+        for entry in entries:
+            volume = (cache.load(dataset_dir, entry, data_k) if cache is not None
+                      else preprocess(dataset_dir, entry, data_k))
+            log.info("%s x%d: %s", entry["id"], factor, volume.thick_description)
+            record = per_volume.setdefault(entry["id"], {
+                "volume": entry["id"], "path": entry["path"], "sha256": entry["sha256"],
+                "shape": entry["shape"], "spacing_mm": entry["spacing"], "results": []})
+            record["results"].extend(score_baselines(volume.thin, volume.thick, hu_min, hu_max, methods))
+
+    volumes = list(per_volume.values())
+    return {
+        "report_version": REPORT_VERSION,
+        "dataset": str(Path(dataset_dir).resolve()),
+        "hu_range": [hu_min, hu_max],
+        "thick_method": _thick_settings(data.thick),
+        "scored_range": SCORED_RANGE,
+        "slice_sets": SLICE_SET_MEANING,
+        "metrics": describe_metrics(hu_min, hu_max),
+        "factors": [int(k) for k in factors],
+        "methods": list(methods),
+        "volumes": volumes,
+        "mean_over_volumes": _means(volumes, factors, methods),
+    }
+
+
+def _select(entries: list[dict], volume_ids: Sequence[str] | None, dataset_dir: Path) -> list[dict]:
+    if volume_ids is None:
+        return entries
+    if len(set(volume_ids)) != len(volume_ids):
+        raise ValueError(f"volume ids must not repeat, got {list(volume_ids)}")
+    known = {entry["id"]: entry for entry in entries}
+    missing = [v for v in volume_ids if v not in known]
+    if missing:
+        raise ValueError(f"{dataset_dir}: no volume with id {missing}; its volume ids are {sorted(known)}")
+    return [known[v] for v in volume_ids]
+
+
+def _means(per_volume: list[dict], factors: Sequence[int], methods: Sequence[str]) -> list[dict]:
+    means = []
+    for factor in factors:
+        for method in methods:
+            rows = [r for v in per_volume for r in v["results"] if r["factor"] == factor and r["method"] == method]
+            means.append({"factor": factor, "method": method, "volumes": len(rows), **{
+                subset: {name: float(np.mean([r[subset][name] for r in rows])) for name in METRIC_NAMES}
+                for subset in SLICE_SETS}})
+    return means
+
+
+def title(report: dict) -> str:
+    """One line stating the HU window, the thick-slice method and the scored range of a report."""
+    hu_min, hu_max = report["hu_range"]
+    return (f"Interpolation baselines - HU window [{hu_min:g}, {hu_max:g}] - thick slices: "
+            f"{report['thick_method']['summary']} - scored: thin slices from the first to the last thick slice")
+
+
+def _cell(value: float, digits: int) -> str:
+    return "inf" if math.isinf(value) else f"{value:.{digits}f}"
+
+
+def format_table(report: dict) -> str:
+    """The report as a Markdown table: one row per volume, factor and method, then the means over volumes."""
+    header = ("| volume | factor | thick series | method | PSNR all (dB) | PSNR synth (dB) | SSIM-2D synth "
+              "| SSIM-3D synth | MAE synth (HU) |")
+    lines = [f"**{title(report)}**", "", header, "|" + " --- |" * (header.count("|") - 1)]
+
+    def row(volume: str, thick: str, r: dict) -> str:
+        syn = r["synthesized"]
+        return (f"| {volume} | x{r['factor']} | {thick} | {r['method']} | {_cell(r['all']['psnr_db'], 2)} "
+                f"| {_cell(syn['psnr_db'], 2)} | {_cell(syn['ssim_2d'], 4)} | {_cell(syn['ssim_3d'], 4)} "
+                f"| {_cell(syn['mae_hu'], 1)} |")
+
+    for volume in report["volumes"]:
+        for r in volume["results"]:
+            lines.append(row(volume["volume"], r["thick"], r))
+    if len(report["volumes"]) > 1:
+        for r in report["mean_over_volumes"]:
+            lines.append(row(f"mean of {r['volumes']} volumes", report["thick_method"]["method"], r))
+    lines += ["", "synth = " + report["slice_sets"]["synthesized"] + "; SSIM on the HU window mapped to [0, 1]."]
+    return "\n".join(lines) + "\n"
+
+
+def _json(data: dict) -> str:
+    # A perfect prediction has infinite PSNR; JSON has no Infinity, so it is written as the string "inf".
+    def finite(node):
+        if isinstance(node, dict):
+            return {k: finite(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [finite(v) for v in node]
+        if isinstance(node, float) and math.isinf(node):
+            return "inf" if node > 0 else "-inf"
+        return node
+
+    return json.dumps(finite(data), indent=2, allow_nan=False) + "\n"
+
+
+def write_report(report: dict, out_dir: Path) -> list[Path]:
+    """Write volumes/<id>.json per volume, the aggregate JSON and the Markdown table into `out_dir`, each atomically."""
+    out_dir = Path(out_dir)
+    settings = {key: report[key] for key in ("report_version", "hu_range", "thick_method", "scored_range",
+                                             "slice_sets", "metrics")}
+    written = []
+    for volume in report["volumes"]:
+        path = out_dir / VOLUMES_DIR / f"{volume['volume']}.json"
+        atomic_write_text(path, _json({**settings, **volume}))
+        written.append(path)
+    for path, text in ((out_dir / AGGREGATE_FILE, _json(report)), (out_dir / TABLE_FILE, format_table(report))):
+        atomic_write_text(path, text)
+        written.append(path)
+    return written

@@ -1,0 +1,351 @@
+"""The evaluate step: tiled whole-volume prediction, scores next to the baselines, NIfTI/panel/report outputs."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.ndimage import gaussian_filter
+
+from ctv2v.baselines import interpolate
+from ctv2v.checkpointing import save_trained_model
+from ctv2v.config import RunConfig, load_config
+from ctv2v.data.cache import PreprocessCache
+from ctv2v.data.clips import Tile, eval_tiles
+from ctv2v.data.manifest import build_manifest, write_manifest
+from ctv2v.data.readers import read_volume
+from ctv2v.evaluation import (MODEL, REPORT_FILE, EvaluationError, evaluate, manifest_sha256, tile_weights,
+                              weights_display)
+from ctv2v.metrics import METRIC_NAMES, SLICE_SETS
+from ctv2v.model import build_model
+from ctv2v.tracking import TAG_PHASE, TAG_STEP, TAG_TEST_PSNR, TAG_VARIANT, TAG_WEIGHTS
+from ctv2v.panels import COLUMN_WIDTH_PX, render_panel
+from ctv2v.data.prepared import DATASET_DIR, MANIFEST_FILE, PREPROCESS_CACHE_DIR
+from ctv2v.vae import build_untrained_vae
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "data.split.train=0.0", "data.split.val=0.0", "data.split.test=1.0",
+    "data.clip.frames=8", "data.clip.height=16", "data.clip.width=16", "data.clip.eval_overlap=0.25",
+    "vae.scratch.channels=[8,16]", "vae.scratch.norm_num_groups=4",
+    "denoiser.channels=[8,16]", "denoiser.norm_num_groups=4", "denoiser.num_head_channels=4",
+    "diffusion.num_train_timesteps=50",
+    "evaluation.sample_steps=2", "evaluation.max_volumes=null", "evaluation.tile_batch_size=4",
+]
+"""smoke.yaml made smaller: every volume in the test split, 8-frame 16x16 tiles, 8-16 channel networks."""
+
+# NIfTI voxel (i, j, k) -> RAS mm: x flipped (i grows to the right), 0.8 x 0.9 mm in-plane, 1.25 mm slices
+# along k, and an origin away from zero, so a lost flip, permutation or offset changes world positions.
+SOURCE_AFFINE = np.array([
+    [-0.8, 0.0, 0.0, 120.0],
+    [0.0, 0.9, 0.0, -60.0],
+    [0.0, 0.0, 1.25, 35.0],
+    [0.0, 0.0, 0.0, 1.0],
+])
+
+
+def tiny_config(*overrides: str) -> RunConfig:
+    """The test configuration: smoke.yaml + TINY + `overrides`."""
+    return load_config([REPO / "configs" / "smoke.yaml"], [*TINY, *overrides])
+
+
+def write_volume(path: Path, seed: int, shape: tuple[int, int, int] = (30, 28, 43)) -> None:
+    """A smooth CT-like NIfTI volume (NIfTI axes x, y, z) with HU strictly inside [-1000, 1000]."""
+    rng = np.random.default_rng(seed)
+    field = gaussian_filter(rng.normal(size=shape), sigma=(3, 3, 2))
+    hu = np.clip(field / field.std() * 350.0, -950, 950).astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(hu, SOURCE_AFFINE), path)
+
+
+def prepared_data(root: Path, config: RunConfig, volumes: int = 2,
+                  shape: tuple[int, int, int] = (30, 28, 43)) -> Path:
+    """A prepared data folder (dataset/, manifest.json) with `volumes` synthetic NIfTI volumes, one patient each."""
+    for index in range(volumes):
+        write_volume(root / DATASET_DIR / f"vol{index}.nii.gz", seed=index, shape=shape)
+    write_manifest(build_manifest(root / DATASET_DIR, config.data.split, config.data.thick), root / MANIFEST_FILE)
+    return root
+
+
+class LinearInterpolationSampler(torch.nn.Module):
+    """TEST-ONLY stand-in for VideoToVideoDiffusion.sample: linear interpolation between the clip's thick frames.
+
+    Frames after the clip's last thick frame repeat it (one-sided extrapolation, as a real model would have to
+    guess them); evaluation must weight those frames out, or the result differs from the linear baseline.
+    """
+
+    def __init__(self, factor: int):
+        super().__init__()
+        self.factor = factor
+
+    def sample(self, thick: torch.Tensor, steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        k = self.factor
+        frames = []
+        for f in range(thick.shape[2] * k):
+            j, r = divmod(f, k)
+            if j + 1 < thick.shape[2]:
+                frames.append(thick[:, :, j] * (1 - r / k) + thick[:, :, j + 1] * (r / k))
+            else:
+                frames.append(thick[:, :, j])
+        return torch.stack(frames, dim=2)
+
+
+class NaNSampler(LinearInterpolationSampler):
+    """TEST-ONLY: a model whose samples contain a NaN (as a diverged fp16 sampler would produce)."""
+
+    def sample(self, thick: torch.Tensor, steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        out = super().sample(thick, steps, generator)
+        out[0, 0, 1, 2, 3] = float("nan")
+        return out
+
+
+def run_evaluate(model, data_dir: Path, config: RunConfig, out_dir: Path, weights_label: str = "scratch") -> dict:
+    manifest = json.loads((data_dir / MANIFEST_FILE).read_text())
+    return evaluate(model, manifest, PreprocessCache(data_dir / PREPROCESS_CACHE_DIR), data_dir / DATASET_DIR,
+                    config, out_dir, torch.Generator().manual_seed(0), weights_label=weights_label)
+
+
+@pytest.fixture(scope="module")
+def linear_run(tmp_path_factory):
+    """The linear stand-in evaluated on two synthetic volumes (slab-average x4 thick series)."""
+    root = tmp_path_factory.mktemp("linear")
+    config = tiny_config()
+    data_dir = prepared_data(root / "data", config)
+    out_dir = root / "eval"
+    report = run_evaluate(LinearInterpolationSampler(config.data.thick.factor), data_dir, config, out_dir)
+    return config, data_dir, out_dir, report
+
+
+def test_blended_tiles_of_a_linear_model_reproduce_the_linear_baseline(linear_run):
+    config, data_dir, out_dir, report = linear_run
+    assert report["n_volumes"] == 2
+    for volume in report["volumes"]:
+        scores = volume["metrics"]
+        for subset in SLICE_SETS:
+            for name in METRIC_NAMES:
+                assert scores[MODEL][subset][name] == pytest.approx(scores["linear"][subset][name], rel=1e-5,
+                                                                    abs=1e-4), (volume["id"], subset, name)
+        # The check can fail: nearest and cubic score differently on the same slices.
+        assert scores["nearest"]["synthesized"]["psnr_db"] < scores["linear"]["synthesized"]["psnr_db"] - 0.5
+        # Voxel by voxel too: every covered slice comes from interpolating tiles only.
+        volume_data = PreprocessCache(data_dir / PREPROCESS_CACHE_DIR).load(
+            data_dir / DATASET_DIR, _manifest_entry(data_dir, volume["id"]), config.data)
+        linear = interpolate(volume_data.thick, volume_data.thin.shape[0], "linear")[:volume["scored_slices"]]
+        predicted = np.asarray(nib.load(out_dir / volume["prediction_nifti"]).dataobj)
+        assert np.abs(predicted - linear).max() < 0.05
+
+
+def _manifest_entry(data_dir: Path, volume_id: str) -> dict:
+    manifest = json.loads((data_dir / MANIFEST_FILE).read_text())
+    return next(entry for entry in manifest["volumes"] if entry["id"] == volume_id)
+
+
+def test_tile_weights_vanish_after_the_last_thick_slice_and_taper_smoothly():
+    tile = Tile(z0=8, y0=0, x0=0, frames=16, height=12, width=12, factor=4)
+    weights = tile_weights(tile, n_thick=100)
+    profile = weights[:, 6, 6]
+    assert np.all(profile[:13] > 0) and np.all(profile[13:] == 0)  # thick frames at 0, 4, 8, 12
+    assert profile.argmax() == 6 and profile[0] < 0.2 * profile[6]
+    assert weights[6, 0, 6] < 0.2 * weights[6, 6, 6]
+    # A tile reaching past the series' last thick slice stops interpolating at it.
+    last = tile_weights(tile, n_thick=4)  # thick slices of this tile: 2 and 3 exist
+    assert np.all(last[:5, 6, 6] > 0) and np.all(last[5:, 6, 6] == 0)
+
+
+def test_tiles_cover_every_scored_slice_with_positive_weight(linear_run):
+    config, data_dir, _, report = linear_run
+    for volume in report["volumes"]:
+        n_thick, k = volume["n_thick"], config.data.thick.factor
+        shape = tuple(volume["thin_shape"])
+        total = np.zeros(volume["scored_slices"])
+        for tile in eval_tiles(shape, config.data.clip, k, n_thick=n_thick):
+            z = tile_weights(tile, n_thick)[:, tile.height // 2, tile.width // 2]
+            stop = min(tile.z0 + tile.frames, len(total))
+            total[tile.z0:stop] += z[:stop - tile.z0]
+        assert np.all(total > 0)
+
+
+def test_prediction_nifti_keeps_the_thin_geometry(linear_run):
+    config, data_dir, out_dir, report = linear_run
+    volume = report["volumes"][0]
+    source = read_volume(data_dir / DATASET_DIR / _manifest_entry(data_dir, volume["id"])["path"])
+    written = nib.load(out_dir / volume["prediction_nifti"])
+    assert written.shape == (volume["scored_slices"], *source.array.shape[1:])
+    np.testing.assert_allclose(written.affine, source.affine, atol=1e-5)
+    np.testing.assert_allclose(written.header.get_zooms(), source.spacing, atol=1e-5)
+    assert int(written.header["sform_code"]) == 1 and int(written.header["qform_code"]) == 1
+    # Every predicted voxel sits at the world position of a source voxel: map a few through both affines.
+    original = nib.load(data_dir / DATASET_DIR / _manifest_entry(data_dir, volume["id"])["path"])
+    for index in [(0, 0, 0), (4, 5, 6), (volume["scored_slices"] - 1, 20, 11)]:
+        world = written.affine @ [*index, 1]
+        source_index = np.linalg.solve(original.affine, world)[:3]
+        np.testing.assert_allclose(source_index, np.round(source_index), atol=1e-4)
+    # Thick slice j sits on thin slice j*k: at those slices (slab centres) the prediction is the thick slice.
+    thick_positions = np.arange(volume["n_thick"]) * config.data.thick.factor
+    cache = PreprocessCache(data_dir / PREPROCESS_CACHE_DIR)
+    entry = _manifest_entry(data_dir, volume["id"])
+    thick = cache.load(data_dir / DATASET_DIR, entry, config.data).thick.array
+    np.testing.assert_allclose(np.asarray(written.dataobj)[thick_positions], thick, atol=0.05)
+
+
+def test_subsampled_thick_series_puts_true_slices_back_at_their_world_positions(tmp_path):
+    config = tiny_config("data.thick.method=subsample", "evaluation.max_volumes=1")
+    data_dir = prepared_data(tmp_path / "data", config, volumes=1)
+    report = run_evaluate(LinearInterpolationSampler(4), data_dir, config, tmp_path / "eval")
+    volume = report["volumes"][0]
+    original = nib.load(data_dir / DATASET_DIR / "vol0.nii.gz")
+    source = np.asarray(original.dataobj)
+    written = nib.load(tmp_path / "eval" / volume["prediction_nifti"])
+    predicted = np.asarray(written.dataobj)
+    for index in np.ndindex(predicted.shape):
+        if index[0] % 4 or index[1] % 7 or index[2] % 5:
+            continue
+        world = written.affine @ [*index, 1]
+        i, j, k = np.round(np.linalg.solve(original.affine, world)[:3]).astype(int)
+        assert predicted[index] == pytest.approx(source[i, j, k], abs=0.05), index
+
+
+def test_report_states_settings_and_limits_volumes(tmp_path, linear_run):
+    config, data_dir, out_dir, report = linear_run
+    written = json.loads((out_dir / REPORT_FILE).read_text())
+    assert written == json.loads(json.dumps(report))
+    assert written["hu_range"] == [-1000.0, 1000.0]
+    assert written["thick"] == {"method": "slab_average", "factor": 4, "thickness_mm": None}
+    assert written["volumes"][0]["thick_description"] == "slab average over 5 mm every 5 mm (x4 of the thin spacing)"
+    assert written["sample_steps"] == 2 and written["variant"] == "main"
+    assert written["weights"] == "scratch" and "warning" not in written
+    assert written["test_volumes_in_split"] == 2 and written["volume_ids"] == ["vol0", "vol1"]
+    assert written["manifest_sha256"] == manifest_sha256(json.loads((data_dir / MANIFEST_FILE).read_text()))
+    for subset in SLICE_SETS:
+        mean = np.mean([v["metrics"]["linear"][subset]["psnr_db"] for v in written["volumes"]])
+        assert written["aggregate"]["linear"][subset]["psnr_db"] == pytest.approx(mean)
+
+    limited = tiny_config("evaluation.max_volumes=1", "evaluation.hu_min=-500", "evaluation.sample_steps=3")
+    stand_in = run_evaluate(LinearInterpolationSampler(4), data_dir, limited, tmp_path / "eval",
+                            weights_label="stand-in")
+    assert stand_in["n_volumes"] == 1 and stand_in["test_volumes_in_split"] == 2
+    assert stand_in["hu_range"] == [-500.0, 1000.0] and stand_in["sample_steps"] == 3
+    assert stand_in["weights"] == "stand-in" and "STAND-IN" in stand_in["warning"]
+    assert stand_in["weights_display"] == "stand-in (random MAISI-layout weights)"
+    assert weights_display("scratch, fine-tuned (full phase)") == "VAE trained from scratch, fine-tuned (full phase)"
+
+
+def test_panel_is_written_per_volume(linear_run):
+    _, _, out_dir, report = linear_run
+    for volume in report["volumes"]:
+        image = Image.open(out_dir / volume["panel_png"])
+        assert image.format == "PNG" and image.width == 6 + 5 * (COLUMN_WIDTH_PX + 6)
+
+
+def test_panel_height_follows_the_slice_spacing():
+    rng = np.random.default_rng(0)
+    volume = rng.uniform(-1000, 1000, size=(20, 12, 32)).astype(np.float32)
+
+    def height(slice_mm: float) -> int:
+        return render_panel(thick_nearest_hu=volume, model_hu=volume, linear_hu=volume, target_hu=volume,
+                            spacing_mm=(slice_mm, 1.0, 1.0), hu_min=-1000, hu_max=1000, plane="coronal",
+                            title_lines=["t"]).height
+
+    # 20 slices over 32 columns of 1 mm: each extra mm of slice spacing adds 20 mm = 20 * 256 / 32 pixels.
+    assert height(3.0) - height(1.0) == 2 * 20 * COLUMN_WIDTH_PX // 32
+
+
+def test_panel_error_map_is_black_where_the_model_is_right():
+    truth = np.full((16, 8, 8), 100.0, dtype=np.float32)
+    model = truth.copy()
+    model[8:] += 500.0  # the superior half is wrong by 500 HU (the error map's white point)
+    image = render_panel(thick_nearest_hu=truth, model_hu=model, linear_hu=truth, target_hu=truth,
+                         spacing_mm=(1.0, 1.0, 1.0), hu_min=-1000, hu_max=1000, plane="sagittal", title_lines=[])
+    error_column = np.asarray(image)[:, 6 + 4 * (COLUMN_WIDTH_PX + 6) + COLUMN_WIDTH_PX // 2]
+    strip = error_column[-6 - 16 * COLUMN_WIDTH_PX // 8:-6]
+    # Superior at the top: the wrong half is the upper one and saturates to white, the right half is black.
+    assert (strip[: len(strip) // 2] == 255).all() and (strip[len(strip) // 2:] == 0).all()
+
+
+def test_nan_prediction_is_an_error_naming_the_volume(tmp_path):
+    config = tiny_config("evaluation.max_volumes=1")
+    data_dir = prepared_data(tmp_path / "data", config, volumes=1)
+    with pytest.raises(EvaluationError, match=r"volume vol0: .*NaN"):
+        run_evaluate(NaNSampler(4), data_dir, config, tmp_path / "eval")
+    assert not (tmp_path / "eval" / REPORT_FILE).exists()
+
+
+@pytest.fixture(scope="module")
+def untrained_model(tmp_path_factory):
+    """A train-step output folder (model/ inside) holding a tiny untrained model, and one-volume data for it."""
+    root = tmp_path_factory.mktemp("untrained")
+    config = tiny_config("evaluation.max_volumes=1")
+    data_dir = prepared_data(root / "data", config, volumes=1, shape=(24, 24, 24))
+    torch.manual_seed(0)
+    vae = build_untrained_vae(config)
+    # A random-initialised scratch VAE stands in for a trained one: these tests check plumbing, not quality.
+    vae.weights_label = "scratch"
+    save_trained_model(build_model(config, vae), root / "train" / "model", config, None, phase="frozen")
+    return data_dir, root / "train"
+
+
+def test_evaluate_command_runs_a_tiny_untrained_model_and_tracks_it(untrained_model, tmp_path, mlflow_server,
+                                                                     capsys):
+    from mlflow import MlflowClient
+
+    from pipeline.cli import main as cli_main
+
+    data_dir, train_dir = untrained_model
+    experiment = f"test-{uuid.uuid4().hex[:8]}"
+    overrides = [*TINY, "evaluation.max_volumes=1", f"tracking.tracking_uri={mlflow_server.uri}",
+                 f"tracking.experiment={experiment}", "tracking.system_metrics_interval_s=null"]
+    command = ["evaluate", "--config", str(REPO / "configs" / "smoke.yaml"), *(f"--set={o}" for o in overrides),
+               "--data", str(data_dir), "--model", str(train_dir / "model"), "--out", str(tmp_path / "eval")]
+    assert cli_main(command) == 0
+    report = json.loads((tmp_path / "eval" / REPORT_FILE).read_text())
+    out = capsys.readouterr().out
+    # MLflow prints "View run ..." links to stdout too; the command's summary is the JSON object after them.
+    summary = json.loads(out[out.index("{\n"):])
+    assert summary["mean"]["model"] == report["aggregate"][MODEL]["synthesized"]
+    scores = report["volumes"][0]["metrics"][MODEL]
+    assert all(np.isfinite(scores[s][m]) for s in SLICE_SETS for m in METRIC_NAMES)
+    assert (tmp_path / "eval" / "report.html").read_text().count("main model") == 1
+    assert (tmp_path / "eval" / "resolved-config.yaml").is_file()
+
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.get_experiment_by_name(experiment)
+    run = next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get(TAG_STEP) == "evaluate")
+    assert (run.data.tags[TAG_VARIANT], run.data.tags[TAG_PHASE], run.data.tags[TAG_WEIGHTS]) == (
+        "main", "evaluate", "scratch")
+    for method in ("model", "nearest", "linear", "cubic"):
+        assert run.data.metrics[f"test/{method}/synthesized/psnr_db"] == pytest.approx(
+            report["aggregate"][method]["synthesized"]["psnr_db"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/report.json", "evaluation/report.html", "evaluation/panels"} <= artifacts
+    version = client.get_model_version_by_alias("ctv2v-main", "candidate")
+    assert version.run_id == run.info.run_id
+    assert float(version.tags[TAG_TEST_PSNR]) == pytest.approx(report["aggregate"][MODEL]["synthesized"]["psnr_db"])
+
+
+def test_evaluate_op_fills_its_kfp_outputs(untrained_model, tmp_path, monkeypatch):
+    from kfp.dsl import HTML, Artifact, Dataset, Metrics, Model
+
+    from components.evaluate import evaluate_op
+    from ctv2v.config import to_yaml
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    data_dir, train_dir = untrained_model
+    outputs = {"metrics": Metrics(uri=str(tmp_path / "metrics")), "report": Artifact(uri=str(tmp_path / "report")),
+               "report_html": HTML(uri=str(tmp_path / "report.html"))}
+    data = Dataset(uri=str(data_dir / MANIFEST_FILE), metadata={"data_dir": str(data_dir)})
+    # The pipeline passes one config to both branches and the variant separately.
+    config_yaml = to_yaml(tiny_config("evaluation.max_volumes=1", "variant=pretrained"))
+    evaluate_op.python_func(config_yaml=config_yaml, variant="main", pipeline_run_id="op-test", data=data,
+                            model=Model(uri=str(train_dir)), **outputs)
+    report = json.loads((tmp_path / "report" / REPORT_FILE).read_text())
+    logged = outputs["metrics"].metadata
+    assert logged["test_psnr_db_synthesized"] == report["aggregate"][MODEL]["synthesized"]["psnr_db"]
+    assert logged["linear_all_mae_hu"] == report["aggregate"]["linear"]["all"]["mae_hu"]
+    assert outputs["report"].metadata["weights"] == "VAE trained from scratch"
+    assert "<h1>ctv2v evaluation: main [VAE trained from scratch]</h1>" in (tmp_path / "report.html").read_text()

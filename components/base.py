@@ -17,5 +17,11 @@ from kfp import dsl
 TRAINER_IMAGE = os.environ.get("CTV2V_TRAINER_IMAGE", "ctv2v/trainer:0.1.0")
 """The image every step runs in; override with CTV2V_TRAINER_IMAGE when compiling."""
 
-step_component = functools.partial(dsl.component, base_image=TRAINER_IMAGE, install_kfp_package=False)
+if os.environ.get("_KFP_RUNTIME") == "true":
+    # Inside a running component kfp.dsl omits its authoring API (no dsl.component); a step module imported by
+    # an op body only needs its plain function there, so the decorator leaves functions as they are.
+    def step_component(func):
+        return func
+else:
+    step_component = functools.partial(dsl.component, base_image=TRAINER_IMAGE, install_kfp_package=False)
 """`@step_component` turns a typed function into a KFP component that runs in TRAINER_IMAGE."""

@@ -101,7 +101,7 @@ def _compare_command(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- KFP
-@step_component()
+@step_component
 def compare_op(
     config_yaml: str,
     pipeline_run_id: str,

@@ -116,7 +116,7 @@ def _evaluate_command(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- KFP
-@step_component()
+@step_component
 def evaluate_op(
     config_yaml: str,
     variant: str,

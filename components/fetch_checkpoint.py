@@ -137,7 +137,7 @@ def _mirror_command(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- KFP
-@step_component()
+@step_component
 def fetch_checkpoint_op(config_yaml: str, checkpoint: Output[Model]):
     """Fetch MAISI's VAE checkpoint (or build a stand-in); `checkpoint` receives the file and fetch-record.json."""
     import logging

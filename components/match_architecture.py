@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kfp.dsl import Input, Metrics, Model, Output
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 from ctv2v.checkpoints import CheckpointFetchError, checkpoint_file, read_record
 from ctv2v.config import RunConfig, write_resolved
@@ -201,12 +201,12 @@ def _match_command(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- KFP
-@step_component()
-def match_architecture_op(config_yaml: str, data_dir: str, checkpoint: Input[Model], vae: Output[Model],
+@step_component
+def match_architecture_op(config_yaml: str, data: Input[Dataset], checkpoint: Input[Model], vae: Output[Model],
                           metrics: Output[Metrics]):
     """Load MAISI's VAE checkpoint strictly; `vae` receives the VAE artifact, `metrics` the match and PSNR.
 
-    `data_dir` is the prepared data folder on the workspace volume (what prepare_data_op returns).
+    `data` is prepare-data's manifest artifact; its metadata `data_dir` names the prepared data folder.
     """
     import logging
     from pathlib import Path
@@ -216,8 +216,10 @@ def match_architecture_op(config_yaml: str, data_dir: str, checkpoint: Input[Mod
 
     # The match report is logged; without this, INFO lines would not reach the pod's log.
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    summary = match_architecture_step(config_from_text(config_yaml, "config_yaml"), Path(checkpoint.path),
-                                      Path(vae.path), Path(data_dir))
+    if "data_dir" not in data.metadata:
+        raise ValueError(f"data artifact {data.uri}: metadata has no 'data_dir' (expected prepare-data's manifest)")
+    config = config_from_text(config_yaml, "config_yaml", ["variant=pretrained"])
+    summary = match_architecture_step(config, Path(checkpoint.path), Path(vae.path), Path(data.metadata["data_dir"]))
     loaded, total = (int(n) for n in summary["loaded"].split("/"))
     metrics.log_metric("maisi_tensors_loaded_fraction", loaded / total)
     metrics.log_metric("latent_scale", summary["latent_scale"])

@@ -312,7 +312,11 @@ class ClusterConfig(_Section):
     shm_size: str = "16Gi"
     step_timeout_s: int = Field(172800, ge=60)
     train_retries: int = Field(2, ge=0)
-    workspace_size: str = "200Gi"
+    workspace_pvc: str = "ctv2v-workspace"
+    """PVC mounted in every step: prepared data, preprocessing cache and checkpoints (manifests/base)."""
+    workspace_mount: str = "/workspace"
+    """Where the workspace PVC is mounted; each pipeline run works under <mount>/runs/<run id>."""
+    service_account: str = "ctv2v-pipeline"
     env_config_map: str = "ctv2v-env"
     """ConfigMap with MLFLOW_TRACKING_URI and S3_ENDPOINT."""
     s3_secret: str = "ctv2v-s3"

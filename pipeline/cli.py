@@ -17,6 +17,15 @@ from ctv2v.config import ConfigError, load_config, to_yaml
 
 COMMAND_MODULES = [
     "ctv2v.commands",
+    "ctv2v.model_commands",
+    "components.fetch_checkpoint",
+    "components.match_architecture",
+    "components.train_vae",
+    "components.train",
+    "components.evaluate",
+    "components.compare",
+    "components.prepare_data",
+    "pipeline.commands",
 ]
 """Modules with a `register(subparsers)` function; each adds its subcommands with `set_defaults(func=...)`."""
 
@@ -62,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"ctv2v: config error: {exc}", file=sys.stderr)
         return 2
+    except (ValueError, OSError, RuntimeError) as exc:
+        # Bad input (files, tensors, servers) gets one line; --verbose shows the traceback.
+        if args.verbose:
+            raise
+        print(f"ctv2v: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

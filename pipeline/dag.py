@@ -11,8 +11,6 @@ The `branches` parameter picks `both`, `main` or `pretrained`; compare runs only
 Platform settings (V100 selection, resources, secrets) sit next to the tasks they configure.
 """
 
-from __future__ import annotations
-
 from kfp import dsl, kubernetes
 
 from components.compare import compare_op
@@ -22,7 +20,7 @@ from components.match_architecture import match_architecture_op
 from components.prepare_data import prepare_data_op
 from components.train import train_op
 from components.train_vae import train_vae_op
-from ctv2v.config import ClusterConfig, RunConfig, to_yaml
+from ctv2v.config import ClusterConfig, RunConfig
 
 STEP_OPS = [prepare_data_op, fetch_checkpoint_op, match_architecture_op, train_vae_op, train_op, evaluate_op,
             compare_op]
@@ -44,8 +42,12 @@ def _common(task: dsl.PipelineTask, cluster: ClusterConfig) -> dsl.PipelineTask:
         kubernetes.use_secret_as_env(task, cluster.mlflow_secret, {
             "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
             "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"})
-    task.set_cpu_request("1").set_memory_request("2Gi")
     return task
+
+
+def _on_cpu(task: dsl.PipelineTask, cpu: str, memory: str) -> dsl.PipelineTask:
+    """A step without a GPU: its CPU and memory requests."""
+    return task.set_cpu_request(cpu).set_memory_request(memory)
 
 
 def _on_v100(task: dsl.PipelineTask, cluster: ClusterConfig, gpus: int, retries: int) -> dsl.PipelineTask:
@@ -75,7 +77,7 @@ def build_pipeline(config: RunConfig):
         data = prepared.outputs["manifest"]
         workspace = {"workspace_root": workspace_root, "pipeline_run_id": pipeline_run_id}
         if variant == "pretrained":
-            fetch = _common(fetch_checkpoint_op(config_yaml=config_yaml), cluster)
+            fetch = _on_cpu(_common(fetch_checkpoint_op(config_yaml=config_yaml), cluster), "1", "2Gi")
             fetch.set_display_name("fetch-checkpoint").set_caching_options(True)
             if cluster.hf_secret:
                 kubernetes.use_secret_as_env(fetch, cluster.hf_secret, {"HF_TOKEN": "HF_TOKEN"})
@@ -106,20 +108,20 @@ def build_pipeline(config: RunConfig):
         name="ctv2v",
         description="CT slice interpolation: latent video-to-video diffusion, scratch VAE (main) vs MAISI (pretrained)",
     )
-    def ctv2v_pipeline(config: str = to_yaml(config), branches: str = "both",
+    # One-line JSON (valid YAML): the compiler copies defaults into a YAML comment header line by line.
+    def ctv2v_pipeline(config: str = config.model_dump_json(), branches: str = "both",
                        workspace_root: str = cluster.workspace_mount):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         prepared = _common(prepare_data_op(config_yaml=config, workspace_root=workspace_root,
                                            pipeline_run_id=run_id), cluster)
-        prepared.set_display_name("prepare-data").set_caching_options(False)
-        prepared.set_cpu_request("2").set_memory_request("8Gi")
+        _on_cpu(prepared, "2", "8Gi").set_display_name("prepare-data").set_caching_options(False)
         with dsl.If(branches == "both", name="both-branches"):
             main_eval = branch(config, "main", run_id, workspace_root, prepared)
             pretrained_eval = branch(config, "pretrained", run_id, workspace_root, prepared)
             compare = compare_op(config_yaml=config, pipeline_run_id=run_id,
                                  main_report=main_eval.outputs["report"],
                                  pretrained_report=pretrained_eval.outputs["report"])
-            _common(compare, cluster).set_display_name("compare").set_caching_options(False)
+            _on_cpu(_common(compare, cluster), "1", "2Gi").set_display_name("compare").set_caching_options(False)
         with dsl.Elif(branches == "main", name="main-branch"):
             branch(config, "main", run_id, workspace_root, prepared)
         with dsl.Elif(branches == "pretrained", name="pretrained-branch"):

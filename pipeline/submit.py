@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 import tempfile
 from pathlib import Path
@@ -12,6 +13,10 @@ from ctv2v.config import RunConfig, to_yaml
 from pipeline.spec import compile_pipeline
 
 log = logging.getLogger(__name__)
+
+
+DEFAULT_POLL_S = 30
+"""Seconds between run-state polls with --wait."""
 
 
 class RunFailed(RuntimeError):
@@ -30,7 +35,7 @@ def submit(
     run_name: str | None = None,
     wait: bool = False,
     timeout_s: int = 7 * 24 * 3600,
-    poll_s: int = 30,
+    poll_s: int | None = None,
 ) -> str:
     """Compile, submit one run with the resolved config as its argument, optionally wait; returns the run id."""
     client = kfp.Client(host=host, namespace=namespace, existing_token=token, cookies=cookie)
@@ -39,14 +44,15 @@ def submit(
         result = client.create_run_from_pipeline_package(
             str(package),
             arguments={"config": to_yaml(config), "branches": branches},
-            run_name=run_name,
+            run_name=run_name or f"ctv2v-{branches}-{datetime.datetime.now():%Y%m%d-%H%M%S}",
             experiment_name=experiment,
             namespace=namespace,
         )
     run_id = result.run_id
     log.info("submitted run %s to %s (experiment %s, branches %s)", run_id, host, experiment, branches)
     if wait:
-        run = client.wait_for_run_completion(run_id, timeout=timeout_s, sleep_duration=poll_s)
+        run = client.wait_for_run_completion(run_id, timeout=timeout_s,
+                                           sleep_duration=DEFAULT_POLL_S if poll_s is None else poll_s)
         state = (run.state or "UNKNOWN").upper()
         if state != "SUCCEEDED":
             raise RunFailed(f"run {run_id} finished as {state}")

@@ -13,6 +13,7 @@ class RecordedRequest:
     method: str
     path: str
     headers: dict[str, str]
+    """Lower-cased header names."""
     body: bytes
 
     def json(self) -> dict:
@@ -35,7 +36,8 @@ class KfpStub:
 
             def _record(self) -> RecordedRequest:
                 length = int(self.headers.get("Content-Length") or 0)
-                request = RecordedRequest(self.command, self.path, dict(self.headers), self.rfile.read(length))
+                request = RecordedRequest(self.command, self.path, {k.lower(): v for k, v in self.headers.items()},
+                                          self.rfile.read(length))
                 stub.requests.append(request)
                 return request
 

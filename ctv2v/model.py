@@ -1,0 +1,153 @@
+"""VideoToVideoDiffusion: a clip VAE, a thick-conditioned latent denoiser and the diffusion process, kept apart."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctv2v.config import RunConfig
+from ctv2v.denoiser import Denoiser
+from ctv2v.diffusion import Diffusion
+from ctv2v.vae import ClipVAE, check_clip
+
+VAE_KIND_OF_VARIANT = {"main": "scratch", "pretrained": "maisi"}
+
+
+class VideoToVideoDiffusion(nn.Module):
+    """Thick clip (B, 1, T/k, H, W) -> thin clip (B, 1, T, H, W), both in [0, 1], through the VAE's latent space.
+
+    Training has two phases. Frozen: the VAE is fixed (eval mode, no gradients, not in the optimizer) and the
+    denoiser learns on (possibly cached) latents. Full: the VAE is fine-tuned too, and an L1 reconstruction
+    term on the VAE keeps its latent space from collapsing under the diffusion loss alone.
+    """
+
+    def __init__(self, vae: ClipVAE, denoiser: Denoiser, diffusion: Diffusion, thick_factor: int,
+                 recon_weight: float, sample_steps: int):
+        super().__init__()
+        if denoiser.latent_channels != vae.latent_channels:
+            raise ValueError(f"denoiser works on {denoiser.latent_channels} latent channels, "
+                             f"the VAE makes {vae.latent_channels}")
+        self.vae = vae
+        self.denoiser = denoiser
+        self.diffusion = diffusion
+        self.thick_factor = thick_factor
+        self.recon_weight = recon_weight
+        self.sample_steps = sample_steps
+        self.vae_frozen = False
+        self.freeze_vae()
+
+    # ----------------------------------------------------------------------------------------- VAE phase
+    def freeze_vae(self) -> None:
+        """Frozen phase: the VAE in eval mode with requires_grad False."""
+        self.vae_frozen = True
+        self.vae.eval()
+        self.vae.requires_grad_(False)
+
+    def unfreeze_vae(self) -> None:
+        """Full fine-tuning: the VAE trains with the denoiser."""
+        self.vae_frozen = False
+        self.vae.train(self.training)
+        self.vae.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> "VideoToVideoDiffusion":
+        """Like nn.Module.train, but a frozen VAE stays in eval mode."""
+        super().train(mode)
+        if self.vae_frozen:
+            self.vae.eval()
+        return self
+
+    def param_groups(self, lr: float, vae_lr_multiplier: float, weight_decay: float) -> list[dict]:
+        """Optimizer groups: weight decay on weight matrices/kernels only; a VAE group only when it is unfrozen."""
+        parts: list[tuple[str, nn.Module, float]] = [("denoiser", self.denoiser, lr)]
+        if not self.vae_frozen:
+            parts.append(("vae", self.vae, lr * vae_lr_multiplier))
+        groups = []
+        for name, module, group_lr in parts:
+            params = [p for p in module.parameters() if p.requires_grad]
+            decay = [p for p in params if p.ndim >= 2]
+            no_decay = [p for p in params if p.ndim < 2]
+            groups.append({"name": name, "params": decay, "lr": group_lr, "weight_decay": weight_decay})
+            groups.append({"name": f"{name}_no_decay", "params": no_decay, "lr": group_lr, "weight_decay": 0.0})
+        return [g for g in groups if g["params"]]
+
+    # ----------------------------------------------------------------------------------------- training
+    def check_pair(self, thick: torch.Tensor, thin: torch.Tensor) -> None:
+        """Raise ValueError unless `thin` has thick_factor slices per `thick` slice over the same batch and crop."""
+        check_clip("thick", thick)
+        check_clip("thin", thin)
+        b, _, n, h, w = thick.shape
+        if thin.shape[0] != b or thin.shape[3:] != thick.shape[3:] or thin.shape[2] != n * self.thick_factor:
+            raise ValueError(
+                f"thin clip {tuple(thin.shape)} does not match thick clip {tuple(thick.shape)}: expected "
+                f"({b}, 1, {n * self.thick_factor}, {h}, {w}) for thick factor {self.thick_factor}"
+            )
+
+    def forward(self, thick: torch.Tensor, thin: torch.Tensor, *, from_latents: bool = False,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Training loss of a clip pair, or of a latent pair with `from_latents` (DDP synchronizes via forward)."""
+        if from_latents:
+            return self.loss_from_latents(thick, thin, generator)
+        return self.loss(thick, thin, generator)
+
+    def loss(self, thick: torch.Tensor, thin: torch.Tensor, generator: torch.Generator | None = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Training loss on a clip pair: diffusion loss, plus recon_weight * L1 reconstruction when unfrozen."""
+        self.check_pair(thick, thin)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.vae_frozen):
+            thin_latent = self.vae.encode(thin)
+            thick_latent = self.vae.encode(thick)
+        loss, parts = self.loss_from_latents(thick_latent, thin_latent, generator)
+        if not self.vae_frozen and self.recon_weight > 0:
+            recon = self.vae.decode(thin_latent, size=tuple(thin.shape[2:]))
+            recon_l1 = F.l1_loss(recon.float(), thin.float())
+            loss = loss + self.recon_weight * recon_l1
+            parts["recon_l1"] = recon_l1.detach()
+        parts["loss"] = loss.detach()
+        return loss, parts
+
+    def loss_from_latents(self, thick_latent: torch.Tensor, thin_latent: torch.Tensor,
+                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Diffusion loss on (scaled) latents, e.g. cached ones in the frozen phase."""
+        check_clip("thin_latent", thin_latent, channels=self.vae.latent_channels, min_frames=1)
+        check_clip("thick_latent", thick_latent, channels=self.vae.latent_channels, min_frames=1)
+        x0 = thin_latent.float()
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
+        timesteps = self.diffusion.sample_timesteps(x0.shape[0], x0.device, generator)
+        noisy = self.diffusion.add_noise(x0, noise, timesteps)
+        prediction = self.denoiser(noisy, thick_latent, timesteps)
+        loss = self.diffusion.loss(prediction, x0, noise, timesteps)
+        return loss, {"diffusion": loss.detach()}
+
+    # ----------------------------------------------------------------------------------------- inference
+    @torch.no_grad()
+    def sample(self, thick: torch.Tensor, steps: int | None = None, generator: torch.Generator | None = None
+               ) -> torch.Tensor:
+        """The thin clip (B, 1, T * thick_factor, H, W) in [0, 1] for a thick clip, by `steps` sampling steps."""
+        check_clip("thick", thick)
+        b, _, n, h, w = thick.shape
+        size = (n * self.thick_factor, h, w)
+        thick_latent = self.vae.encode(thick)
+        latent = self.diffusion.sample(
+            lambda x, t: self.denoiser(x, thick_latent, t),
+            self.vae.latent_shape((b, 1, *size)),
+            steps if steps is not None else self.sample_steps,
+            thick.device,
+            generator,
+        )
+        return self.vae.decode(latent, size=size).float().clamp(0.0, 1.0)
+
+
+def build_model(config: RunConfig, vae: ClipVAE) -> VideoToVideoDiffusion:
+    """The configured model around `vae` (its kind must match the variant), with the VAE frozen."""
+    expected = VAE_KIND_OF_VARIANT[config.variant]
+    if vae.kind != expected:
+        raise ValueError(f"variant {config.variant!r} needs a {expected!r} VAE, got a {vae.kind!r} one")
+    return VideoToVideoDiffusion(
+        vae,
+        Denoiser.from_config(config.denoiser, vae.latent_channels),
+        Diffusion(config.diffusion),
+        thick_factor=config.data.thick.factor,
+        recon_weight=config.training.full.recon_weight,
+        sample_steps=config.diffusion.sample_steps,
+    )

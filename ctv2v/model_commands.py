@@ -1,0 +1,30 @@
+"""`ctv2v model ...` subcommands: `model summary` prints parameter counts, latent shapes and FLOPs per step."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ctv2v.summary import format_summary, summarize
+
+
+def _model_summary(args: argparse.Namespace) -> int:
+    from pipeline.cli import config_from_args
+
+    summary = summarize(config_from_args(args))
+    sys.stdout.write((json.dumps(summary, indent=2) if args.json else format_summary(summary)) + "\n")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `model` command group with `summary`."""
+    # pipeline.cli owns the --config/--set arguments; it is the CLI root that calls register().
+    from pipeline.cli import add_config_arguments
+
+    model = sub.add_parser("model", help="inspect the configured model").add_subparsers(
+        dest="model_command", required=True)
+    summary = model.add_parser("summary", help="parameter counts, latent shapes and FLOPs per training step")
+    add_config_arguments(summary)
+    summary.add_argument("--json", action="store_true", help="print the summary as JSON")
+    summary.set_defaults(func=_model_summary)

@@ -1,0 +1,151 @@
+"""The clip VAE interface on the scratch VAE: shapes, input checks, latent scale, training, artifacts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ctv2v.config import ConfigError, ScratchVAEConfig, validate
+from ctv2v.vae import (
+    ScratchVAE,
+    compute_latent_scale,
+    load_vae_artifact,
+    save_vae_artifact,
+    train_scratch_vae,
+)
+
+
+def tiny_vae(seed: int = 0) -> ScratchVAE:
+    torch.manual_seed(seed)
+    return ScratchVAE(channels=[8, 16], latent_channels=4, num_res_blocks=1, norm_num_groups=4)
+
+
+def smooth_clips(n: int, shape=(1, 1, 4, 16, 16), seed: int = 0) -> list[torch.Tensor]:
+    """Smooth [0, 1] clips: random low-frequency fields upsampled (easy for a tiny VAE to learn)."""
+    g = torch.Generator().manual_seed(seed)
+    clips = []
+    for _ in range(n):
+        coarse = torch.rand((shape[0], 1, shape[2], 4, 4), generator=g)
+        clips.append(torch.nn.functional.interpolate(coarse, size=shape[2:], mode="trilinear", align_corners=True))
+    return clips
+
+
+def test_scratch_vae_keeps_every_slice_and_restores_odd_sizes():
+    vae = tiny_vae()
+    assert (vae.depth_factor, vae.spatial_factor, vae.kind) == (1, 2, "scratch")
+    clip = torch.rand(2, 1, 6, 30, 34)
+    latent = vae.encode(clip)
+    assert tuple(latent.shape) == vae.latent_shape(clip.shape) == (2, 4, 6, 15, 17)
+    odd = torch.rand(1, 1, 5, 15, 17)
+    latent = vae.encode(odd)
+    assert tuple(latent.shape) == (1, 4, 5, 8, 9)
+    assert vae.decode(latent, size=odd.shape[2:]).shape == odd.shape
+
+
+@pytest.mark.parametrize(
+    "shape, fill, fragment",
+    [
+        ((1, 2, 4, 16, 16), 0.5, "channel"),
+        ((1, 4, 16, 16), 0.5, "4 dims"),
+        ((1, 1, 1, 16, 16), 0.5, "1 slice"),
+        ((1, 1, 4, 16, 16), float("nan"), "NaN"),
+        ((1, 1, 4, 16, 16), float("inf"), "NaN/Inf"),
+    ],
+)
+def test_bad_clips_raise_value_error_naming_tensor_and_shape(shape, fill, fragment):
+    vae = tiny_vae()
+    clip = torch.full(shape, 0.5)
+    clip.view(-1)[3] = fill
+    with pytest.raises(ValueError) as info:
+        vae.encode(clip)
+    message = str(info.value)
+    assert message.startswith("clip:") and str(tuple(shape)) in message and fragment in message
+
+
+def test_decode_rejects_latent_with_wrong_channels():
+    vae = tiny_vae()
+    with pytest.raises(ValueError, match=r"latent: expected 4 channel\(s\).*\(1, 3, 4, 8, 8\)"):
+        vae.decode(torch.zeros(1, 3, 4, 8, 8))
+
+
+def test_latent_scale_makes_unit_std_and_cancels_in_decode():
+    vae = tiny_vae().eval()
+    clips = smooth_clips(3)
+    with torch.no_grad():
+        before = vae.decode(vae.encode(clips[0]))
+        scale = compute_latent_scale(vae, clips)
+        assert float(vae.latent_scale) == pytest.approx(scale)
+        latents = torch.cat([vae.encode(c).flatten() for c in clips])
+        assert latents.std(unbiased=False).item() == pytest.approx(1.0, rel=1e-4)
+        torch.testing.assert_close(vae.decode(vae.encode(clips[0])), before, rtol=1e-4, atol=1e-5)
+
+
+def test_latent_scale_needs_clips():
+    with pytest.raises(ValueError, match="no clips"):
+        compute_latent_scale(tiny_vae(), [])
+
+
+def test_train_scratch_vae_lowers_reconstruction_error():
+    vae = tiny_vae()
+    clips = smooth_clips(2)
+    config = ScratchVAEConfig(channels=[8, 16], norm_num_groups=4, epochs=5, lr=3e-3, kl_weight=1e-6)
+    seen: list[tuple[int, dict]] = []
+    with torch.no_grad():
+        initial = sum(torch.nn.functional.l1_loss(vae.decode(vae.encode(c)), c).item() for c in clips) / 2
+    result = train_scratch_vae(vae, [{"thin": c} for c in clips], config, "cpu",
+                               on_step=lambda step, losses: seen.append((step, losses)))
+    assert [s for s, _ in seen] == list(range(1, 11)) and result["steps"] == 10
+    assert set(seen[0][1]) == {"loss", "l1", "kl"}
+    assert result["last_epoch_mean_l1"] < 0.5 * initial
+
+
+def test_train_scratch_vae_rejects_empty_loader():
+    config = ScratchVAEConfig(channels=[8, 16], norm_num_groups=4, epochs=1)
+    with pytest.raises(ValueError, match="no batches"):
+        train_scratch_vae(tiny_vae(), [], config, "cpu")
+
+
+def test_perceptual_loss_is_a_config_error_offline():
+    with pytest.raises(ConfigError, match="torch.hub"):
+        validate({"vae": {"scratch": {"perceptual_weight": 0.3}}}, "test.yaml")
+
+
+def test_artifact_round_trip_gives_identical_outputs(tmp_path):
+    vae = tiny_vae(seed=3).eval()
+    vae.latent_scale.fill_(0.731)
+    save_vae_artifact(vae, tmp_path, weights="scratch", extra={"epochs": 1})
+    meta = json.loads((tmp_path / "vae.json").read_text())
+    assert meta["kind"] == "scratch" and meta["weights"] == "scratch" and meta["extra"] == {"epochs": 1}
+    assert meta["architecture"]["channels"] == [8, 16] and meta["latent_scale"] == pytest.approx(0.731)
+    loaded = load_vae_artifact(tmp_path).eval()
+    assert loaded.weights_label == "scratch" and float(loaded.latent_scale) == pytest.approx(0.731)
+    clip = smooth_clips(1)[0]
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(clip), vae.encode(clip))
+        latent = vae.encode(clip)
+        assert torch.equal(loaded.decode(latent), vae.decode(latent))
+
+
+def test_artifact_with_other_architecture_fails_listing_keys(tmp_path):
+    save_vae_artifact(tiny_vae(), tmp_path, weights="scratch", extra={})
+    meta = json.loads((tmp_path / "vae.json").read_text())
+    meta["architecture"]["num_res_blocks"] = 2
+    (tmp_path / "vae.json").write_text(json.dumps(meta))
+    expected = r"vae\.pt: state dict does not match.*64 missing key\(s\) \['encoder\.2\.norm1\.weight'"
+    with pytest.raises(ValueError, match=expected):
+        load_vae_artifact(tmp_path)
+
+
+def test_artifact_weights_replaced_behind_json_are_rejected(tmp_path):
+    save_vae_artifact(tiny_vae(), tmp_path, weights="scratch", extra={})
+    torch.save({"x": torch.zeros(1)}, tmp_path / "vae.pt")
+    with pytest.raises(ValueError, match="sha256"):
+        load_vae_artifact(tmp_path)
+
+
+def test_artifact_rejects_unknown_weights_label(tmp_path):
+    with pytest.raises(ValueError, match="weights must be one of"):
+        save_vae_artifact(tiny_vae(), tmp_path, weights="random", extra={})
+    assert not (tmp_path / "vae.pt").exists()

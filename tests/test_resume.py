@@ -1,0 +1,127 @@
+"""Preemption: a step killed with SIGKILL and rerun with --resume ends bitwise where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ctv2v.checkpointing import CheckpointError, Progress, latest_checkpoint, load_checkpoint, save_checkpoint
+from tests.test_training import REPO, TINY_OVERRIDES, make_prepared_dataset, tiny_config
+
+RESUME_OVERRIDES = [
+    "training.full.batch_size=1",  # 4 clips, 4 batches: 2 optimizer steps with accumulation 2
+    "training.full.epochs=1",
+    "training.grad_accum_steps=2",
+    "training.ema_decay=0.9",
+    "training.val_sample_clips=0",  # validation loss only: it still draws noise, under its own forked RNG
+]
+KILL_AFTER_STEP = 1
+"""Mid-epoch: the epoch has 2 optimizer steps."""
+
+
+def _cli(config_args: list[str], data: Path, vae: Path, init: Path, out: Path, resume: bool) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "train", "--phase", "full", *config_args, "--data", str(data),
+            "--vae", str(vae), "--init", str(init), "--out", str(out), *(["--resume"] if resume else [])]
+
+
+def _start(cmd: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "w") as handle:
+        return subprocess.Popen(cmd, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
+
+
+def _finish(proc: subprocess.Popen, log: Path) -> None:
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def full_phase_inputs(tmp_path_factory):
+    """A prepared dataset, a scratch VAE artifact and a frozen-phase model folder to fine-tune."""
+    from ctv2v.checkpointing import save_trained_model
+    from ctv2v.model import build_model
+    from ctv2v.vae import ScratchVAE, save_vae_artifact
+
+    root = tmp_path_factory.mktemp("resume")
+    config = tiny_config(*RESUME_OVERRIDES)
+    data = make_prepared_dataset(root / "data", config)
+    torch.manual_seed(0)
+    vae = ScratchVAE.from_config(config.vae.scratch)
+    vae.latent_scale.fill_(0.5)
+    save_vae_artifact(vae, root / "vae", weights="scratch", extra={"note": "random weights, test input"})
+    vae.weights_label = "scratch"
+    save_trained_model(build_model(config, vae), root / "frozen" / "model", config, None, phase="frozen")
+    config_args = ["--config", str(REPO / "configs" / "smoke.yaml")]
+    for override in [*TINY_OVERRIDES, *RESUME_OVERRIDES]:
+        config_args += ["--set", override]
+    return root, data, config_args
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run_bitwise(full_phase_inputs, tmp_path):
+    root, data, config_args = full_phase_inputs
+    vae, init = root / "vae", root / "frozen"
+
+    # The uninterrupted run goes alongside the one that gets killed (2 cores: it costs little wall time).
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    reference_run = _start(_cli(config_args, data, vae, init, reference, resume=False), tmp_path / "reference.log")
+    log = tmp_path / "interrupted.log"
+    proc = _start(_cli(config_args, data, vae, init, interrupted, resume=False), log)
+    checkpoint = interrupted / "checkpoints" / f"step-{KILL_AFTER_STEP:08d}.pt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    assert not (interrupted / "model").exists()  # really interrupted before the end
+    killed_at = latest_checkpoint(interrupted / "checkpoints")
+    assert killed_at is not None and int(killed_at.stem.split("-")[1]) < 2
+
+    resumed_log = tmp_path / "resumed.log"
+    _finish(_start(_cli(config_args, data, vae, init, interrupted, resume=True), resumed_log), resumed_log)
+    assert "resumed from" in resumed_log.read_text()
+    _finish(reference_run, tmp_path / "reference.log")
+
+    for relative in ("model/denoiser.pt", "model/vae/vae.pt"):
+        expected = torch.load(reference / relative, weights_only=True)
+        actual = torch.load(interrupted / relative, weights_only=True)
+        assert expected.keys() == actual.keys()
+        assert all(torch.equal(expected[k], actual[k]) for k in expected), relative
+    final_ref = torch.load(latest_checkpoint(reference / "checkpoints"), weights_only=True)
+    final_res = torch.load(latest_checkpoint(interrupted / "checkpoints"), weights_only=True)
+    assert final_ref["progress"] == final_res["progress"]
+    for name in ("denoiser", "vae", "ema"):
+        assert all(torch.equal(v, final_res["states"][name][k]) for k, v in final_ref["states"][name].items()), name
+
+
+def test_a_checkpoint_is_never_half_written(tmp_path):
+    config = tiny_config()
+    folder = tmp_path / "checkpoints"
+    good = {"denoiser": {"w": torch.ones(3)}}
+    first = save_checkpoint(folder, phase="frozen", config=config, progress=Progress(0, 1, 1), states=good,
+                            rng_per_rank=[{}])
+    unpicklable = {"denoiser": {"w": torch.ones(3), "bad": lambda: None}}
+    with pytest.raises((pickle.PicklingError, AttributeError)):
+        save_checkpoint(folder, phase="frozen", config=config, progress=Progress(0, 2, 2), states=unpicklable,
+                        rng_per_rank=[{}])
+    assert sorted(p.name for p in folder.iterdir()) == [first.name]  # no temporary file, no step 2
+    payload = load_checkpoint(first, phase="frozen", config=config, world_size=1)
+    assert torch.equal(payload["states"]["denoiser"]["w"], torch.ones(3))
+
+
+def test_resume_refuses_a_changed_config_or_world_size(tmp_path):
+    config = tiny_config()
+    path = save_checkpoint(tmp_path, phase="frozen", config=config, progress=Progress(), states={},
+                           rng_per_rank=[{}, {}])
+    with pytest.raises(CheckpointError, match="written by 2 processes"):
+        load_checkpoint(path, phase="frozen", config=config, world_size=1)
+    with pytest.raises(CheckpointError, match=r"training.frozen.lr: 0.0001 -> 0.001"):
+        load_checkpoint(path, phase="frozen", config=tiny_config("training.frozen.lr=1e-3"), world_size=2)
+    with pytest.raises(CheckpointError, match="phase 'frozen', resuming phase 'full'"):
+        load_checkpoint(path, phase="full", config=config, world_size=2)

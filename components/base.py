@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
+import sys
 
 from kfp import dsl
 
@@ -25,3 +27,10 @@ if os.environ.get("_KFP_RUNTIME") == "true":
 else:
     step_component = functools.partial(dsl.component, base_image=TRAINER_IMAGE, install_kfp_package=False)
 """`@step_component` turns a typed function into a KFP component that runs in TRAINER_IMAGE."""
+
+
+def run_distributed(nproc: int, cli_args: list[str]) -> None:
+    """Run `ctv2v <cli_args>` under `torchrun --nproc_per_node nproc` (one process per GPU, DDP); raise on failure."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "pipeline.cli", *cli_args]
+    subprocess.run(command, check=True)

@@ -77,7 +77,7 @@ def parse_report_arguments(named: list[str], folders: list[Path]) -> dict[str, P
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `compare` subcommand."""
-    from pipeline.cli import add_config_arguments
+    from ctv2v.config import add_config_arguments
 
     parser = sub.add_parser("compare", help="compare evaluation reports (main vs pretrained) as Markdown/HTML")
     parser.add_argument("folders", nargs="*", type=Path, metavar="EVAL_DIR",
@@ -91,7 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _compare_command(args: argparse.Namespace) -> int:
-    from pipeline.cli import config_from_args
+    from ctv2v.config import config_from_args
 
     tracking = config_from_args(args).tracking
     markdown, _ = compare_step(parse_report_arguments(args.report, args.folders), args.out, tracking,

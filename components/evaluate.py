@@ -89,7 +89,7 @@ def evaluate_step(
 # ---------------------------------------------------------------------------------------------- CLI
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `evaluate` subcommand."""
-    from pipeline.cli import add_config_arguments
+    from ctv2v.config import add_config_arguments
 
     parser = sub.add_parser("evaluate", help="score the trained model and the baselines on the test split")
     add_config_arguments(parser)
@@ -102,7 +102,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _evaluate_command(args: argparse.Namespace) -> int:
     from ctv2v.evaluation import REPORT_FILE
-    from pipeline.cli import config_from_args
+    from ctv2v.config import config_from_args
 
     report = evaluate_step(config_from_args(args), args.data, args.model, args.out, args.pipeline_run_id)
     summary = {"variant": report["variant"], "weights": report["weights_display"], "hu_range": report["hu_range"],

@@ -69,7 +69,7 @@ def fetch_checkpoint_step(config: RunConfig, out_dir: Path, cache_dir: Path | No
 # ---------------------------------------------------------------------------------------------- CLI
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `fetch-checkpoint` and `checkpoint mirror` subcommands."""
-    from pipeline.cli import add_config_arguments
+    from ctv2v.config import add_config_arguments
 
     fetch = sub.add_parser("fetch-checkpoint", help="fetch + verify MAISI's VAE checkpoint (or build a stand-in)")
     add_config_arguments(fetch, required=False)
@@ -107,7 +107,7 @@ def _shorthand_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _fetch_command(args: argparse.Namespace) -> int:
-    from pipeline.cli import config_from_args
+    from ctv2v.config import config_from_args
 
     args.overrides = _shorthand_overrides(args)
     config = config_from_args(args)
@@ -121,7 +121,7 @@ def _fetch_command(args: argparse.Namespace) -> int:
 
 
 def _mirror_command(args: argparse.Namespace) -> int:
-    from pipeline.cli import config_from_args
+    from ctv2v.config import config_from_args
 
     config = config_from_args(args)
     try:

@@ -169,7 +169,7 @@ def _checkpoint_sha256(checkpoint_path: Path, path: Path) -> str:
 # ---------------------------------------------------------------------------------------------- CLI
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `match` subcommand."""
-    from pipeline.cli import add_config_arguments
+    from ctv2v.config import add_config_arguments
 
     parser = sub.add_parser("match", help="load MAISI's VAE checkpoint 100%% strictly; write the VAE artifact")
     add_config_arguments(parser, required=False)
@@ -185,7 +185,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _match_command(args: argparse.Namespace) -> int:
-    from pipeline.cli import config_from_args
+    from ctv2v.config import config_from_args
 
     if args.allow_partial:
         args.overrides = [*args.overrides, "vae.maisi.allow_partial=true"]

@@ -30,7 +30,7 @@ def prepare_data_step(config: RunConfig, data_dir: Path) -> dict[str, Any]:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `prepare-data` subcommand."""
-    from pipeline.cli import add_config_arguments
+    from ctv2v.config import add_config_arguments
 
     parser = sub.add_parser("prepare-data", help="stage data.source, write manifest.json, fill the cache")
     add_config_arguments(parser)
@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _prepare_data_command(args: argparse.Namespace) -> int:
-    from pipeline.cli import config_from_args
+    from ctv2v.config import config_from_args
 
     print(json.dumps(prepare_data_step(config_from_args(args), args.out), indent=2))
     return 0

@@ -165,7 +165,7 @@ def train_step(
 # ---------------------------------------------------------------------------------------------- CLI
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `train` subcommand."""
-    from pipeline.cli import add_config_arguments
+    from ctv2v.config import add_config_arguments
 
     parser = sub.add_parser("train", help="train the diffusion model: --phase frozen (VAE frozen) or full")
     add_config_arguments(parser)
@@ -180,7 +180,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _train_command(args: argparse.Namespace) -> int:
-    from pipeline.cli import config_from_args
+    from ctv2v.config import config_from_args
 
     summary = train_step(config_from_args(args), args.phase, args.data, args.vae, args.init, args.out,
                          resume=args.resume, pipeline_run_id=args.pipeline_run_id)
@@ -222,17 +222,23 @@ def train_op(
     import logging
     from pathlib import Path
 
+    from components.base import run_distributed
     from components.train import export_models, train_step, workspace_out_dir
-    from ctv2v.config import config_from_text
+    from ctv2v.config import config_from_text, write_resolved
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if "data_dir" not in data.metadata:
         raise ValueError(f"data artifact {data.uri}: metadata has no 'data_dir' (expected prepare-data's manifest)")
     config = config_from_text(config_yaml, "config_yaml", [f"variant={variant}"])
     out_dir = workspace_out_dir(workspace_root, pipeline_run_id, variant, phase)
-    summary = train_step(config, phase, Path(data.metadata["data_dir"]), Path(vae.path),
-                         Path(init.path) if init is not None else None, out_dir, resume=True,
-                         pipeline_run_id=pipeline_run_id)
+    data_dir, init_dir = Path(data.metadata["data_dir"]), Path(init.path) if init is not None else None
+    if config.cluster.gpus_per_step > 1:
+        run_distributed(config.cluster.gpus_per_step, [
+            "train", "--phase", phase, "--config", str(write_resolved(config, out_dir)), "--data", str(data_dir),
+            "--vae", vae.path, *(["--init", str(init_dir)] if init_dir else []), "--out", str(out_dir),
+            "--resume", "--pipeline-run-id", pipeline_run_id])
+    else:
+        train_step(config, phase, data_dir, Path(vae.path), init_dir, out_dir, resume=True,
+                   pipeline_run_id=pipeline_run_id)
     export_models(out_dir, Path(model.path))
-    model.metadata.update({"phase": phase, "variant": variant, "global_step": summary["global_step"],
-                           "workspace_dir": str(out_dir)})
+    model.metadata.update({"phase": phase, "variant": variant, "workspace_dir": str(out_dir)})

@@ -89,7 +89,7 @@ def train_vae_step(
 # ---------------------------------------------------------------------------------------------- CLI
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `train-vae` subcommand."""
-    from pipeline.cli import add_config_arguments
+    from ctv2v.config import add_config_arguments
 
     parser = sub.add_parser("train-vae", help="train the scratch VAE (variant main); OUT becomes a VAE artifact")
     add_config_arguments(parser)
@@ -101,7 +101,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _train_vae_command(args: argparse.Namespace) -> int:
-    from pipeline.cli import config_from_args
+    from ctv2v.config import config_from_args
 
     summary = train_vae_step(config_from_args(args), args.data, args.out, resume=args.resume,
                              pipeline_run_id=args.pipeline_run_id)
@@ -121,12 +121,14 @@ def train_vae_op(config_yaml: str, workspace_root: str, pipeline_run_id: str, da
 
     `data` is prepare-data's manifest artifact; its metadata `data_dir` names the prepared data folder.
     """
+    import json
     import logging
     import shutil
     from pathlib import Path
 
+    from components.base import run_distributed
     from components.train_vae import VAE_FILES, train_vae_step
-    from ctv2v.config import config_from_text
+    from ctv2v.config import config_from_text, write_resolved
     from ctv2v.data.prepared import run_workspace
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -134,10 +136,16 @@ def train_vae_op(config_yaml: str, workspace_root: str, pipeline_run_id: str, da
         raise ValueError(f"data artifact {data.uri}: metadata has no 'data_dir' (expected prepare-data's manifest)")
     config = config_from_text(config_yaml, "config_yaml", ["variant=main"])
     out_dir = run_workspace(workspace_root, pipeline_run_id) / "train-vae-main"
-    summary = train_vae_step(config, Path(data.metadata["data_dir"]), out_dir, resume=True,
-                             pipeline_run_id=pipeline_run_id)
+    data_dir = Path(data.metadata["data_dir"])
+    if config.cluster.gpus_per_step > 1:
+        run_distributed(config.cluster.gpus_per_step, [
+            "train-vae", "--config", str(write_resolved(config, out_dir)), "--data", str(data_dir),
+            "--out", str(out_dir), "--resume", "--pipeline-run-id", pipeline_run_id])
+    else:
+        train_vae_step(config, data_dir, out_dir, resume=True, pipeline_run_id=pipeline_run_id)
     Path(vae.path).mkdir(parents=True, exist_ok=True)
     for name in VAE_FILES:
         shutil.copyfile(out_dir / name, Path(vae.path) / name)
-    vae.metadata.update({"weights": "scratch", "latent_scale": summary["latent_scale"],
-                         "global_step": summary["global_step"], "workspace_dir": str(out_dir)})
+    written = json.loads((out_dir / "vae.json").read_text())
+    vae.metadata.update({"weights": "scratch", "latent_scale": written["latent_scale"],
+                         "workspace_dir": str(out_dir)})

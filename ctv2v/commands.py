@@ -24,8 +24,7 @@ def _fetch_demo(args: argparse.Namespace) -> int:
 
 
 def _register_baselines(data: argparse._SubParsersAction) -> None:
-    # pipeline.cli owns the --config/--set arguments; it is the CLI root that calls register().
-    from pipeline.cli import add_config_arguments
+    from ctv2v.config import add_config_arguments
 
     baselines = data.add_parser(
         "baselines", help="score nearest/linear/cubic interpolation on the dataset; print the table, write JSON")
@@ -49,7 +48,7 @@ def _baselines(args: argparse.Namespace) -> int:
     from ctv2v.data.cache import PreprocessCache
     from ctv2v.data.prepared import PREPROCESS_CACHE_DIR, stage_dataset
     from ctv2v.report import baseline_report, format_table, write_report
-    from pipeline.cli import config_from_args
+    from ctv2v.config import config_from_args
 
     config = config_from_args(args)
     out = args.out if args.out is not None else config.data.workspace / "baselines"

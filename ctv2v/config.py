@@ -7,6 +7,7 @@ valid key (a sibling with a similar name, or the same name where it belongs else
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import json
 from pathlib import Path
@@ -268,6 +269,8 @@ class EvaluationConfig(_Section):
     panel_plane: Literal["coronal", "sagittal"] = "coronal"
     write_nifti: bool = True
     max_volumes: int | None = Field(None, ge=1)
+    volume_ids: list[str] | None = None
+    """Only these test-split volumes (by manifest id); None: the whole test split."""
     tile_batch_size: int = Field(1, ge=1)
     """Tiles sampled together in one model.sample call (throughput on a GPU; memory grows with it)."""
 
@@ -509,3 +512,17 @@ def write_resolved(config: RunConfig, out_dir: Path) -> Path:
     target = out_dir / "resolved-config.yaml"
     atomic_write_text(target, to_yaml(config))
     return target
+
+
+# ------------------------------------------------------------------------------------ command line
+def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """`--config FILE` (repeatable, later files overlay earlier ones) and `--set KEY=VALUE` (repeatable)."""
+    parser.add_argument("--config", action="append", required=required, default=None, metavar="FILE",
+                        help="YAML config; repeat to overlay (e.g. configs/pretrained.yaml configs/v100-32gb.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override one key, e.g. --set training.frozen.epochs=2")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The validated RunConfig named by --config/--set."""
+    return load_config(args.config or [], args.overrides)

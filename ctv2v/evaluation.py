@@ -90,11 +90,17 @@ def manifest_sha256(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def evaluation_entries(manifest: dict, max_volumes: int | None) -> list[dict]:
-    """The manifest's test-split entries in manifest order, the first `max_volumes` of them when given."""
+def evaluation_entries(manifest: dict, max_volumes: int | None, volume_ids: list[str] | None = None) -> list[dict]:
+    """The manifest's test-split entries in manifest order (only `volume_ids` when given), at most `max_volumes`."""
     entries = [entry for entry in manifest["volumes"] if entry["split"] == "test"]
     if not entries:
         raise EvaluationError("the manifest has no volume in the 'test' split")
+    if volume_ids is not None:
+        unknown = sorted(set(volume_ids) - {entry["id"] for entry in entries})
+        if unknown:
+            raise EvaluationError(f"evaluation.volume_ids {unknown} are not in the test split "
+                                  f"({[entry['id'] for entry in entries]})")
+        entries = [entry for entry in entries if entry["id"] in volume_ids]
     return entries if max_volumes is None else entries[:max_volumes]
 
 
@@ -279,7 +285,7 @@ def evaluate(
     out_dir = Path(out_dir)
     model.eval()
     all_test = evaluation_entries(manifest, None)
-    entries = evaluation_entries(manifest, settings.max_volumes)
+    entries = evaluation_entries(manifest, settings.max_volumes, settings.volume_ids)
     volumes = []
     for entry in entries:
         volume = cache.load(Path(dataset_dir), entry, config.data)

@@ -10,7 +10,7 @@ from ctv2v.summary import format_summary, summarize
 
 
 def _model_summary(args: argparse.Namespace) -> int:
-    from pipeline.cli import config_from_args
+    from ctv2v.config import config_from_args
 
     summary = summarize(config_from_args(args))
     sys.stdout.write((json.dumps(summary, indent=2) if args.json else format_summary(summary)) + "\n")
@@ -19,8 +19,7 @@ def _model_summary(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `model` command group with `summary`."""
-    # pipeline.cli owns the --config/--set arguments; it is the CLI root that calls register().
-    from pipeline.cli import add_config_arguments
+    from ctv2v.config import add_config_arguments
 
     model = sub.add_parser("model", help="inspect the configured model").add_subparsers(
         dest="model_command", required=True)

@@ -13,7 +13,7 @@ import importlib
 import logging
 import sys
 
-from ctv2v.config import ConfigError, load_config, to_yaml
+from ctv2v.config import ConfigError, add_config_arguments, config_from_args, to_yaml
 
 COMMAND_MODULES = [
     "ctv2v.commands",
@@ -28,19 +28,6 @@ COMMAND_MODULES = [
     "pipeline.commands",
 ]
 """Modules with a `register(subparsers)` function; each adds its subcommands with `set_defaults(func=...)`."""
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    """`--config FILE` (repeatable, later files overlay earlier ones) and `--set KEY=VALUE` (repeatable)."""
-    parser.add_argument("--config", action="append", required=required, default=None, metavar="FILE",
-                        help="YAML config; repeat to overlay (e.g. configs/pretrained.yaml configs/v100-32gb.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                        help="override one key, e.g. --set training.frozen.epochs=2")
-
-
-def config_from_args(args: argparse.Namespace):
-    """The validated RunConfig named by --config/--set."""
-    return load_config(args.config or [], args.overrides)
 
 
 def _config_show(args: argparse.Namespace) -> int:

@@ -109,8 +109,9 @@ def _psnr(mse: float) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
 
 
-def match_architecture_step(config: RunConfig, checkpoint_path: Path, out_dir: Path, data_dir: Path) -> dict[str, Any]:
-    """Load the checkpoint strictly into AutoencoderKlMaisi, check it, and write the VAE artifact to `out_dir`."""
+def match_architecture_step(config: RunConfig, checkpoint_path: Path, out_dir: Path, data_dir: Path,
+                            pipeline_run_id: str | None = None) -> dict[str, Any]:
+    """Load the checkpoint strictly into AutoencoderKlMaisi, check it, write the VAE artifact, log to MLflow."""
     maisi = config.vae.maisi
     checkpoint_path = Path(checkpoint_path)
     weights = _weights_label(config, checkpoint_path)
@@ -155,7 +156,25 @@ def match_architecture_step(config: RunConfig, checkpoint_path: Path, out_dir: P
     write_resolved(config, out_dir)
     log.info("%sVAE artifact (%s weights, %s load, %s tensors) written to %s", tag, weights, load,
              summary["loaded"], out_dir)
+    _track(config, out_dir, summary, pipeline_run_id)
     return summary
+
+
+def _track(config: RunConfig, out_dir: Path, summary: dict[str, Any], pipeline_run_id: str | None) -> None:
+    """A nested MLflow run for the step: load (strict / PARTIAL) as a tag, the match report as an artifact."""
+    from ctv2v.tracking import Tracker, new_pipeline_run_id
+
+    loaded, total = (int(n) for n in summary["loaded"].split("/"))
+    metrics = {"match/loaded_fraction": loaded / total, "match/latent_scale": summary["latent_scale"]}
+    if summary["recon_check"]["psnr_db"] is not None:
+        metrics["match/recon_psnr_db"] = summary["recon_check"]["psnr_db"]
+    tracker = Tracker(config.tracking, out_dir)
+    with tracker.step_run("match-architecture", pipeline_run_id or new_pipeline_run_id(), variant="pretrained",
+                          phase="match", weights=summary["weights"],
+                          tags={"load": summary["load"], "recon_check": summary["recon_check"]["status"]}):
+        tracker.log_params({"match.loaded": summary["loaded"], "match.checkpoint_sha256": summary["checkpoint_sha256"]})
+        tracker.log_metrics(metrics, 0)
+        tracker.log_artifact(out_dir / REPORT_NAME, "match")
 
 
 def _checkpoint_sha256(checkpoint_path: Path, path: Path) -> str:
@@ -181,6 +200,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder: vae.pt, vae.json, match-report.json")
     parser.add_argument("--allow-partial", action="store_true",
                         help="shorthand for --set vae.maisi.allow_partial=true: load a partial match, labelled PARTIAL")
+    parser.add_argument("--pipeline-run-id", default=None, help="groups the MLflow runs of one pipeline run")
     parser.set_defaults(func=_match_command)
 
 
@@ -191,7 +211,7 @@ def _match_command(args: argparse.Namespace) -> int:
         args.overrides = [*args.overrides, "vae.maisi.allow_partial=true"]
     config = config_from_args(args)
     try:
-        summary = match_architecture_step(config, args.checkpoint, args.out, args.data)
+        summary = match_architecture_step(config, args.checkpoint, args.out, args.data, args.pipeline_run_id)
     except (ArchitectureMismatchError, CheckpointFormatError, CheckpointFetchError, ReconstructionCheckError,
             FileNotFoundError) as exc:
         print(f"ctv2v match: {exc}", file=sys.stderr)
@@ -202,8 +222,8 @@ def _match_command(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- KFP
 @step_component
-def match_architecture_op(config_yaml: str, data: Input[Dataset], checkpoint: Input[Model], vae: Output[Model],
-                          metrics: Output[Metrics]):
+def match_architecture_op(config_yaml: str, pipeline_run_id: str, data: Input[Dataset], checkpoint: Input[Model],
+                          vae: Output[Model], metrics: Output[Metrics]):
     """Load MAISI's VAE checkpoint strictly; `vae` receives the VAE artifact, `metrics` the match and PSNR.
 
     `data` is prepare-data's manifest artifact; its metadata `data_dir` names the prepared data folder.
@@ -219,7 +239,8 @@ def match_architecture_op(config_yaml: str, data: Input[Dataset], checkpoint: In
     if "data_dir" not in data.metadata:
         raise ValueError(f"data artifact {data.uri}: metadata has no 'data_dir' (expected prepare-data's manifest)")
     config = config_from_text(config_yaml, "config_yaml", ["variant=pretrained"])
-    summary = match_architecture_step(config, Path(checkpoint.path), Path(vae.path), Path(data.metadata["data_dir"]))
+    summary = match_architecture_step(config, Path(checkpoint.path), Path(vae.path), Path(data.metadata["data_dir"]),
+                                      pipeline_run_id)
     loaded, total = (int(n) for n in summary["loaded"].split("/"))
     metrics.log_metric("maisi_tensors_loaded_fraction", loaded / total)
     metrics.log_metric("latent_scale", summary["latent_scale"])

@@ -81,8 +81,8 @@ def build_pipeline(config: RunConfig):
             fetch.set_display_name("fetch-checkpoint").set_caching_options(True)
             if cluster.hf_secret:
                 kubernetes.use_secret_as_env(fetch, cluster.hf_secret, {"HF_TOKEN": "HF_TOKEN"})
-            vae_task = match_architecture_op(config_yaml=config_yaml, checkpoint=fetch.outputs["checkpoint"],
-                                             data=data)
+            vae_task = match_architecture_op(config_yaml=config_yaml, pipeline_run_id=pipeline_run_id,
+                                             checkpoint=fetch.outputs["checkpoint"], data=data)
             _on_v100(vae_task, cluster, gpus=1, retries=0).set_caching_options(True)
             vae_task.set_display_name("match-architecture")
         else:

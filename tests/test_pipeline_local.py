@@ -1,0 +1,52 @@
+"""End to end: the DAG under kfp.local on the demo CT data, both branches, against real MLflow and S3 servers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.cli import main as cli_main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.slow
+def test_run_local_runs_both_branches_to_the_compare_table(mlflow_server, demo_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    monkeypatch.chdir(tmp_path)
+    code = cli_main(["pipeline", "run-local", "--config", str(CONFIGS / "smoke.yaml"), "--weights", "stand-in",
+                     "--set", "tracking.experiment=ctv2v-e2e", "--out", str(tmp_path / "run")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    result = json.loads(printed[printed.rindex("{\n"):])
+    table = Path(result["compare_markdown"]).read_text()
+    assert table in printed
+    assert "stand-in" in table and "main" in table and "pretrained" in table
+    assert "HU [-1000, 1000]" in table or "[-1000, 1000]" in table
+    for baseline in ("linear", "nearest", "cubic"):
+        assert baseline in table
+
+    client = MlflowClient(mlflow_server.uri)
+    experiment = client.get_experiment_by_name("ctv2v-e2e")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    steps = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1
+    assert {r.data.tags["mlflow.parentRunId"] for r in steps} == {parents[0].info.run_id}
+    by_variant_phase = {(r.data.tags.get("variant"), r.data.tags.get("phase"), r.data.tags["mlflow.runName"])
+                        for r in steps}
+    names = {name for _, _, name in by_variant_phase}
+    assert {"train-vae", "match-architecture", "train-frozen", "train-full", "evaluate"} <= names
+    pretrained_steps = [r for r in steps if r.data.tags.get("variant") == "pretrained"]
+    assert pretrained_steps and all(r.data.tags["weights"] == "stand-in" for r in pretrained_steps)
+    evaluations = [r for r in steps if r.data.tags["mlflow.runName"] == "evaluate"]
+    assert {r.data.tags["variant"] for r in evaluations} == {"main", "pretrained"}
+    for run in evaluations:
+        assert any(key.startswith("test/linear/") for key in run.data.metrics)
+        assert any(key.startswith("test/model/") for key in run.data.metrics)
+    for variant in ("main", "pretrained"):
+        version = client.get_model_version_by_alias(f"ctv2v-{variant}", "candidate")
+        assert version.version

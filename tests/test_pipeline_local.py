@@ -34,16 +34,17 @@ def test_run_local_runs_both_branches_to_the_compare_table(mlflow_server, demo_d
     runs = client.search_runs([experiment.experiment_id], max_results=100)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     steps = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1
+    assert len(parents) == 1, [(r.info.run_name, r.data.tags) for r in runs]
     assert {r.data.tags["mlflow.parentRunId"] for r in steps} == {parents[0].info.run_id}
-    by_variant_phase = {(r.data.tags.get("variant"), r.data.tags.get("phase"), r.data.tags["mlflow.runName"])
-                        for r in steps}
-    names = {name for _, _, name in by_variant_phase}
-    assert {"train-vae", "match-architecture", "train-frozen", "train-full", "evaluate"} <= names
-    pretrained_steps = [r for r in steps if r.data.tags.get("variant") == "pretrained"]
-    assert pretrained_steps and all(r.data.tags["weights"] == "stand-in" for r in pretrained_steps)
-    evaluations = [r for r in steps if r.data.tags["mlflow.runName"] == "evaluate"]
-    assert {r.data.tags["variant"] for r in evaluations} == {"main", "pretrained"}
+    steps_by_variant = {}
+    for run in steps:
+        steps_by_variant.setdefault(run.data.tags.get("ctv2v.variant"), set()).add(run.data.tags["ctv2v.step"])
+    assert steps_by_variant["main"] == {"train-vae", "train-frozen", "train-full", "evaluate"}
+    assert steps_by_variant["pretrained"] == {"match-architecture", "train-frozen", "train-full", "evaluate"}
+    pretrained_steps = [r for r in steps if r.data.tags.get("ctv2v.variant") == "pretrained"]
+    assert all(r.data.tags["ctv2v.weights"] == "stand-in" for r in pretrained_steps)
+    assert all(r.data.tags["ctv2v.weights"] == "scratch" for r in steps if r.data.tags.get("ctv2v.variant") == "main")
+    evaluations = [r for r in steps if r.data.tags["ctv2v.step"] == "evaluate"]
     for run in evaluations:
         assert any(key.startswith("test/linear/") for key in run.data.metrics)
         assert any(key.startswith("test/model/") for key in run.data.metrics)

@@ -47,6 +47,7 @@ def submit(
             run_name=run_name or f"ctv2v-{branches}-{datetime.datetime.now():%Y%m%d-%H%M%S}",
             experiment_name=experiment,
             namespace=namespace,
+            service_account=config.cluster.service_account or None,
         )
     run_id = result.run_id
     log.info("submitted run %s to %s (experiment %s, branches %s)", run_id, host, experiment, branches)

@@ -36,7 +36,8 @@ TINY = [
     "vae.scratch.channels=[8,16]", "vae.scratch.norm_num_groups=4",
     "denoiser.channels=[8,16]", "denoiser.norm_num_groups=4", "denoiser.num_head_channels=4",
     "diffusion.num_train_timesteps=50",
-    "evaluation.sample_steps=2", "evaluation.max_volumes=null", "evaluation.tile_batch_size=4",
+    "evaluation.sample_steps=2", "evaluation.max_volumes=null", "evaluation.volume_ids=null",
+    "evaluation.tile_batch_size=4",
 ]
 """smoke.yaml made smaller: every volume in the test split, 8-frame 16x16 tiles, 8-16 channel networks."""
 
@@ -349,3 +350,13 @@ def test_evaluate_op_fills_its_kfp_outputs(untrained_model, tmp_path, monkeypatc
     assert logged["linear_all_mae_hu"] == report["aggregate"]["linear"]["all"]["mae_hu"]
     assert outputs["report"].metadata["weights"] == "VAE trained from scratch"
     assert "<h1>ctv2v evaluation: main [VAE trained from scratch]</h1>" in (tmp_path / "report.html").read_text()
+
+
+def test_volume_ids_select_test_volumes_and_refuse_others():
+    from ctv2v.evaluation import EvaluationError, evaluation_entries
+
+    manifest = {"volumes": [{"id": "a", "split": "test"}, {"id": "b", "split": "test"}, {"id": "c", "split": "train"}]}
+    assert [e["id"] for e in evaluation_entries(manifest, None, ["b"])] == ["b"]
+    assert [e["id"] for e in evaluation_entries(manifest, 1, None)] == ["a"]
+    with pytest.raises(EvaluationError, match=r"\['c'\] are not in the test split"):
+        evaluation_entries(manifest, None, ["c"])

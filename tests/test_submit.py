@@ -38,6 +38,7 @@ def test_submit_creates_the_experiment_and_a_run_with_the_resolved_config(kfp_st
     (run_request,) = _posts(stub, "/apis/v2beta1/runs")
     run = run_request.json()
     assert run["experiment_id"] == "exp-1"
+    assert run["service_account"] == "ctv2v-pipeline"
     params = run["runtime_config"]["parameters"]
     assert params["branches"] == "both"
     submitted = yaml.safe_load(params["config"])

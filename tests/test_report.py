@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -85,15 +86,15 @@ def test_cli_subsample_linear_scores_match_a_hand_computation(tmp_path, demo_dir
     assert row["synthesized"]["psnr_db"] == pytest.approx(10 * math.log10(2000**2 / np.mean(error**2)), abs=1e-4)
 
 
-def test_unknown_volume_id_is_refused_and_nothing_is_written(tmp_path, demo_dir):
-    with pytest.raises(ValueError, match=r"no volume with id \['nope'\]; its volume ids are .*example_ct_sm"):
-        _run_cli(tmp_path, "--volumes", "nope")
+def test_unknown_volume_id_is_refused_and_nothing_is_written(tmp_path, demo_dir, capsys):
+    assert _run_cli(tmp_path, "--volumes", "nope") == 1
+    assert re.search(r"no volume with id \['nope'\]; its volume ids are .*example_ct_sm", capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_dataset_folder_is_refused_with_its_name(tmp_path):
-    with pytest.raises(PreparedDataError, match=r"data.source '/nonexistent/ct': not a folder"):
-        _run_cli(tmp_path, "--set", "data.source=/nonexistent/ct")
+def test_missing_dataset_folder_is_refused_with_its_name(tmp_path, capsys):
+    assert _run_cli(tmp_path, "--set", "data.source=/nonexistent/ct") == 1
+    assert f"{PreparedDataError.__name__}: data.source '/nonexistent/ct': not a folder" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -2,8 +2,10 @@
 
 Runs `ctv2v pipeline run-local --config configs/smoke.yaml --weights stand-in` (both branches, CPU) and reads
 kfp.local's log: a step's own time runs from its executor's first log line (the component loaded, inputs
-resolved) to "Wrote executor output file"; everything else in the wall time (starting processes, resolving
-the DAG, copying artifacts) is orchestration. Target: at most 15 % of the wall time.
+resolved) to "Wrote executor output file"; everything else in the pipeline's wall time (starting and ending
+step processes, resolving the DAG, copying artifacts) is orchestration. Target: at most 15 % of the pipeline's
+wall time (run_local's own clock, from the first task to the last). The whole command's wall time, which adds
+the CLI's start-up (imports of torch, MONAI, kfp) and compiling the DAG, is printed beside it.
 
     .venv/bin/python benchmarks/bench_pipeline.py [--keep DIR]
 """
@@ -11,6 +13,7 @@ the DAG, copying artifacts) is orchestration. Target: at most 15 % of the wall t
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -57,14 +60,17 @@ def main() -> int:
         print(result.stdout[-3000:], result.stderr[-3000:], sep="\n", file=sys.stderr)
         return result.returncode
     times = step_times(result.stdout + result.stderr)
+    pipeline_wall = json.loads(result.stdout[result.stdout.rindex("{\n"):])["wall_s"]
     print(f"local pipeline, configs/smoke.yaml, both branches, stand-in MAISI weights, load {os.getloadavg()[0]:.1f}")
     print(f"{'step':28s} {'own s':>8s}")
     for task, seconds in times.items():
         print(f"{task:28s} {seconds:8.1f}")
     own = sum(times.values())
     print(f"{'sum of steps':28s} {own:8.1f}")
+    print(f"{'wall (pipeline)':28s} {pipeline_wall:8.1f}")
     print(f"{'wall (whole command)':28s} {wall:8.1f}")
-    print(f"orchestration overhead: {wall - own:.1f} s = {100 * (wall - own) / wall:.1f} % of wall (target <= 15 %)")
+    print(f"orchestration overhead: {pipeline_wall - own:.1f} s = {100 * (pipeline_wall - own) / pipeline_wall:.1f} % "
+          f"of the pipeline's wall (target <= 15 %); {100 * (wall - own) / wall:.1f} % of the whole command's")
     return 0
 
 

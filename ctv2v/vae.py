@@ -368,63 +368,10 @@ def compute_latent_scale(vae: ClipVAE, clips: Iterable[torch.Tensor]) -> float:
 
 
 # ----------------------------------------------------------------------------------- scratch VAE training
-def _thin_clips(batch: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, Mapping) and "thin" in batch:
-        return batch["thin"]
-    raise TypeError(f"train_scratch_vae: a batch must be a clip tensor or a mapping with 'thin', got {type(batch)}")
-
-
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, exp(logvar)) || N(0, 1)), summed over latent voxels, averaged over the batch."""
     kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
     return kl.flatten(1).sum(1).mean()
-
-
-def train_scratch_vae(
-    vae: ScratchVAE,
-    loader: Iterable[torch.Tensor | Mapping[str, torch.Tensor]],
-    config: ScratchVAEConfig,
-    device: torch.device | str,
-    on_step: Callable[[int, dict[str, float]], None] | None = None,
-) -> dict[str, float]:
-    """Train a ScratchVAE on thin clips with L1 + kl_weight * KL; returns the final step's losses and counts.
-
-    `loader` yields [0, 1] clips (B, 1, T, H, W) or mappings holding them under "thin"; it is iterated once
-    per epoch. `on_step(step, losses)` is called after every optimizer step.
-    """
-    if config.perceptual_weight > 0:
-        raise ValueError("vae.scratch.perceptual_weight > 0 is not supported offline (see ScratchVAEConfig)")
-    vae.to(device).train()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr)
-    step = 0
-    losses: dict[str, float] = {}
-    for epoch in range(config.epochs):
-        epoch_l1 = 0.0
-        batches = 0
-        for batch in loader:
-            clip = _thin_clips(batch).to(device)
-            mu, logvar = vae.encode_posterior(clip)
-            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-            recon = vae._decode_to_size(z, tuple(clip.shape[2:]))
-            l1 = F.l1_loss(recon, clip)
-            kl = kl_divergence(mu, logvar)
-            loss = l1 + config.kl_weight * kl
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            batches += 1
-            losses = {"loss": loss.item(), "l1": l1.item(), "kl": kl.item()}
-            epoch_l1 += losses["l1"]
-            if on_step is not None:
-                on_step(step, losses)
-        if batches == 0:
-            raise ValueError("train_scratch_vae: the loader yielded no batches")
-        logger.info("scratch VAE epoch %d/%d: mean L1 %.5f over %d batches", epoch + 1, config.epochs,
-                    epoch_l1 / batches, batches)
-    return {**losses, "steps": float(step), "epochs": float(config.epochs), "last_epoch_mean_l1": epoch_l1 / batches}
 
 
 # -------------------------------------------------------------------------------------------- artifacts

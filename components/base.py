@@ -16,8 +16,10 @@ import sys
 
 from kfp import dsl
 
-TRAINER_IMAGE = os.environ.get("CTV2V_TRAINER_IMAGE", "ctv2v/trainer:0.1.0")
-"""The image every step runs in; override with CTV2V_TRAINER_IMAGE when compiling."""
+from ctv2v.config import ClusterConfig
+
+TRAINER_IMAGE = ClusterConfig().trainer_image
+"""The image a component is declared with; pipeline.dag.build_pipeline sets the run's `cluster.trainer_image`."""
 
 if os.environ.get("_KFP_RUNTIME") == "true":
     # Inside a running component kfp.dsl omits its authoring API (no dsl.component); a step module imported by

@@ -1,4 +1,4 @@
-"""Subcommands of the ML core that are not pipeline steps: `data ...` and `model ...`."""
+"""Subcommands of the ML core that are not pipeline steps: `data fetch-demo` and `data baselines`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add `data` and `model` subcommands."""
+    """Add the `data` subcommands."""
     data = sub.add_parser("data", help="demo data and preprocessing").add_subparsers(dest="data_command", required=True)
     fetch = data.add_parser("fetch-demo", help="download + verify the demo CT volumes; print the dataset folder")
     fetch.add_argument("--cache-dir", type=Path, default=None,

@@ -130,6 +130,10 @@ def test_the_default_config_argument_is_the_resolved_config(compiled):
 def test_compile_command_writes_a_valid_package(tmp_path, capsys):
     out = tmp_path / "p.yaml"
     assert cli_main(["pipeline", "compile", "--config", str(CONFIGS / "main.yaml"),
-                     "--set", "cluster.gpu_product=Tesla-V100-SXM2-16GB", "-o", str(out)]) == 0
+                     "--set", "cluster.gpu_product=Tesla-V100-SXM2-16GB",
+                     "--set", "cluster.trainer_image=registry.test/ctv2v/trainer:9.9.9", "-o", str(out)]) == 0
     validate_pipeline_yaml(out)
     assert "Tesla-V100-SXM2-16GB" in out.read_text()
+    docs = list(yaml.safe_load_all(out.read_text()))
+    images = {e["container"]["image"] for e in docs[0]["deploymentSpec"]["executors"].values()}
+    assert images == {"registry.test/ctv2v/trainer:9.9.9"}

@@ -29,11 +29,12 @@ from torch.distributed._tools.mem_tracker import MemTracker
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ctv2v.config import MaisiVAEConfig, RunConfig, load_config  # noqa: E402
-from ctv2v.maisi import MAISI_CT_ARCH  # noqa: E402
-from ctv2v.model import build_model  # noqa: E402
-from ctv2v.summary import count_step_flops, set_phase, step_loss, training_step  # noqa: E402
-from ctv2v.vae import MaisiVAE, build_untrained_vae  # noqa: E402
+from ctv2v.config import MaisiVAEConfig, RunConfig
+from ctv2v.config_io import load_config
+from ctv2v.models.maisi import MAISI_CT_ARCH  # noqa: E402
+from ctv2v.models.v2v import build_model  # noqa: E402
+from ctv2v.models.summary import count_step_flops, set_phase, step_loss, training_step  # noqa: E402
+from ctv2v.models.vae import MaisiVAE, build_untrained_vae  # noqa: E402
 
 VARIANTS = ["main", "pretrained"]
 CARDS = {"v100-16gb": 16e9, "v100-32gb": 32e9}

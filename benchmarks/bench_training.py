@@ -33,22 +33,18 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ctv2v.config import RunConfig, load_config  # noqa: E402
+from ctv2v.config import RunConfig
+from ctv2v.config_io import load_config
 from ctv2v.data.cache import Preprocessed  # noqa: E402
 from ctv2v.data.clips import TrainClips  # noqa: E402
 from ctv2v.data.prepared import load_split_volumes, prepare_data  # noqa: E402
-from ctv2v.device import resolve_precision  # noqa: E402
+from ctv2v.train.device import resolve_precision  # noqa: E402
 from ctv2v.intensity import Intensity  # noqa: E402
-from ctv2v.model import build_model  # noqa: E402
-from ctv2v.training import (  # noqa: E402
-    DiffusionObjective,
-    LatentClips,
-    TrainJob,
-    encode_training_volumes,
-    runtime_from_env,
-    train_loop,
-)
-from ctv2v.vae import build_untrained_vae  # noqa: E402
+from ctv2v.models.v2v import build_model  # noqa: E402
+from ctv2v.data.latents import LatentClips, encode_training_volumes
+from ctv2v.train.loop import TrainJob, runtime_from_env, train_loop
+from ctv2v.train.objectives import DiffusionObjective
+from ctv2v.models.vae import build_untrained_vae  # noqa: E402
 
 CASES = ("frozen-cached", "frozen-per-batch", "full")
 DEFAULT_CROP = (64, 128, 128)

@@ -1,6 +1,6 @@
 """Pipeline step `compare`: `main` vs `pretrained` (and each vs the baselines) from their evaluation reports.
 
-Writes comparison.md and comparison.html (ctv2v.comparison) into OUT; refuses reports made from different
+Writes comparison.md and comparison.html (ctv2v.evaluate.compare) into OUT; refuses reports made from different
 manifests, HU windows, thick-slice methods or test volumes. MLflow: a nested `compare` run under the pipeline
 run's parent, with the tables as artifacts and the headline numbers (mean PSNR on synthesized slices of each
 model, and pretrained minus main) as metrics, so the parent run lists the answer beside the step runs.
@@ -17,8 +17,8 @@ from ctv2v.config import TrackingConfig
 
 def comparison_metrics(reports: dict[str, dict]) -> dict[str, float]:
     """Headline numbers for MLflow: each model's and baseline's mean synthesized-slice PSNR, and their differences."""
-    from ctv2v.comparison import HEADLINE
-    from ctv2v.evaluation import MODEL
+    from ctv2v.evaluate.compare import HEADLINE
+    from ctv2v.evaluate.evaluate import MODEL
 
     metric, subset = HEADLINE
     values = {f"compare/{variant}/{subset}/{metric}": report["aggregate"][MODEL][subset][metric]
@@ -39,8 +39,8 @@ def compare_step(
     pipeline_run_id: str | None = None,
 ) -> tuple[str, str]:
     """Compare the evaluation reports (variant -> report.json or evaluation folder); returns (markdown, html)."""
-    from ctv2v.comparison import HTML_FILE, MARKDOWN_FILE, compare, load_report
-    from ctv2v.tracking import Tracker, new_pipeline_run_id
+    from ctv2v.evaluate.compare import HTML_FILE, MARKDOWN_FILE, compare, load_report
+    from ctv2v.tracking.runs import Tracker, new_pipeline_run_id
 
     reports = {variant: load_report(path) for variant, path in report_paths.items()}
     out_dir = Path(out_dir)
@@ -56,7 +56,7 @@ def compare_step(
 # ---------------------------------------------------------------------------------------------- CLI
 def parse_report_arguments(named: list[str], folders: list[Path]) -> dict[str, Path]:
     """`--report VARIANT=PATH` values and positional evaluation folders (variant read from each report)."""
-    from ctv2v.comparison import ComparisonError, load_report
+    from ctv2v.evaluate.compare import ComparisonError, load_report
 
     paths: dict[str, Path] = {}
 
@@ -77,7 +77,7 @@ def parse_report_arguments(named: list[str], folders: list[Path]) -> dict[str, P
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `compare` subcommand."""
-    from ctv2v.config import add_config_arguments
+    from ctv2v.config_io import add_config_arguments
 
     parser = sub.add_parser("compare", help="compare evaluation reports (main vs pretrained) as Markdown/HTML")
     parser.add_argument("folders", nargs="*", type=Path, metavar="EVAL_DIR",
@@ -91,7 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _compare_command(args: argparse.Namespace) -> int:
-    from ctv2v.config import config_from_args
+    from ctv2v.config_io import config_from_args
 
     tracking = config_from_args(args).tracking
     markdown, _ = compare_step(parse_report_arguments(args.report, args.folders), args.out, tracking,
@@ -115,7 +115,7 @@ def compare_op(
     from pathlib import Path
 
     from components.compare import compare_step
-    from ctv2v.config import config_from_text
+    from ctv2v.config_io import config_from_text
 
     config = config_from_text(config_yaml, "config_yaml")
     text, page = compare_step({"main": Path(main_report.path), "pretrained": Path(pretrained_report.path)},

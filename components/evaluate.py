@@ -2,7 +2,7 @@
 
 Reads a prepared data folder (manifest.json, dataset/, preprocess-cache/) and a trained-model folder
 (ctv2v.checkpointing); writes into OUT: report.json, report.html, predictions/<id>.nii.gz, panels/<id>.png and
-the resolved config (see ctv2v.evaluation). MLflow: a nested `evaluate` run with variant / phase / weights tags,
+the resolved config (see ctv2v.evaluate.evaluate). MLflow: a nested `evaluate` run with variant / phase / weights tags,
 the test metrics of the model and of every baseline, the report and panels as artifacts, and the model
 registered with its test PSNR (alias `candidate`; `champion` only if it beats the current champion).
 """
@@ -15,7 +15,8 @@ from typing import Any
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 from components.base import step_component
-from ctv2v.config import RunConfig, flatten, write_resolved
+from ctv2v.config import RunConfig
+from ctv2v.config_io import flatten, write_resolved
 
 REPORT_HTML = "report.html"
 REGISTERED_MODEL_PREFIX = "ctv2v-"
@@ -32,7 +33,7 @@ def metrics_for_mlflow(report: dict[str, Any]) -> dict[str, float]:
 
 def headline_psnr(report: dict[str, Any]) -> float:
     """The model's mean PSNR on synthesized test slices: the number a registered model is ranked by."""
-    from ctv2v.evaluation import MODEL
+    from ctv2v.evaluate.evaluate import MODEL
 
     return report["aggregate"][MODEL]["synthesized"]["psnr_db"]
 
@@ -47,15 +48,15 @@ def evaluate_step(
     """Evaluate the trained model in `model_dir` on the test split of `data_dir`; returns the report."""
     import torch
 
-    from ctv2v.checkpointing import load_trained_model
-    from ctv2v.comparison import to_html
+    from ctv2v.models.artifacts import load_trained_model
+    from ctv2v.evaluate.compare import to_html
     from ctv2v.data.cache import PreprocessCache
     from ctv2v.data.manifest import load_manifest
     from ctv2v.data.prepared import DATASET_DIR, MANIFEST_FILE, PREPROCESS_CACHE_DIR
-    from ctv2v.device import select_device
-    from ctv2v.evaluation import PANELS_DIR, REPORT_FILE, evaluate, weights_kind
+    from ctv2v.train.device import select_device
+    from ctv2v.evaluate.evaluate import PANELS_DIR, REPORT_FILE, evaluate, weights_kind
     from ctv2v.files import atomic_write_text
-    from ctv2v.tracking import Tracker, new_pipeline_run_id
+    from ctv2v.tracking.runs import Tracker, new_pipeline_run_id
 
     data_dir, model_dir, out_dir = Path(data_dir), Path(model_dir), Path(out_dir)
     device = select_device(config.device)
@@ -89,7 +90,7 @@ def evaluate_step(
 # ---------------------------------------------------------------------------------------------- CLI
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `evaluate` subcommand."""
-    from ctv2v.config import add_config_arguments
+    from ctv2v.config_io import add_config_arguments
 
     parser = sub.add_parser("evaluate", help="score the trained model and the baselines on the test split")
     add_config_arguments(parser)
@@ -101,8 +102,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _evaluate_command(args: argparse.Namespace) -> int:
-    from ctv2v.evaluation import REPORT_FILE
-    from ctv2v.config import config_from_args
+    from ctv2v.evaluate.evaluate import REPORT_FILE
+    from ctv2v.config_io import config_from_args
 
     report = evaluate_step(config_from_args(args), args.data, args.model, args.out, args.pipeline_run_id)
     summary = {"variant": report["variant"], "weights": report["weights_display"], "hu_range": report["hu_range"],
@@ -135,7 +136,7 @@ def evaluate_op(
     from pathlib import Path
 
     from components.evaluate import REPORT_HTML, evaluate_step, headline_psnr
-    from ctv2v.config import config_from_text
+    from ctv2v.config_io import config_from_text
 
     if "data_dir" not in data.metadata:
         raise ValueError(f"data artifact {data.uri}: metadata has no 'data_dir' (expected prepare-data's manifest)")

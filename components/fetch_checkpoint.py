@@ -1,6 +1,6 @@
 """Pipeline step `fetch-checkpoint`: bring MAISI's VAE checkpoint into the run, verified, with provenance.
 
-With vae.maisi.weights = "pretrained" the file named by vae.maisi.checkpoint is fetched (ctv2v.checkpoints:
+With vae.maisi.weights = "pretrained" the file named by vae.maisi.checkpoint is fetched (ctv2v.remote.fetch:
 hf://, https://, s3://, file://) and checked against vae.maisi.sha256 / md5. With "stand-in" a checkpoint of
 MAISI's exact CT layout with random values is built locally instead, for offline runs; its record says
 `weights: stand-in` and every later output carries that label.
@@ -26,11 +26,12 @@ from typing import Any
 
 from kfp.dsl import Model, Output
 
-from ctv2v.checkpoints import (CheckpointFetchError, FetchRecord, SourceUnreachableError, fetch_checkpoint,
+from ctv2v.remote.fetch import (CheckpointFetchError, FetchRecord, SourceUnreachableError, fetch_checkpoint,
                                file_hashes, mirror, write_record)
-from ctv2v.config import RunConfig, write_resolved
-from ctv2v.maisi import make_stand_in_checkpoint
-from ctv2v.storage import StorageError
+from ctv2v.config import RunConfig
+from ctv2v.config_io import write_resolved
+from ctv2v.models.maisi import make_stand_in_checkpoint
+from ctv2v.remote.storage import StorageError
 from components.base import step_component
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def fetch_checkpoint_step(config: RunConfig, out_dir: Path, cache_dir: Path | No
 # ---------------------------------------------------------------------------------------------- CLI
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `fetch-checkpoint` and `checkpoint mirror` subcommands."""
-    from ctv2v.config import add_config_arguments
+    from ctv2v.config_io import add_config_arguments
 
     fetch = sub.add_parser("fetch-checkpoint", help="fetch + verify MAISI's VAE checkpoint (or build a stand-in)")
     add_config_arguments(fetch, required=False)
@@ -107,7 +108,7 @@ def _shorthand_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _fetch_command(args: argparse.Namespace) -> int:
-    from ctv2v.config import config_from_args
+    from ctv2v.config_io import config_from_args
 
     args.overrides = _shorthand_overrides(args)
     config = config_from_args(args)
@@ -121,7 +122,7 @@ def _fetch_command(args: argparse.Namespace) -> int:
 
 
 def _mirror_command(args: argparse.Namespace) -> int:
-    from ctv2v.config import config_from_args
+    from ctv2v.config_io import config_from_args
 
     config = config_from_args(args)
     try:
@@ -144,7 +145,7 @@ def fetch_checkpoint_op(config_yaml: str, checkpoint: Output[Model]):
     from pathlib import Path
 
     from components.fetch_checkpoint import fetch_checkpoint_step
-    from ctv2v.config import config_from_text
+    from ctv2v.config_io import config_from_text
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     record = fetch_checkpoint_step(config_from_text(config_yaml, "config_yaml"), Path(checkpoint.path))

@@ -1,6 +1,6 @@
 """Pipeline step `match-architecture`: MAISI's VAE checkpoint -> a VAE artifact, loaded 100% strictly.
 
-The architecture is inferred from the checkpoint's tensor names and shapes (ctv2v.maisi.infer_arch), the
+The architecture is inferred from the checkpoint's tensor names and shapes (ctv2v.models.maisi.infer_arch), the
 network is built from it and every tensor must match: the match report names each missing, unexpected or
 mis-shaped tensor, and anything short of 100% fails the step unless vae.maisi.allow_partial is true, in
 which case every output and log line says PARTIAL. Then:
@@ -10,7 +10,7 @@ which case every output and log line says PARTIAL. Then:
   "not applicable (stand-in weights)", never passed;
 - latent scale: 1/std of the posterior means of vae.latent_scale_clips training clips (the same clips the
   scratch VAE's train-vae step uses), stored in the artifact.
-OUT receives vae.pt + vae.json (ctv2v.vae's artifact format), match-report.json and resolved-config.yaml.
+OUT receives vae.pt + vae.json (ctv2v.models.vae's artifact format), match-report.json and resolved-config.yaml.
 
 Same command line in the pipeline and a local or docker rerun:
     ctv2v match --config resolved-config.yaml --checkpoint CHECKPOINT --data DATA --out OUT
@@ -28,16 +28,17 @@ from typing import Any
 import torch
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from ctv2v.checkpoints import CheckpointFetchError, checkpoint_file, read_record
-from ctv2v.config import RunConfig, write_resolved
+from ctv2v.remote.fetch import CheckpointFetchError, checkpoint_file, read_record
+from ctv2v.config import RunConfig
+from ctv2v.config_io import write_resolved
 from ctv2v.data.clips import TrainClips
 from ctv2v.data.prepared import load_split_volumes
-from ctv2v.device import select_device
+from ctv2v.train.device import select_device
 from ctv2v.files import atomic_write_text, sha256_file
 from ctv2v.intensity import Intensity
-from ctv2v.maisi import ArchitectureMismatchError, CheckpointFormatError, load_maisi_checkpoint
-from ctv2v.training import fixed_val_clips
-from ctv2v.vae import MaisiVAE, compute_latent_scale, save_vae_artifact
+from ctv2v.models.maisi import ArchitectureMismatchError, CheckpointFormatError, load_maisi_checkpoint
+from ctv2v.train.validation import fixed_val_clips
+from ctv2v.models.vae import MaisiVAE, compute_latent_scale, save_vae_artifact
 from components.base import step_component
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ def match_architecture_step(config: RunConfig, checkpoint_path: Path, out_dir: P
 
 def _track(config: RunConfig, out_dir: Path, summary: dict[str, Any], pipeline_run_id: str | None) -> None:
     """A nested MLflow run for the step: load (strict / PARTIAL) as a tag, the match report as an artifact."""
-    from ctv2v.tracking import Tracker, new_pipeline_run_id
+    from ctv2v.tracking.runs import Tracker, new_pipeline_run_id
 
     loaded, total = (int(n) for n in summary["loaded"].split("/"))
     metrics = {"match/loaded_fraction": loaded / total, "match/latent_scale": summary["latent_scale"]}
@@ -188,7 +189,7 @@ def _checkpoint_sha256(checkpoint_path: Path, path: Path) -> str:
 # ---------------------------------------------------------------------------------------------- CLI
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `match` subcommand."""
-    from ctv2v.config import add_config_arguments
+    from ctv2v.config_io import add_config_arguments
 
     parser = sub.add_parser("match", help="load MAISI's VAE checkpoint 100%% strictly; write the VAE artifact")
     add_config_arguments(parser, required=False)
@@ -205,7 +206,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _match_command(args: argparse.Namespace) -> int:
-    from ctv2v.config import config_from_args
+    from ctv2v.config_io import config_from_args
 
     if args.allow_partial:
         args.overrides = [*args.overrides, "vae.maisi.allow_partial=true"]
@@ -232,7 +233,7 @@ def match_architecture_op(config_yaml: str, pipeline_run_id: str, data: Input[Da
     from pathlib import Path
 
     from components.match_architecture import match_architecture_step
-    from ctv2v.config import config_from_text
+    from ctv2v.config_io import config_from_text
 
     # The match report is logged; without this, INFO lines would not reach the pod's log.
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

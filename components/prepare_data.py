@@ -30,7 +30,7 @@ def prepare_data_step(config: RunConfig, data_dir: Path) -> dict[str, Any]:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `prepare-data` subcommand."""
-    from ctv2v.config import add_config_arguments
+    from ctv2v.config_io import add_config_arguments
 
     parser = sub.add_parser("prepare-data", help="stage data.source, write manifest.json, fill the cache")
     add_config_arguments(parser)
@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _prepare_data_command(args: argparse.Namespace) -> int:
-    from ctv2v.config import config_from_args
+    from ctv2v.config_io import config_from_args
 
     print(json.dumps(prepare_data_step(config_from_args(args), args.out), indent=2))
     return 0
@@ -51,7 +51,7 @@ def prepare_data_op(config_yaml: str, workspace_root: str, pipeline_run_id: str,
     import shutil
 
     from components.prepare_data import prepare_data_step
-    from ctv2v.config import config_from_text
+    from ctv2v.config_io import config_from_text
     from ctv2v.data.prepared import MANIFEST_FILE, run_workspace
 
     data_dir = run_workspace(workspace_root, pipeline_run_id) / "data"

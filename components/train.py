@@ -19,23 +19,17 @@ import torch
 from kfp.dsl import Dataset, Input, Model, Output
 
 from components.base import step_component
-from ctv2v.checkpointing import CheckpointError, load_trained_model, save_trained_model, weights_kind
-from ctv2v.config import RunConfig, flatten, write_resolved
+from ctv2v.models.artifacts import CheckpointError, load_trained_model, save_trained_model, weights_kind
+from ctv2v.config import RunConfig
+from ctv2v.config_io import flatten, write_resolved
 from ctv2v.data.clips import TrainClips
 from ctv2v.data.prepared import load_split_volumes
-from ctv2v.device import process_group
+from ctv2v.train.device import process_group
 from ctv2v.intensity import Intensity
-from ctv2v.training import (
-    DiffusionObjective,
-    LatentClips,
-    TrainingError,
-    TrainJob,
-    encode_training_volumes,
-    fixed_val_clips,
-    runtime_from_env,
-    train_loop,
-    validate_diffusion,
-)
+from ctv2v.data.latents import LatentClips, encode_training_volumes
+from ctv2v.train.loop import TrainingError, TrainJob, runtime_from_env, train_loop
+from ctv2v.train.objectives import DiffusionObjective
+from ctv2v.train.validation import fixed_val_clips, validate_diffusion
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +40,7 @@ BEST_MODEL_DIR = "best-model"
 
 def load_vae(vae_dir: Path, config: RunConfig):
     """The VAE artifact at `vae_dir`; a missing or broken artifact is one clear error, never a random VAE."""
-    from ctv2v.vae import load_vae_artifact
+    from ctv2v.models.vae import load_vae_artifact
 
     vae_dir = Path(vae_dir)
     if not vae_dir.is_dir():
@@ -64,7 +58,7 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 def build_phase_model(config: RunConfig, phase: str, vae_dir: Path, init_dir: Path | None):
     """The model a phase starts from: a new denoiser on the --vae VAE (frozen), or the frozen phase's model (full)."""
-    from ctv2v.model import build_model
+    from ctv2v.models.v2v import build_model
 
     if phase not in PHASES:
         raise ValueError(f"--phase must be one of {PHASES}, got {phase!r}")
@@ -97,7 +91,7 @@ def train_step(
     pipeline_run_id: str | None = None,
 ) -> dict[str, Any]:
     """Train one phase; returns a summary (steps, final metrics, the trained-model folder)."""
-    from ctv2v.tracking import Tracker, new_pipeline_run_id
+    from ctv2v.tracking.runs import Tracker, new_pipeline_run_id
 
     runtime = runtime_from_env(config)
     out_dir = Path(out_dir)
@@ -165,7 +159,7 @@ def train_step(
 # ---------------------------------------------------------------------------------------------- CLI
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `train` subcommand."""
-    from ctv2v.config import add_config_arguments
+    from ctv2v.config_io import add_config_arguments
 
     parser = sub.add_parser("train", help="train the diffusion model: --phase frozen (VAE frozen) or full")
     add_config_arguments(parser)
@@ -180,7 +174,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _train_command(args: argparse.Namespace) -> int:
-    from ctv2v.config import config_from_args
+    from ctv2v.config_io import config_from_args
 
     summary = train_step(config_from_args(args), args.phase, args.data, args.vae, args.init, args.out,
                          resume=args.resume, pipeline_run_id=args.pipeline_run_id)
@@ -224,7 +218,7 @@ def train_op(
 
     from components.base import run_distributed
     from components.train import export_models, train_step, workspace_out_dir
-    from ctv2v.config import config_from_text, write_resolved
+    from ctv2v.config_io import config_from_text, write_resolved
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if "data_dir" not in data.metadata:

@@ -2,7 +2,7 @@
 
 The loss is L1 reconstruction of a sampled latent plus vae.scratch.kl_weight x KL, optimized by the same
 resumable, DDP-capable loop as the diffusion phases. Afterwards the latent scale 1/std(z) is estimated on
-vae.latent_scale_clips training clips, and OUT receives the VAE artifact in ctv2v.vae's save_vae_artifact
+vae.latent_scale_clips training clips, and OUT receives the VAE artifact in ctv2v.models.vae's save_vae_artifact
 format (the same format the match-architecture step writes for MAISI's VAE), so `train --vae OUT` reads either.
 """
 
@@ -17,13 +17,16 @@ import torch
 from kfp.dsl import Dataset, Input, Model, Output
 
 from components.base import step_component
-from ctv2v.config import RunConfig, flatten, write_resolved
+from ctv2v.config import RunConfig
+from ctv2v.config_io import flatten, write_resolved
 from ctv2v.data.clips import TrainClips
 from ctv2v.data.prepared import load_split_volumes
-from ctv2v.device import process_group
+from ctv2v.train.device import process_group
 from ctv2v.intensity import Intensity
-from ctv2v.training import ScratchVAEObjective, TrainJob, fixed_val_clips, runtime_from_env, train_loop, validate_vae
-from ctv2v.vae import ScratchVAE, compute_latent_scale, save_vae_artifact
+from ctv2v.train.loop import TrainJob, runtime_from_env, train_loop
+from ctv2v.train.objectives import ScratchVAEObjective
+from ctv2v.train.validation import fixed_val_clips, validate_vae
+from ctv2v.models.vae import ScratchVAE, compute_latent_scale, save_vae_artifact
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,7 @@ def train_vae_step(
     config: RunConfig, data_dir: Path, out_dir: Path, resume: bool = False, pipeline_run_id: str | None = None
 ) -> dict[str, Any]:
     """Train the scratch VAE and write its artifact (vae.pt, vae.json) into `out_dir`; returns a summary."""
-    from ctv2v.tracking import Tracker, new_pipeline_run_id
+    from ctv2v.tracking.runs import Tracker, new_pipeline_run_id
 
     if config.variant != "main":
         raise ValueError(f"train-vae trains the `main` variant's scratch VAE; variant is {config.variant!r} "
@@ -89,7 +92,7 @@ def train_vae_step(
 # ---------------------------------------------------------------------------------------------- CLI
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `train-vae` subcommand."""
-    from ctv2v.config import add_config_arguments
+    from ctv2v.config_io import add_config_arguments
 
     parser = sub.add_parser("train-vae", help="train the scratch VAE (variant main); OUT becomes a VAE artifact")
     add_config_arguments(parser)
@@ -101,7 +104,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _train_vae_command(args: argparse.Namespace) -> int:
-    from ctv2v.config import config_from_args
+    from ctv2v.config_io import config_from_args
 
     summary = train_vae_step(config_from_args(args), args.data, args.out, resume=args.resume,
                              pipeline_run_id=args.pipeline_run_id)
@@ -128,7 +131,7 @@ def train_vae_op(config_yaml: str, workspace_root: str, pipeline_run_id: str, da
 
     from components.base import run_distributed
     from components.train_vae import VAE_FILES, train_vae_step
-    from ctv2v.config import config_from_text, write_resolved
+    from ctv2v.config_io import config_from_text, write_resolved
     from ctv2v.data.prepared import run_workspace
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

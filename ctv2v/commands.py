@@ -24,7 +24,7 @@ def _fetch_demo(args: argparse.Namespace) -> int:
 
 
 def _register_baselines(data: argparse._SubParsersAction) -> None:
-    from ctv2v.config import add_config_arguments
+    from ctv2v.config_io import add_config_arguments
 
     baselines = data.add_parser(
         "baselines", help="score nearest/linear/cubic interpolation on the dataset; print the table, write JSON")
@@ -44,11 +44,11 @@ BASELINES_DATA_DIR = "baselines-data"
 
 
 def _baselines(args: argparse.Namespace) -> int:
-    from ctv2v.config import write_resolved
+    from ctv2v.config_io import write_resolved
     from ctv2v.data.cache import PreprocessCache
     from ctv2v.data.prepared import PREPROCESS_CACHE_DIR, stage_dataset
-    from ctv2v.report import baseline_report, format_table, write_report
-    from ctv2v.config import config_from_args
+    from ctv2v.evaluate.baseline_report import baseline_report, format_table, write_report
+    from ctv2v.config_io import config_from_args
 
     config = config_from_args(args)
     out = args.out if args.out is not None else config.data.workspace / "baselines"

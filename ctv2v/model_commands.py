@@ -6,11 +6,11 @@ import argparse
 import json
 import sys
 
-from ctv2v.summary import format_summary, summarize
+from ctv2v.models.summary import format_summary, summarize
 
 
 def _model_summary(args: argparse.Namespace) -> int:
-    from ctv2v.config import config_from_args
+    from ctv2v.config_io import config_from_args
 
     summary = summarize(config_from_args(args))
     sys.stdout.write((json.dumps(summary, indent=2) if args.json else format_summary(summary)) + "\n")
@@ -19,7 +19,7 @@ def _model_summary(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `model` command group with `summary`."""
-    from ctv2v.config import add_config_arguments
+    from ctv2v.config_io import add_config_arguments
 
     model = sub.add_parser("model", help="inspect the configured model").add_subparsers(
         dest="model_command", required=True)

@@ -13,7 +13,8 @@ import importlib
 import logging
 import sys
 
-from ctv2v.config import ConfigError, add_config_arguments, config_from_args, to_yaml
+from ctv2v.config import ConfigError
+from ctv2v.config_io import add_config_arguments, config_from_args, to_yaml
 
 COMMAND_MODULES = [
     "ctv2v.commands",

@@ -12,7 +12,7 @@ BRANCHES = ("both", "main", "pretrained")
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `pipeline` subcommands."""
-    from ctv2v.config import add_config_arguments
+    from ctv2v.config_io import add_config_arguments
 
     group = sub.add_parser("pipeline", help="compile, submit or run the KFP DAG").add_subparsers(
         dest="pipeline_command", required=True)
@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from ctv2v.config import config_from_args
+    from ctv2v.config_io import config_from_args
 
     if getattr(args, "weights", None):
         args.overrides = [*args.overrides, f"vae.maisi.weights={args.weights}"]

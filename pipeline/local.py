@@ -8,7 +8,8 @@ from pathlib import Path
 
 from kfp import local
 
-from ctv2v.config import RunConfig, to_yaml, write_resolved
+from ctv2v.config import RunConfig
+from ctv2v.config_io import to_yaml, write_resolved
 
 log = logging.getLogger(__name__)
 

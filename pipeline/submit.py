@@ -9,7 +9,8 @@ from pathlib import Path
 
 import kfp
 
-from ctv2v.config import RunConfig, to_yaml
+from ctv2v.config import RunConfig
+from ctv2v.config_io import to_yaml
 from pipeline.spec import compile_pipeline
 
 log = logging.getLogger(__name__)

@@ -15,14 +15,15 @@ from pathlib import Path
 
 import torch
 
-from ctv2v.config import load_config
+from ctv2v.config_io import load_config
 from ctv2v.data.clips import TrainClips
 from ctv2v.data.prepared import load_split_volumes
-from ctv2v.device import process_group
+from ctv2v.train.device import process_group
 from ctv2v.intensity import Intensity
-from ctv2v.model import build_model
-from ctv2v.training import DiffusionObjective, TrainJob, runtime_from_env, train_loop
-from ctv2v.vae import load_vae_artifact
+from ctv2v.models.v2v import build_model
+from ctv2v.train.loop import TrainJob, runtime_from_env, train_loop
+from ctv2v.train.objectives import DiffusionObjective
+from ctv2v.models.vae import load_vae_artifact
 
 REPO = Path(__file__).resolve().parents[1]
 

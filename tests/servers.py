@@ -59,7 +59,7 @@ class S3Server:
         return f"http://{self.endpoint}"
 
     def env(self) -> dict[str, str]:
-        """What ctv2v.storage reads: endpoint and credentials."""
+        """What ctv2v.remote.storage reads: endpoint and credentials."""
         return {
             "S3_ENDPOINT": self.url,
             "AWS_ACCESS_KEY_ID": self.access_key,

@@ -11,9 +11,9 @@ from kfp.dsl import HTML, Artifact, Markdown
 from mlflow import MlflowClient
 
 from components.compare import compare_op, compare_step
-from ctv2v.comparison import ComparisonError, compare, load_report
+from ctv2v.evaluate.compare import ComparisonError, compare, load_report
 from ctv2v.config import TrackingConfig
-from ctv2v.tracking import TAG_PIPELINE_RUN_ID, TAG_STEP
+from ctv2v.tracking.runs import TAG_PIPELINE_RUN_ID, TAG_STEP
 from pipeline.cli import main as cli_main
 from tests.test_evaluation import LinearInterpolationSampler, prepared_data, run_evaluate, tiny_config
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ctv2v.config import ConfigError, flatten, load_config, to_yaml, write_resolved
+from ctv2v.config import ConfigError
+from ctv2v.config_io import flatten, load_config, to_yaml, write_resolved
 from pipeline.cli import main as cli_main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

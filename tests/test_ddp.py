@@ -9,12 +9,12 @@ import sys
 
 import torch
 
-from ctv2v.training import ShardSampler
+from ctv2v.train.loop import ShardSampler
 from tests.test_training import REPO, TINY_OVERRIDES, make_prepared_dataset, tiny_config
 
 
 def test_two_gloo_ranks_keep_identical_weights_and_only_rank0_checkpoints(tmp_path):
-    from ctv2v.vae import ScratchVAE, save_vae_artifact
+    from ctv2v.models.vae import ScratchVAE, save_vae_artifact
 
     ddp_overrides = ["training.full.batch_size=1", "training.full.epochs=1"]
     config = tiny_config(*ddp_overrides)

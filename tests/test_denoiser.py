@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ctv2v.denoiser import Denoiser, resample_depth
+from ctv2v.models.denoiser import Denoiser, resample_depth
 
 
 def tiny_denoiser(checkpointing: bool = False) -> Denoiser:

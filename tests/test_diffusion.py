@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ctv2v.config import ConfigError, DiffusionConfig, validate
-from ctv2v.diffusion import ALPHA_BAR_FLOOR, Diffusion
+from ctv2v.config import ConfigError, DiffusionConfig
+from ctv2v.config_io import validate
+from ctv2v.models.diffusion import ALPHA_BAR_FLOOR, Diffusion
 
 T = 1000
 

@@ -13,21 +13,22 @@ import torch
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from ctv2v.baselines import interpolate
-from ctv2v.checkpointing import save_trained_model
-from ctv2v.config import RunConfig, load_config
+from ctv2v.evaluate.baselines import interpolate
+from ctv2v.models.artifacts import save_trained_model
+from ctv2v.config import RunConfig
+from ctv2v.config_io import load_config
 from ctv2v.data.cache import PreprocessCache
 from ctv2v.data.clips import Tile, eval_tiles
 from ctv2v.data.manifest import build_manifest, write_manifest
 from ctv2v.data.readers import read_volume
-from ctv2v.evaluation import (MODEL, REPORT_FILE, EvaluationError, evaluate, manifest_sha256, tile_weights,
+from ctv2v.evaluate.evaluate import (MODEL, REPORT_FILE, EvaluationError, evaluate, manifest_sha256, tile_weights,
                               weights_display)
-from ctv2v.metrics import METRIC_NAMES, SLICE_SETS
-from ctv2v.model import build_model
-from ctv2v.tracking import TAG_PHASE, TAG_STEP, TAG_TEST_PSNR, TAG_VARIANT, TAG_WEIGHTS
-from ctv2v.panels import COLUMN_WIDTH_PX, render_panel
+from ctv2v.evaluate.metrics import METRIC_NAMES, SLICE_SETS
+from ctv2v.models.v2v import build_model
+from ctv2v.tracking.runs import TAG_PHASE, TAG_STEP, TAG_TEST_PSNR, TAG_VARIANT, TAG_WEIGHTS
+from ctv2v.evaluate.panels import COLUMN_WIDTH_PX, render_panel
 from ctv2v.data.prepared import DATASET_DIR, MANIFEST_FILE, PREPROCESS_CACHE_DIR
-from ctv2v.vae import build_untrained_vae
+from ctv2v.models.vae import build_untrained_vae
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -333,7 +334,7 @@ def test_evaluate_op_fills_its_kfp_outputs(untrained_model, tmp_path, monkeypatc
     from kfp.dsl import HTML, Artifact, Dataset, Metrics, Model
 
     from components.evaluate import evaluate_op
-    from ctv2v.config import to_yaml
+    from ctv2v.config_io import to_yaml
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     data_dir, train_dir = untrained_model
@@ -353,7 +354,7 @@ def test_evaluate_op_fills_its_kfp_outputs(untrained_model, tmp_path, monkeypatc
 
 
 def test_volume_ids_select_test_volumes_and_refuse_others():
-    from ctv2v.evaluation import EvaluationError, evaluation_entries
+    from ctv2v.evaluate.evaluate import EvaluationError, evaluation_entries
 
     manifest = {"volumes": [{"id": "a", "split": "test"}, {"id": "b", "split": "test"}, {"id": "c", "split": "train"}]}
     assert [e["id"] for e in evaluation_entries(manifest, None, ["b"])] == ["b"]

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from components.fetch_checkpoint import STAND_IN_FILE, fetch_checkpoint_step
-from ctv2v.checkpoints import (RECORD_NAME, HashMismatchError, SourceUnreachableError, checkpoint_file,
+from ctv2v.remote.fetch import (RECORD_NAME, HashMismatchError, SourceUnreachableError, checkpoint_file,
                                fetch_checkpoint, is_immutable, mirror, parse_source, read_record)
-from ctv2v.config import RunConfig, StorageConfig, load_config
-from ctv2v.maisi import infer_arch, load_state_dict_file, MAISI_CT_ARCH
+from ctv2v.config import RunConfig, StorageConfig
+from ctv2v.config_io import load_config
+from ctv2v.models.maisi import infer_arch, load_state_dict_file, MAISI_CT_ARCH
 from tests.servers import free_port
 
 PAYLOAD = bytes(range(256)) * 2048 + b"tail"

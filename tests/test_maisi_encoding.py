@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from ctv2v.config import MaisiVAEConfig
-from ctv2v.maisi import MAISI_CT_ARCH, MAISI_DOWNSAMPLE
-from ctv2v.vae import MaisiVAE
+from ctv2v.models.maisi import MAISI_CT_ARCH, MAISI_DOWNSAMPLE
+from ctv2v.models.vae import MaisiVAE
 
 TILE = {"depth": 8, "height": 8, "width": 16, "overlap": 0.5}
 
@@ -115,7 +115,7 @@ def test_stack_size_must_be_a_multiple_of_the_depth_factor():
 
 @torch.no_grad()
 def test_artifact_keeps_maisi_layout_and_round_trips_with_runtime_options(maisi_state, tmp_path):
-    from ctv2v.vae import load_vae_artifact, save_vae_artifact
+    from ctv2v.models.vae import load_vae_artifact, save_vae_artifact
 
     vae = maisi(maisi_state)
     vae.latent_scale.fill_(1.7)

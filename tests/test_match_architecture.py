@@ -16,13 +16,13 @@ from monai.networks.nets import AutoencoderKL, UNet
 
 from components.fetch_checkpoint import fetch_checkpoint_step
 from components.match_architecture import REPORT_NAME, ReconstructionCheckError, match_architecture_step
-from ctv2v.config import load_config
+from ctv2v.config_io import load_config
 from ctv2v.data.prepared import load_split_volumes, prepare_data
 from ctv2v.intensity import Intensity
-from ctv2v.maisi import (MAISI_CT_ARCH, ArchitectureMismatchError, CheckpointFormatError, build_autoencoder,
+from ctv2v.models.maisi import (MAISI_CT_ARCH, ArchitectureMismatchError, CheckpointFormatError, build_autoencoder,
                          infer_arch, load_maisi_checkpoint, load_state_dict_file)
-from ctv2v.training import fixed_val_clips
-from ctv2v.vae import load_vae_artifact
+from ctv2v.train.validation import fixed_val_clips
+from ctv2v.models.vae import load_vae_artifact
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {**MAISI_CT_ARCH, "num_channels": [8, 16, 32], "norm_num_groups": 8}
@@ -253,7 +253,7 @@ def test_partial_step_labels_every_output(data_dir, tmp_path, caplog):
     assert "PARTIAL" in summary["recon_check"]["status"]
     meta = json.loads((tmp_path / "vae" / "vae.json").read_text())
     assert meta["extra"]["load"] == "PARTIAL" and meta["extra"]["match"]["status"] == "PARTIAL"
-    step_lines = [r.getMessage() for r in caplog.records if r.name.startswith(("components.match", "ctv2v.maisi"))]
+    step_lines = [r.getMessage() for r in caplog.records if r.name.startswith(("components.match", "ctv2v.models.maisi"))]
     assert step_lines and all("PARTIAL" in line for line in step_lines)
 
 

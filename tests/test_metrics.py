@@ -9,7 +9,7 @@ import pytest
 import torch
 from monai.metrics import SSIMMetric
 
-from ctv2v.metrics import score_volume, synthesized_slices
+from ctv2v.evaluate.metrics import score_volume, synthesized_slices
 
 HU_MIN, HU_MAX = -1000.0, 1000.0
 SHAPE = (13, 16, 16)  # the 3D SSIM needs 11 voxels along every axis

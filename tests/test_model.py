@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from ctv2v.config import load_config
-from ctv2v.model import build_model
-from ctv2v.summary import count_step_flops
-from ctv2v.vae import ScratchVAE, build_untrained_vae
+from ctv2v.config_io import load_config
+from ctv2v.models.v2v import build_model
+from ctv2v.models.summary import count_step_flops
+from ctv2v.models.vae import ScratchVAE, build_untrained_vae
 from pipeline.cli import main as cli_main
 
 TINY = [

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ctv2v.config import load_config
+from ctv2v.config_io import load_config
 from pipeline.cli import main as cli_main
 from pipeline.spec import PipelineSpecError, compile_pipeline, validate_pipeline_yaml
 

@@ -16,7 +16,7 @@ from ctv2v.data.demo import fetch_demo
 from ctv2v.data.prepared import PreparedDataError
 from ctv2v.data.readers import read_volume
 from ctv2v.data.thick import simulate_thick
-from ctv2v.report import baseline_report, format_table, score_baselines, write_report
+from ctv2v.evaluate.baseline_report import baseline_report, format_table, score_baselines, write_report
 from pipeline.cli import main
 from tests.conftest import REPO
 

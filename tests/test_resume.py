@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ctv2v.checkpointing import CheckpointError, Progress, latest_checkpoint, load_checkpoint, save_checkpoint
+from ctv2v.models.artifacts import CheckpointError
+from ctv2v.train.resume import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 from tests.test_training import REPO, TINY_OVERRIDES, make_prepared_dataset, tiny_config
 
 RESUME_OVERRIDES = [
@@ -44,9 +45,9 @@ def _finish(proc: subprocess.Popen, log: Path) -> None:
 @pytest.fixture(scope="module")
 def full_phase_inputs(tmp_path_factory):
     """A prepared dataset, a scratch VAE artifact and a frozen-phase model folder to fine-tune."""
-    from ctv2v.checkpointing import save_trained_model
-    from ctv2v.model import build_model
-    from ctv2v.vae import ScratchVAE, save_vae_artifact
+    from ctv2v.models.artifacts import save_trained_model
+    from ctv2v.models.v2v import build_model
+    from ctv2v.models.vae import ScratchVAE, save_vae_artifact
 
     root = tmp_path_factory.mktemp("resume")
     config = tiny_config(*RESUME_OVERRIDES)

@@ -1,11 +1,11 @@
-"""ctv2v.storage against a real S3-compatible server (`rclone serve s3` on 127.0.0.1)."""
+"""ctv2v.remote.storage against a real S3-compatible server (`rclone serve s3` on 127.0.0.1)."""
 
 from __future__ import annotations
 
 import pytest
 
 from ctv2v.config import StorageConfig
-from ctv2v.storage import (
+from ctv2v.remote.storage import (
     StorageError,
     download,
     download_prefix,

@@ -1,4 +1,4 @@
-"""ctv2v.tracking against a real MLflow server (SQLite backend, artifacts proxied to a real S3 server)."""
+"""ctv2v.tracking.runs against a real MLflow server (SQLite backend, artifacts proxied to a real S3 server)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
-from ctv2v.config import RunConfig, TrackingConfig, flatten
+from ctv2v.config import RunConfig, TrackingConfig
+from ctv2v.config_io import flatten
 from ctv2v.files import sha256_file
-from ctv2v.tracking import (
+from ctv2v.tracking.runs import (
     LONG_PARAMS_FILE,
     PENDING_PREFIX,
     TAG_PIPELINE_RUN_ID,
@@ -251,10 +252,10 @@ def test_server_errors_that_are_not_outages_raise(mlflow_server, tmp_path):
 
 def test_tracking_off_without_uri_says_so_once_and_still_checks_arguments(tmp_path, monkeypatch, caplog):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    with caplog.at_level(logging.INFO, logger="ctv2v.tracking"):
+    with caplog.at_level(logging.INFO, logger="ctv2v.tracking.runs"):
         tracker = Tracker(TrackingConfig(), tmp_path)
     assert not tracker.enabled
-    assert [r.getMessage() for r in caplog.records if r.name == "ctv2v.tracking"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "ctv2v.tracking.runs"] == [
         "MLflow tracking is off: neither tracking.tracking_uri nor MLFLOW_TRACKING_URI is set"]
     with tracker.step_run("train", new_pipeline_run_id()):
         tracker.log_params({"a": "1"})
@@ -284,7 +285,7 @@ import sys
 sys.modules["pandas"] = None  # the client image has mlflow-skinny, without pandas
 from pathlib import Path
 from ctv2v.config import TrackingConfig
-from ctv2v.tracking import Tracker
+from ctv2v.tracking.runs import Tracker
 uri, out, experiment = sys.argv[1:4]
 manifest = Path(out) / "manifest.json"
 manifest.parent.mkdir(parents=True)

@@ -10,9 +10,10 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from ctv2v.config import RunConfig, load_config
+from ctv2v.config import RunConfig
+from ctv2v.config_io import load_config
 from ctv2v.data.prepared import prepare_data
-from ctv2v.device import DeviceError, arch_runs_on, check_gpu_supported, resolve_precision, select_device
+from ctv2v.train.device import DeviceError, arch_runs_on, check_gpu_supported, resolve_precision, select_device
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_OVERRIDES = [
@@ -119,7 +120,7 @@ def trained(tmp_path_factory, mlflow_server):
 def test_each_step_is_a_tagged_mlflow_run_with_params_metrics_and_models(trained):
     from mlflow import MlflowClient
 
-    from ctv2v.config import flatten
+    from ctv2v.config_io import flatten
 
     client = MlflowClient(trained["mlflow"].uri)
     experiment = client.get_experiment_by_name("test-training")
@@ -151,7 +152,7 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_train_vae_writes_a_loadable_scratch_vae_artifact(trained):
-    from ctv2v.vae import load_vae_artifact
+    from ctv2v.models.vae import load_vae_artifact
 
     vae_dir = trained["root"] / "vae"
     vae = load_vae_artifact(vae_dir)
@@ -187,7 +188,7 @@ def test_full_phase_fine_tunes_the_vae_from_the_frozen_model(trained):
 
 
 def test_trained_model_folder_loads_strictly(trained, tmp_path):
-    from ctv2v.checkpointing import CheckpointError, load_trained_model
+    from ctv2v.models.artifacts import CheckpointError, load_trained_model
 
     config = trained["config"]
     model_dir = trained["root"] / "full" / "model"
@@ -204,7 +205,7 @@ def test_trained_model_folder_loads_strictly(trained, tmp_path):
 
 def test_a_missing_or_broken_vae_is_one_clear_error_and_writes_nothing(trained, tmp_path):
     from components.train import train_step
-    from ctv2v.checkpointing import CheckpointError
+    from ctv2v.models.artifacts import CheckpointError
 
     config, data = trained["config"], trained["data"]
     with pytest.raises(CheckpointError, match="VAE folder does not exist"):
@@ -222,8 +223,8 @@ def test_latent_cache_crops_are_the_aligned_crops_of_the_volume_latents(trained)
     from ctv2v.data.clips import TrainClips
     from ctv2v.data.prepared import load_split_volumes
     from ctv2v.intensity import Intensity
-    from ctv2v.training import LatentClips, encode_training_volumes
-    from ctv2v.vae import load_vae_artifact
+    from ctv2v.data.latents import LatentClips, encode_training_volumes
+    from ctv2v.models.vae import load_vae_artifact
 
     config = trained["config"]
     vae = load_vae_artifact(trained["root"] / "vae")
@@ -257,8 +258,8 @@ def test_latent_cache_crops_are_the_aligned_crops_of_the_volume_latents(trained)
 
 
 def test_tiled_volume_encoding_is_aligned_with_whole_volume_encoding(trained):
-    from ctv2v.training import encode_volume
-    from ctv2v.vae import load_vae_artifact
+    from ctv2v.data.latents import encode_volume
+    from ctv2v.models.vae import load_vae_artifact
 
     vae = load_vae_artifact(trained["root"] / "vae")
     volume = torch.rand(24, 48, 48)  # white noise: a latent one voxel off shares nothing with the right one
@@ -277,9 +278,11 @@ def test_cached_epochs_never_run_the_vae_encoder(trained, tmp_path):
     from ctv2v.data.clips import TrainClips
     from ctv2v.data.prepared import load_split_volumes
     from ctv2v.intensity import Intensity
-    from ctv2v.model import build_model
-    from ctv2v.training import DiffusionObjective, LatentClips, TrainJob, encode_training_volumes, train_loop
-    from ctv2v.vae import load_vae_artifact
+    from ctv2v.models.v2v import build_model
+    from ctv2v.data.latents import LatentClips, encode_training_volumes
+    from ctv2v.train.loop import TrainJob, train_loop
+    from ctv2v.train.objectives import DiffusionObjective
+    from ctv2v.models.vae import load_vae_artifact
 
     config, cpu = trained["config"], torch.device("cpu")
     intensity = Intensity.from_config(config.data.intensity)

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from ctv2v.config import ConfigError, validate
-from ctv2v.vae import (
+from ctv2v.config import ConfigError
+from ctv2v.config_io import validate
+from ctv2v.models.vae import (
     ScratchVAE,
     compute_latent_scale,
     load_vae_artifact,
@@ -87,7 +88,7 @@ def test_latent_scale_needs_clips():
 
 
 def test_scratch_vae_objective_lowers_reconstruction_error():
-    from ctv2v.training import ScratchVAEObjective
+    from ctv2v.train.objectives import ScratchVAEObjective
 
     vae = tiny_vae()
     clips = smooth_clips(2)

@@ -12,7 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
-from ctv2v.config import RunConfig, write_resolved
+from ctv2v.config import RunConfig
+from ctv2v.config_io import write_resolved
 from ctv2v.data.cache import Preprocessed, PreprocessCache
 from ctv2v.data.manifest import build_manifest, load_manifest, write_manifest
 
@@ -44,7 +45,7 @@ def stage_dataset(source: str, data_dir: Path, config: RunConfig) -> Path:
         shutil.rmtree(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     if source.startswith("s3://"):
-        from ctv2v.storage import download_prefix
+        from ctv2v.remote.storage import download_prefix
 
         staging = target.with_name(f".{DATASET_DIR}.staging")
         shutil.rmtree(staging, ignore_errors=True)

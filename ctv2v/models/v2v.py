@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctv2v.config import RunConfig
-from ctv2v.denoiser import Denoiser
-from ctv2v.diffusion import Diffusion
-from ctv2v.vae import ClipVAE, check_clip
+from ctv2v.models.denoiser import Denoiser
+from ctv2v.models.diffusion import Diffusion
+from ctv2v.models.vae import ClipVAE, check_clip
 
 VAE_KIND_OF_VARIANT = {"main": "scratch", "pretrained": "maisi"}
 

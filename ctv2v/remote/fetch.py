@@ -4,7 +4,7 @@ Sources:
 - `hf://OWNER/REPO/PATH/IN/REPO@REVISION` (Hugging Face Hub, through huggingface_hub.hf_hub_download);
 - `https://...` / `http://...` (retried with exponential backoff; an interrupted download resumes with an
   HTTP Range request from the partial file's size);
-- `s3://BUCKET/KEY` (the cluster's object store, ctv2v.storage);
+- `s3://BUCKET/KEY` (the cluster's object store, ctv2v.remote.storage);
 - `file:///ABSOLUTE/PATH`.
 
 A hash is required (sha256, or the md5 that MONAI's model zoo publishes) unless the source is a Hugging Face
@@ -34,7 +34,7 @@ from urllib.parse import unquote, urlsplit
 
 from ctv2v.config import StorageConfig
 from ctv2v.files import atomic_path, atomic_write_text
-from ctv2v.storage import StorageError, download, upload
+from ctv2v.remote.storage import StorageError, download, upload
 
 log = logging.getLogger(__name__)
 

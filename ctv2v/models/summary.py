@@ -15,8 +15,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ctv2v.config import RunConfig
-from ctv2v.model import VideoToVideoDiffusion, build_model
-from ctv2v.vae import build_untrained_vae
+from ctv2v.models.v2v import VideoToVideoDiffusion, build_model
+from ctv2v.models.vae import build_untrained_vae
 
 Phase = Literal["frozen", "full"]
 

@@ -27,7 +27,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from ctv2v.config import MaisiVAEConfig, RunConfig, ScratchVAEConfig
 from ctv2v.files import atomic_path, atomic_write_text, sha256_file
-from ctv2v.maisi import MAISI_CT_ARCH, build_autoencoder, match_report
+from ctv2v.models.maisi import MAISI_CT_ARCH, build_autoencoder, match_report
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ctv2v.evaluation import MODEL, REPORT_FILE, REPORT_SCHEMA, STAND_IN_WARNING, weights_display
+from ctv2v.evaluate.evaluate import MODEL, REPORT_FILE, REPORT_SCHEMA, STAND_IN_WARNING, weights_display
 from ctv2v.files import atomic_write_text
 
 COLUMNS = [

@@ -6,12 +6,12 @@ highest in a tile's centre, so no seam shows where tiles meet). Along z a tile's
 real thick slice: those frames would be extrapolated from one side only, and the tile that holds the next
 thick slice interpolates them instead. Every thin slice from the first to the last thick position is
 therefore covered by interpolating tiles only; the slices after the last thick position are not predicted
-and not scored (the baselines are scored on the same covered range, ctv2v.baselines). The model sees the
+and not scored (the baselines are scored on the same covered range, ctv2v.evaluate.baselines). The model sees the
 thick series clipped to its input window (data.intensity, ctv2v.intensity) while the baselines interpolate
 raw HU; both are clipped to the evaluation window before scoring.
 
 Per volume the step writes the prediction as NIfTI (the thin volume's own affine: same origin, orientation
-and thin spacing), a PNG panel (ctv2v.panels) and its scores; `report.json` holds them all with the mean over
+and thin spacing), a PNG panel (ctv2v.evaluate.panels) and its scores; `report.json` holds them all with the mean over
 volumes and every setting that moves the numbers (HU window, thick-slice method, sampling steps, weights).
 A perfect score (infinite PSNR) is written as JSON `Infinity`, which Python's json module reads back.
 """
@@ -30,16 +30,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ctv2v.baselines import covered_slices, interpolate
+from ctv2v.evaluate.baselines import covered_slices, interpolate
 from ctv2v.config import RunConfig
 from ctv2v.data.cache import Preprocessed, PreprocessCache
 from ctv2v.data.clips import Tile, eval_tiles, extract_clip
 from ctv2v.files import atomic_path, atomic_write_text
 from ctv2v.intensity import Intensity
-from ctv2v.metrics import METRIC_NAMES, SLICE_SETS, score_volume
-from ctv2v.panels import render_panel, write_panel
-from ctv2v.report import score_baselines
-from ctv2v.vae import WEIGHT_LABELS
+from ctv2v.evaluate.metrics import METRIC_NAMES, SLICE_SETS, score_volume
+from ctv2v.evaluate.panels import render_panel, write_panel
+from ctv2v.evaluate.baseline_report import score_baselines
+from ctv2v.models.vae import WEIGHT_LABELS
 
 log = logging.getLogger(__name__)
 

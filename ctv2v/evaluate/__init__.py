@@ -1,0 +1,1 @@
+"""Whole-volume evaluation, metrics, interpolation baselines, reports, comparison, panels."""

@@ -1,0 +1,1 @@
+"""The networks and their artifacts: VAEs, denoiser, diffusion process, the wired model."""

@@ -1,0 +1,1 @@
+"""Files from elsewhere: checkpoint fetch (hf/https/s3/file) and S3 storage."""

@@ -1,0 +1,1 @@
+"""The pipeline steps, one plain function each: typed paths in, a typed summary out."""

@@ -1,0 +1,1 @@
+"""MLflow tracking: runs, the model registry, the offline journal, system metrics."""

@@ -1,0 +1,1 @@
+"""The training loop, its objectives, validation, resume checkpoints and devices."""

@@ -33,7 +33,7 @@ from ctv2v.config import MaisiVAEConfig, RunConfig
 from ctv2v.config_io import load_config
 from ctv2v.models.maisi import MAISI_CT_ARCH  # noqa: E402
 from ctv2v.models.v2v import build_model  # noqa: E402
-from ctv2v.models.summary import count_step_flops, set_phase, step_loss, training_step  # noqa: E402
+from ctv2v.train.estimate import count_step_flops, set_phase, step_loss, training_step  # noqa: E402
 from ctv2v.models.vae import MaisiVAE, build_untrained_vae  # noqa: E402
 
 VARIANTS = ["main", "pretrained"]

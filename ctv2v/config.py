@@ -6,10 +6,13 @@ Reading, layering and overriding configs lives in ctv2v.config_io.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+Variant = Literal["main", "pretrained"]
+VARIANTS: tuple[str, ...] = get_args(Variant)
+"""The pipeline's two branches (see ctv2v.models.artifacts for how they relate to VAE and weights kinds)."""
 
 
 class ConfigError(ValueError):
@@ -17,7 +20,9 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Strict types: `epochs: yes` or `--set training.checkpoint_every_steps=true` must not become 1 (bool -> int),
+    # nor a number a string. YAML gives numbers, booleans and strings their own types (ctv2v.config_io).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -77,7 +82,7 @@ class ClipConfig(_Section):
 class DataConfig(_Section):
     source: str = "demo"
     """`demo` (the embedded TotalSegmentator CT volumes), a local folder, or `s3://bucket/prefix`."""
-    workspace: Path = Path("workspace")
+    workspace: Path = Field(Path("workspace"), strict=False)  # YAML gives a str
     """Where staged data, the preprocessing cache, the manifest and step outputs live (a PVC in the cluster)."""
     slice_spacing_tolerance: float = Field(0.01, gt=0, lt=0.5)
     """Relative tolerance on the gap between consecutive DICOM slices before a series counts as irregular."""
@@ -97,7 +102,6 @@ class ScratchVAEConfig(_Section):
     num_res_blocks: int = Field(1, ge=1)
     norm_num_groups: int = Field(32, ge=1)
     kl_weight: float = Field(1e-6, ge=0)
-    perceptual_weight: float = Field(0.0, ge=0)
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(2, ge=1)
     lr: float = Field(1e-4, gt=0)
@@ -107,17 +111,6 @@ class ScratchVAEConfig(_Section):
         bad = [c for c in self.channels if c % self.norm_num_groups]
         if bad:
             raise ValueError(f"channels {bad} are not divisible by norm_num_groups={self.norm_num_groups}")
-        return self
-
-    @model_validator(mode="after")
-    def _perceptual_needs_hub_weights(self) -> "ScratchVAEConfig":
-        if self.perceptual_weight > 0:
-            raise ValueError(
-                "perceptual_weight > 0 is not supported: MONAI's PerceptualLoss networks (LPIPS, RadImageNet, "
-                "MedicalNet) download pretrained weights from torch.hub / GitHub at construction, which these "
-                "offline training nodes cannot reach, and a random-weight feature network is no perceptual loss; "
-                "set vae.scratch.perceptual_weight to 0"
-            )
         return self
 
 
@@ -223,8 +216,19 @@ class DiffusionConfig(_Section):
 class PhaseConfig(_Section):
     epochs: int = Field(5, ge=0)
     lr: float = Field(1e-4, gt=0)
+    """Per optimizer step, whatever the global batch (micro-batch x grad_accum_steps x processes): it is not
+    rescaled when GPUs or nodes are added. To keep a run comparable at a larger global batch, scale it yourself
+    (square-root rule for AdamW: lr x sqrt(new global batch / old))."""
     batch_size: int = Field(1, ge=1)
+    """Micro-batch per process."""
+    batch_size_by_variant: dict[Variant, Annotated[int, Field(ge=1)]] = {}
+    """Per-variant micro-batch that replaces batch_size for that variant: the V100 presets (`ctv2v model fit`)
+    fill the card for each variant, and one config serves both branches of the DAG."""
     warmup_steps: int = Field(0, ge=0)
+
+    def batch_for(self, variant: Variant) -> int:
+        """The micro-batch per process of `variant`."""
+        return self.batch_size_by_variant.get(variant, self.batch_size)
 
 
 class FullPhaseConfig(PhaseConfig):
@@ -293,6 +297,36 @@ class StorageConfig(_Section):
     """S3-compatible servers such as rclone need a region for request signing."""
 
 
+class NcclConfig(_Section):
+    """NCCL environment of every training process (torchrun in the pod and TrainJob nodes).
+
+    Defaults suit V100 nodes whose pods see one Ethernet interface (eth0) and no InfiniBand device: NCCL
+    talks TCP over eth0 between nodes and NVLink/PCIe inside a node. With an RDMA device plugin exposing IB
+    (e.g. DGX-1's EDR ports), set ib_disable: false.
+    """
+
+    socket_ifname: str | None = "eth0"
+    """NCCL_SOCKET_IFNAME: e.g. `eth0`, `^lo,docker` (exclude), `=net1` (exactly); None: NCCL picks one, which
+    can be an interface the other nodes cannot reach."""
+    ib_disable: bool = True
+    """NCCL_IB_DISABLE: no InfiniBand/RoCE transport (sockets only)."""
+    timeout_s: int = Field(1800, ge=60)
+    """torch.distributed process-group timeout: with TORCH_NCCL_ASYNC_ERROR_HANDLING=1 a collective waiting
+    longer (a node died, a rank hangs) fails the step instead of holding every GPU until the step timeout."""
+    debug: Literal["VERSION", "WARN", "INFO"] = "WARN"
+    """NCCL_DEBUG."""
+    extra_env: dict[Annotated[str, Field(pattern=r"^(NCCL|TORCH_NCCL)_[A-Z0-9_]+$")], str] = {}
+    """Further NCCL_* / TORCH_NCCL_* variables, e.g. {NCCL_P2P_DISABLE: "1"}; they win over the keys above."""
+
+    def environment(self) -> dict[str, str]:
+        """The environment variables these settings give every training process."""
+        env = {"NCCL_IB_DISABLE": "1" if self.ib_disable else "0", "NCCL_DEBUG": self.debug,
+               "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+        if self.socket_ifname is not None:
+            env["NCCL_SOCKET_IFNAME"] = self.socket_ifname
+        return {**env, **self.extra_env}
+
+
 class ClusterConfig(_Section):
     """How the KFP DAG is scheduled on the cluster (compile-time settings; ignored by kfp.local)."""
 
@@ -324,12 +358,20 @@ class ClusterConfig(_Section):
     """Optional Secret with HF_TOKEN for fetching from Hugging Face."""
     pod_label: str = "ctv2v-pipeline"
     """Value of `app.kubernetes.io/part-of` on every step pod (the NetworkPolicies select on it)."""
+    nodes: int = Field(1, ge=1)
+    """Nodes per training step. 1: torchrun in the step's pod. More: the step creates a Kubeflow Trainer v2
+    TrainJob of `nodes` x `gpus_per_step` processes (ctv2v.steps.trainjob) and waits for it."""
+    trainer_runtime: str = Field("torch-distributed", min_length=1)
+    """The ClusterTrainingRuntime a multi-node TrainJob references (Kubeflow Trainer's PyTorch runtime)."""
+    trainjob_poll_s: float = Field(30.0, gt=0)
+    """How long one watch request on the TrainJob stays open before the step asks again."""
+    nccl: NcclConfig = NcclConfig()
 
 
 class RunConfig(_Section):
     """The whole run. `variant` picks the VAE: `main` trains one from scratch, `pretrained` loads MAISI's."""
 
-    variant: Literal["main", "pretrained"] = "main"
+    variant: Variant = "main"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data: DataConfig = DataConfig()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, get_args, get_origin
 
@@ -72,6 +73,21 @@ def _suggest(key: str, model: type[BaseModel], prefix: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ loading, merging
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, plus YAML 1.2 floats without a dot (`1e-4` would otherwise be the string '1e-4')."""
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def deep_merge(base: dict, overlay: dict) -> dict:
     """`overlay` on top of `base`: mappings merge key by key, anything else replaces."""
     merged = dict(base)
@@ -89,7 +105,7 @@ def _read_yaml(path: Path) -> dict:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from exc
     try:
-        data = yaml.safe_load(text)
+        data = _load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if data is None:
@@ -100,15 +116,20 @@ def _read_yaml(path: Path) -> dict:
 
 
 def parse_override(text: str) -> dict:
-    """`a.b.c=value` -> {'a': {'b': {'c': value}}}, the value parsed as YAML (numbers, lists, null...)."""
+    """`a.b.c=value` -> {'a': {'b': {'c': value}}}, the value parsed as YAML (numbers, lists, null...).
+
+    An empty value is refused (it would be an empty string, e.g. a data.source naming the current folder).
+    """
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. training.frozen.epochs=2")
     key, value = text.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"--set {text!r}: empty component in key {key!r}")
+    if not value.strip():
+        raise ConfigError(f"--set {text!r}: empty value for {key.strip()!r}; give a value (null to unset it)")
     try:
-        parsed: Any = yaml.safe_load(value) if value.strip() else ""
+        parsed: Any = _load_yaml(value)
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {text!r}: value is not valid YAML: {exc}") from exc
     for part in reversed(parts):
@@ -128,7 +149,8 @@ def validate(raw: dict, origin: str) -> RunConfig:
         problems = []
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"])
-            problems.append(f"'{loc}': {err['msg']}" if loc else err["msg"])
+            got = f" (got {err['input']!r})" if err["type"].endswith(("_type", "_parsing")) else ""
+            problems.append(f"'{loc}': {err['msg']}{got}" if loc else err["msg"])
         raise ConfigError(f"{origin}: " + "; ".join(problems)) from None
 
 
@@ -149,7 +171,7 @@ def load_config(paths: list[str | Path] | str | Path, overrides: list[str] = ())
 
 def config_from_text(text: str, origin: str = "<config text>", overrides: list[str] = ()) -> RunConfig:
     """A resolved config passed as YAML text (how pipeline components receive it), with `--set` overrides."""
-    data = yaml.safe_load(text) or {}
+    data = _load_yaml(text) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: a config must be a mapping, got {type(data).__name__}")
     for override in overrides:

@@ -1,70 +1,420 @@
 """The `ctv2v` command line.
 
-It is the outermost layer (configs -> data -> model -> steps -> DAG -> CLI), so it lives beside the DAG:
-`ctv2v` itself stays importable without kfp. Each step module in components/ registers its own subcommand
-with the same arguments the KFP component passes, so `docker run IMAGE ctv2v <step> ...` is the pipeline's
-own command line.
+It is the outermost layer (configs -> data -> model -> steps -> DAG -> CLI), so it lives beside the DAG. Each
+pipeline step is a subcommand that calls the same function in ctv2v.steps as the step's KFP component, with the
+resolved config every step output carries, so `docker run IMAGE ctv2v <step> --config resolved-config.yaml ...`
+reruns one step of a pipeline run. Errors are one `ctv2v: error: <type>: <message>` on stderr, exit code 2 for
+a config error and 1 for any other; --verbose shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
 import logging
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
-from ctv2v.config import ConfigError
-from ctv2v.config_io import add_config_arguments, config_from_args, to_yaml
+from ctv2v.config import ConfigError, RunConfig
+from ctv2v.config_io import add_config_arguments, config_from_args, load_config, to_yaml
 
-COMMAND_MODULES = [
-    "ctv2v.commands",
-    "ctv2v.model_commands",
-    "components.fetch_checkpoint",
-    "components.match_architecture",
-    "components.train_vae",
-    "components.train",
-    "components.evaluate",
-    "components.compare",
-    "components.prepare_data",
-    "pipeline.commands",
-]
-"""Modules with a `register(subparsers)` function; each adds its subcommands with `set_defaults(func=...)`."""
+BRANCHES = ("both", "main", "pretrained")
+BASELINES_DATA_DIR = "baselines-data"
+"""Under data.workspace: the staged dataset and preprocessing cache of `data baselines`. Not the pipeline's
+`data` folder, because staging replaces `<data_dir>/dataset`, which a running pipeline may be reading."""
 
 
+def _print_json(data: dict) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _pipeline_run_id_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pipeline-run-id", default=None, help="groups the MLflow runs of one pipeline run")
+
+
+def _resume_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out, if any")
+
+
+# ---------------------------------------------------------------------------------------- pipeline steps
+def _prepare_data_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--out", required=True, type=Path, help="prepared data folder (manifest, dataset, cache)")
+
+
+def _prepare_data(args: argparse.Namespace) -> int:
+    from ctv2v.steps.prepare_data import prepare_data_step
+
+    _print_json(prepare_data_step(config_from_args(args), args.out).to_dict())
+    return 0
+
+
+def _fetch_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, required=False)
+    parser.add_argument("--source", metavar="URI",
+                        help="shorthand for --set vae.maisi.checkpoint=URI (clears the config's hashes)")
+    hashes = parser.add_mutually_exclusive_group()
+    hashes.add_argument("--sha256", metavar="HEX", help="shorthand for --set vae.maisi.sha256=HEX")
+    hashes.add_argument("--md5", metavar="HEX", help="shorthand for --set vae.maisi.md5=HEX")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="checkpoint cache (default $CTV2V_CACHE/checkpoints or ~/.cache/ctv2v/checkpoints)")
+    parser.add_argument("--out", required=True, type=Path, help="output folder: the checkpoint + fetch-record.json")
+
+
+def _fetch_checkpoint(args: argparse.Namespace) -> int:
+    from ctv2v.steps.fetch_checkpoint import fetch_checkpoint_step
+
+    # After the user's own --set; JSON-quoted so YAML keeps them strings (an all-digit md5 would parse as a number).
+    overrides = list(args.overrides)
+    if args.source is not None:
+        overrides += [f"vae.maisi.checkpoint={json.dumps(args.source)}", "vae.maisi.sha256=null", "vae.maisi.md5=null"]
+    if args.sha256 is not None:
+        overrides.append(f"vae.maisi.sha256={json.dumps(args.sha256)}")
+    if args.md5 is not None:
+        overrides.append(f"vae.maisi.md5={json.dumps(args.md5)}")
+    config = load_config(args.config or [], overrides)
+    _print_json(fetch_checkpoint_step(config, args.out, cache_dir=args.cache_dir).to_dict())
+    return 0
+
+
+def _match_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, required=False)
+    parser.add_argument("--checkpoint", required=True, type=Path,
+                        help="checkpoint file, or the output folder of fetch-checkpoint")
+    parser.add_argument("--data", required=True, type=Path,
+                        help="prepared dataset folder (manifest + cache): val clips for the reconstruction check, "
+                             "train clips for the latent scale")
+    parser.add_argument("--out", required=True, type=Path, help="output folder: vae.pt, vae.json, match-report.json")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="shorthand for --set vae.maisi.allow_partial=true: load a partial match, labelled PARTIAL")
+    _pipeline_run_id_argument(parser)
+
+
+def _match(args: argparse.Namespace) -> int:
+    from ctv2v.steps.match_architecture import match_architecture_step
+
+    overrides = [*args.overrides, *(["vae.maisi.allow_partial=true"] if args.allow_partial else [])]
+    summary = match_architecture_step(load_config(args.config or [], overrides), args.checkpoint, args.out,
+                                      args.data, args.pipeline_run_id)
+    _print_json(summary.to_dict())
+    return 0
+
+
+def _train_vae_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--data", required=True, type=Path, help="prepared dataset folder (manifest + cache)")
+    parser.add_argument("--out", required=True, type=Path, help="output folder: vae.pt, vae.json, checkpoints/")
+    _resume_argument(parser)
+    _pipeline_run_id_argument(parser)
+
+
+def _train_vae(args: argparse.Namespace) -> int:
+    from ctv2v.steps.train_vae import train_vae_step
+
+    summary = train_vae_step(config_from_args(args), args.data, args.out, resume=args.resume,
+                             pipeline_run_id=args.pipeline_run_id)
+    _print_json(summary.to_dict())
+    return 0
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--phase", required=True, choices=("frozen", "full"))
+    parser.add_argument("--data", required=True, type=Path, help="prepared dataset folder (manifest + cache)")
+    parser.add_argument("--vae", required=True, type=Path, help="VAE artifact folder (train-vae / match-architecture)")
+    parser.add_argument("--init", type=Path, default=None, help="--phase full: the frozen phase's output folder")
+    parser.add_argument("--out", required=True, type=Path, help="output folder (checkpoints, model, best-model)")
+    _resume_argument(parser)
+    _pipeline_run_id_argument(parser)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ctv2v.steps.train import train_step
+
+    summary = train_step(config_from_args(args), args.phase, args.data, args.vae, args.init, args.out,
+                         resume=args.resume, pipeline_run_id=args.pipeline_run_id)
+    _print_json(summary.to_dict())
+    return 0
+
+
+def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--data", required=True, type=Path, help="prepared dataset folder (manifest + cache)")
+    parser.add_argument("--model", required=True, type=Path, help="trained-model folder (holds model.json)")
+    parser.add_argument("--out", required=True, type=Path, help="output folder (report, predictions, panels)")
+    _pipeline_run_id_argument(parser)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from ctv2v.steps.evaluate import evaluate_step
+
+    _print_json(evaluate_step(config_from_args(args), args.data, args.model, args.out,
+                              args.pipeline_run_id).to_dict())
+    return 0
+
+
+def _compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folders", nargs="*", type=Path, metavar="EVAL_DIR",
+                        help="evaluation output folders (the variant is read from each report.json)")
+    parser.add_argument("--report", action="append", default=[], metavar="VARIANT=PATH",
+                        help="an evaluation report.json or folder for VARIANT, e.g. pretrained=runs/p/evaluate")
+    parser.add_argument("--out", required=True, type=Path, help="output folder (comparison.md, comparison.html)")
+    _pipeline_run_id_argument(parser)
+    add_config_arguments(parser, required=False)
+
+
+def _report_paths(named: list[str], folders: list[Path]) -> dict[str, Path]:
+    """`--report VARIANT=PATH` values and positional evaluation folders (variant read from each report)."""
+    from ctv2v.evaluate.compare import ComparisonError, load_report
+
+    paths: dict[str, Path] = {}
+
+    def add(variant: str, path: Path) -> None:
+        if variant in paths:
+            raise ComparisonError(f"two reports for variant '{variant}': {paths[variant]} and {path}")
+        paths[variant] = path
+
+    for text in named:
+        variant, sep, path = text.partition("=")
+        if not sep or not variant or not path:
+            raise ComparisonError(f"--report {text!r}: expected VARIANT=PATH, e.g. main=runs/main/evaluate")
+        add(variant, Path(path))
+    for folder in folders:
+        add(load_report(folder).variant, Path(folder))
+    return paths
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from ctv2v.steps.compare import compare_step
+
+    comparison = compare_step(_report_paths(args.report, args.folders), args.out, config_from_args(args).tracking,
+                              args.pipeline_run_id)
+    print(comparison.markdown)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+def _pipeline_config(args: argparse.Namespace) -> RunConfig:
+    """The config of a `pipeline` command; run-local's --weights is a shorthand for vae.maisi.weights."""
+    weights = getattr(args, "weights", None)
+    return load_config(args.config or [], [*args.overrides, *([f"vae.maisi.weights={weights}"] if weights else [])])
+
+
+def _compile_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, required=False)
+    parser.add_argument("-o", "--output", required=True, type=Path)
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from pipeline.compile import compile_pipeline
+
+    print(compile_pipeline(_pipeline_config(args), args.output))
+    return 0
+
+
+def _submit_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kubeflow.example/pipeline")
+    parser.add_argument("--namespace", default=None, help="profile namespace (multi-user Kubeflow)")
+    parser.add_argument("--experiment", default="ctv2v", help="KFP experiment name (default: ctv2v)")
+    parser.add_argument("--branches", choices=BRANCHES, default="both")
+    parser.add_argument("--run-name", default=None)
+    auth = parser.add_mutually_exclusive_group()
+    auth.add_argument("--token", default=None, help="bearer token for the KFP API")
+    auth.add_argument("--cookie", default=None, help="session cookie, e.g. 'authservice_session=...'")
+    parser.add_argument("--wait", action="store_true", help="follow the run; exit non-zero unless it succeeds")
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from pipeline.submit import submit
+
+    print(submit(_pipeline_config(args), host=args.host, namespace=args.namespace, experiment=args.experiment,
+                 branches=args.branches, token=args.token, cookie=args.cookie, run_name=args.run_name,
+                 wait=args.wait))
+    return 0
+
+
+def _run_local_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--branches", choices=BRANCHES, default="both")
+    parser.add_argument("--weights", choices=("pretrained", "stand-in"), default=None,
+                        help="MAISI weights for the pretrained branch; `stand-in` builds random weights in "
+                             "MAISI's layout (offline demos), labelled so everywhere")
+    parser.add_argument("--out", type=Path, default=None, help="default: <data.workspace>/pipeline")
+
+
+def _run_local(args: argparse.Namespace) -> int:
+    from pipeline.local import run_local
+
+    config = _pipeline_config(args)
+    result = run_local(config, args.branches, args.out or config.data.workspace / "pipeline")
+    if "compare_markdown" in result:
+        print(Path(result["compare_markdown"]).read_text())
+    _print_json(result)
+    return 0
+
+
+# ------------------------------------------------------------------------------------ configs, data, models
 def _config_show(args: argparse.Namespace) -> int:
     sys.stdout.write(to_yaml(config_from_args(args)))
     return 0
 
 
+def _fetch_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="where the demo folder goes (default $CTV2V_CACHE/demo or ~/.cache/ctv2v/demo)")
+
+
+def _fetch_demo(args: argparse.Namespace) -> int:
+    from ctv2v.data.demo import fetch_demo
+
+    print(fetch_demo(args.cache_dir))
+    return 0
+
+
+def _baselines_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--factors", type=int, nargs="+", default=[2, 4], metavar="K",
+                        help="thick factors to simulate (default: 2 4); the thick method is data.thick.method")
+    parser.add_argument("--volumes", nargs="+", default=None, metavar="ID",
+                        help="only these volume ids of the dataset (default: all)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: <data.workspace>/baselines)")
+
+
+def _baselines(args: argparse.Namespace) -> int:
+    from ctv2v.config_io import write_resolved
+    from ctv2v.data.cache import PreprocessCache
+    from ctv2v.data.prepared import PREPROCESS_CACHE_DIR, stage_dataset
+    from ctv2v.evaluate.baseline_report import baseline_report, format_table, write_report
+
+    config = config_from_args(args)
+    out = args.out if args.out is not None else config.data.workspace / "baselines"
+    data_dir = config.data.workspace / BASELINES_DATA_DIR
+    report = baseline_report(
+        stage_dataset(config.data.source, data_dir, config), config.data, factors=args.factors,
+        hu_min=config.evaluation.hu_min, hu_max=config.evaluation.hu_max, methods=config.evaluation.baselines,
+        volume_ids=args.volumes, cache=PreprocessCache(data_dir / PREPROCESS_CACHE_DIR),
+    )
+    write_report(report, out)
+    write_resolved(config, out)
+    print(format_table(report))
+    print(f"reports: {out}")
+    return 0
+
+
+def _model_summary_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def _model_summary(args: argparse.Namespace) -> int:
+    from ctv2v.train.estimate import format_summary, summarize
+
+    summary = summarize(config_from_args(args))
+    sys.stdout.write((json.dumps(summary, indent=2) if args.json else format_summary(summary)) + "\n")
+    return 0
+
+
+def _mirror_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, required=False)
+    parser.add_argument("file", type=Path, help="local checkpoint file")
+    parser.add_argument("s3_uri", metavar="S3_URI", help="destination, s3://BUCKET/KEY")
+
+
+def _mirror(args: argparse.Namespace) -> int:
+    from ctv2v.remote.fetch import mirror
+
+    digest = mirror(args.file, args.s3_uri, storage=config_from_args(args).storage)
+    print(f"uploaded {args.file} -> {args.s3_uri} ({args.file.stat().st_size} bytes)")
+    print(f"sha256: {digest}")
+    print("put in the config:")
+    print(f"  vae:\n    maisi:\n      checkpoint: {args.s3_uri}\n      sha256: {digest}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- table
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its help line, what adds its arguments, what runs it (returns the exit code)."""
+
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+GROUPS = {
+    "pipeline": "compile, submit or run the KFP DAG",
+    "config": "inspect configs",
+    "data": "demo data and preprocessing",
+    "model": "inspect the configured model",
+    "checkpoint": "checkpoint utilities",
+}
+"""Subcommands with subcommands of their own, e.g. `ctv2v pipeline submit`."""
+
+COMMANDS = {
+    "prepare-data": Command("stage data.source, write manifest.json, fill the cache",
+                            _prepare_data_arguments, _prepare_data),
+    "fetch-checkpoint": Command("fetch + verify MAISI's VAE checkpoint (or build a stand-in)",
+                                _fetch_checkpoint_arguments, _fetch_checkpoint),
+    "match": Command("load MAISI's VAE checkpoint 100%% strictly; write the VAE artifact", _match_arguments, _match),
+    "train-vae": Command("train the scratch VAE (variant main); OUT becomes a VAE artifact",
+                         _train_vae_arguments, _train_vae),
+    "train": Command("train the diffusion model: --phase frozen (VAE frozen) or full", _train_arguments, _train),
+    "evaluate": Command("score the trained model and the baselines on the test split",
+                        _evaluate_arguments, _evaluate),
+    "compare": Command("compare evaluation reports (main vs pretrained) as Markdown/HTML",
+                       _compare_arguments, _compare),
+    "pipeline compile": Command("compile the DAG to KFP YAML, validated against KFP's protobufs",
+                                _compile_arguments, _compile),
+    "pipeline submit": Command("compile and submit one run through kfp.Client", _submit_arguments, _submit),
+    "pipeline run-local": Command("run the DAG on this machine under kfp.local (CPU)",
+                                  _run_local_arguments, _run_local),
+    "config show": Command("print the resolved config (fails on an unknown key)", add_config_arguments,
+                           _config_show),
+    "data fetch-demo": Command("download + verify the demo CT volumes; print the dataset folder",
+                               _fetch_demo_arguments, _fetch_demo),
+    "data baselines": Command("score nearest/linear/cubic interpolation on the dataset; print the table, write JSON",
+                              _baselines_arguments, _baselines),
+    "model summary": Command("parameter counts, latent shapes and FLOPs per training step",
+                             _model_summary_arguments, _model_summary),
+    "checkpoint mirror": Command("upload a local checkpoint to the cluster's object store; print its sha256 for "
+                                 "the config", _mirror_arguments, _mirror),
+}
+"""Every subcommand, by its words on the command line."""
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The `ctv2v` argument parser, built from COMMANDS."""
     parser = argparse.ArgumentParser(prog="ctv2v", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-    config = sub.add_parser("config", help="inspect configs").add_subparsers(dest="config_command", required=True)
-    show = config.add_parser("show", help="print the resolved config (fails on an unknown key)")
-    add_config_arguments(show)
-    show.set_defaults(func=_config_show)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; tracebacks for errors")
+    top = parser.add_subparsers(dest="command", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for words, command in COMMANDS.items():
+        group, _, name = words.rpartition(" ")
+        if group and group not in groups:
+            groups[group] = top.add_parser(group, help=GROUPS[group]).add_subparsers(
+                dest=f"{group}_command", required=True)
+        sub = groups[group].add_parser(name, help=command.help) if group else top.add_parser(name, help=command.help)
+        command.arguments(sub)
+        sub.set_defaults(run=command.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one `ctv2v` command; returns its exit code."""
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args) or 0)
-    except ConfigError as exc:
-        print(f"ctv2v: config error: {exc}", file=sys.stderr)
-        return 2
+        return args.run(args)
     except (ValueError, OSError, RuntimeError) as exc:
-        # Bad input (files, tensors, servers) gets one line; --verbose shows the traceback.
+        # Bad input (configs, files, tensors, servers) gets one message; --verbose shows the traceback.
         if args.verbose:
             raise
         print(f"ctv2v: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, ConfigError) else 1
 
 
 if __name__ == "__main__":

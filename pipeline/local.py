@@ -9,7 +9,7 @@ from pathlib import Path
 from kfp import local
 
 from ctv2v.config import RunConfig
-from ctv2v.config_io import to_yaml, write_resolved
+from ctv2v.config_io import write_resolved
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def run_local(config: RunConfig, branches: str, out_dir: Path) -> dict:
     Components run in this interpreter's environment (use_venv=False): the project is already installed, and
     the components are built with install_kfp_package=False, so nothing is pip-installed at run time.
     """
-    from pipeline.dag import build_pipeline
+    from pipeline.dag import build_pipeline, config_argument
 
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -34,7 +34,7 @@ def run_local(config: RunConfig, branches: str, out_dir: Path) -> dict:
                workspace_root=str(out_dir / "kfp-workspace"), raise_on_error=True)
     pipeline_func = build_pipeline(config)
     started = time.monotonic()
-    pipeline_func(config=to_yaml(config), branches=branches)
+    pipeline_func(config=config_argument(config), branches=branches)
     wall_s = time.monotonic() - started
     runs = sorted(outputs.glob("ctv2v-*"), key=lambda p: p.stat().st_mtime)
     if not runs:

@@ -10,8 +10,8 @@ from pathlib import Path
 import kfp
 
 from ctv2v.config import RunConfig
-from ctv2v.config_io import to_yaml
-from pipeline.spec import compile_pipeline
+from pipeline.compile import compile_pipeline
+from pipeline.dag import config_argument
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def submit(
         package = compile_pipeline(config, Path(tmp) / "ctv2v-pipeline.yaml")
         result = client.create_run_from_pipeline_package(
             str(package),
-            arguments={"config": to_yaml(config), "branches": branches},
+            arguments={"config": config_argument(config), "branches": branches},
             run_name=run_name or f"ctv2v-{branches}-{datetime.datetime.now():%Y%m%d-%H%M%S}",
             experiment_name=experiment,
             namespace=namespace,

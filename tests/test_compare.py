@@ -10,12 +10,14 @@ import torch
 from kfp.dsl import HTML, Artifact, Markdown
 from mlflow import MlflowClient
 
-from components.compare import compare_op, compare_step
+from components.compare import compare_op
+from ctv2v.steps.compare import compare_step
 from ctv2v.evaluate.compare import ComparisonError, compare, load_report
 from ctv2v.config import TrackingConfig
 from ctv2v.tracking.runs import TAG_PIPELINE_RUN_ID, TAG_STEP
 from pipeline.cli import main as cli_main
-from tests.test_evaluation import LinearInterpolationSampler, prepared_data, run_evaluate, tiny_config
+from tests.conftest import (EVALUATION_PHANTOM, LinearInterpolationSampler, evaluation_config, prepared_phantoms,
+                            run_evaluate)
 
 STAND_IN = "stand-in (random MAISI-layout weights)"
 
@@ -32,10 +34,10 @@ def runs(tmp_path_factory):
     """Evaluation folders of `main` (linear stand-in, scratch label) and `pretrained` (nearest stand-in, stand-in
     label) on the same data, plus the data folder."""
     root = tmp_path_factory.mktemp("compare")
-    config = tiny_config("evaluation.max_volumes=1")
-    data_dir = prepared_data(root / "data", config)
+    config = evaluation_config("evaluation.max_volumes=1")
+    data_dir = prepared_phantoms(root / "data", config, volumes=2, shape=EVALUATION_PHANTOM)
     run_evaluate(LinearInterpolationSampler(4), data_dir, config, root / "main", weights_label="scratch")
-    pretrained = tiny_config("evaluation.max_volumes=1", "variant=pretrained")
+    pretrained = evaluation_config("evaluation.max_volumes=1", "variant=pretrained")
     run_evaluate(NearestSliceSampler(4), data_dir, pretrained, root / "pretrained", weights_label="stand-in")
     return root, data_dir
 
@@ -69,8 +71,8 @@ def test_table_numbers_come_from_the_reports(runs, tmp_path):
     markdown, _ = compare(loaded, tmp_path)
     main_row = next(line for line in markdown.splitlines() if line.startswith("| main model |"))
     cells = [cell.strip() for cell in main_row.strip("|").split("|")]
-    psnr_all = loaded["main"]["aggregate"]["model"]["all"]["psnr_db"]
-    mae_syn = loaded["main"]["aggregate"]["model"]["synthesized"]["mae_hu"]
+    psnr_all = loaded["main"].aggregate["model"]["all"]["psnr_db"]
+    mae_syn = loaded["main"].aggregate["model"]["synthesized"]["mae_hu"]
     assert cells[2] == f"{psnr_all:.2f}" and cells[-1] == f"{mae_syn:.1f}"
 
 
@@ -80,7 +82,7 @@ def test_table_numbers_come_from_the_reports(runs, tmp_path):
 ])
 def test_refuses_reports_with_other_settings(runs, tmp_path, override, problem):
     root, data_dir = runs
-    config = tiny_config("evaluation.max_volumes=1", "variant=pretrained", *override)
+    config = evaluation_config("evaluation.max_volumes=1", "variant=pretrained", *override)
     run_evaluate(LinearInterpolationSampler(4), data_dir, config, tmp_path / "other", weights_label="stand-in")
     with pytest.raises(ComparisonError, match=problem):
         compare({"main": load_report(root / "main"), "pretrained": load_report(tmp_path / "other")}, tmp_path / "cmp")
@@ -89,24 +91,24 @@ def test_refuses_reports_with_other_settings(runs, tmp_path, override, problem):
 
 def test_refuses_reports_from_another_manifest(runs, tmp_path):
     root, _ = runs
-    config = tiny_config("evaluation.max_volumes=1", "variant=pretrained")
+    config = evaluation_config("evaluation.max_volumes=1", "variant=pretrained")
     # Same first test volume (same content, same id), but the manifest also lists a third volume.
-    other_data = prepared_data(tmp_path / "data", config, volumes=3)
+    other_data = prepared_phantoms(tmp_path / "data", config, volumes=3, shape=EVALUATION_PHANTOM)
     run_evaluate(LinearInterpolationSampler(4), other_data, config, tmp_path / "other", weights_label="stand-in")
     other = load_report(tmp_path / "other")
-    assert other["volume_ids"] == load_report(root / "main")["volume_ids"]
+    assert other.volume_ids == load_report(root / "main").volume_ids
     with pytest.raises(ComparisonError, match="manifest differs"):
         compare({"main": load_report(root / "main"), "pretrained": other}, tmp_path / "cmp")
 
 
 def test_refuses_a_report_under_the_wrong_variant_and_a_single_report(runs, tmp_path):
-    root, _ = runs
+    root, data_dir = runs
     with pytest.raises(ComparisonError, match="report given as 'pretrained' was made by variant 'main'"):
         compare(reports(root, pretrained="main", main="main"), tmp_path)
     with pytest.raises(ComparisonError, match="at least two reports"):
         compare(reports(root, main="main"), tmp_path)
     with pytest.raises(ComparisonError, match="not an evaluation report"):
-        load_report(root / "data" / "manifest.json")
+        load_report(data_dir / "manifest.json")
 
 
 def test_cli_takes_named_reports_or_evaluation_folders(runs, tmp_path, capsys, monkeypatch):
@@ -136,8 +138,8 @@ def test_compare_step_logs_to_the_pipeline_run(runs, tmp_path, mlflow_server):
                                filter_string=f"tags.`{TAG_PIPELINE_RUN_ID}` = '{pipeline_run_id}'")
     step = next(run for run in found if run.data.tags.get(TAG_STEP) == "compare")
     assert step.data.tags["mlflow.parentRunId"] in {run.info.run_id for run in found}
-    main = load_report(root / "main")["aggregate"]["model"]["synthesized"]["psnr_db"]
-    pretrained = load_report(root / "pretrained")["aggregate"]["model"]["synthesized"]["psnr_db"]
+    main = load_report(root / "main").aggregate["model"]["synthesized"]["psnr_db"]
+    pretrained = load_report(root / "pretrained").aggregate["model"]["synthesized"]["psnr_db"]
     metrics = step.data.metrics
     assert metrics["compare/pretrained_minus_main/synthesized/psnr_db"] == pytest.approx(pretrained - main)
     assert metrics["compare/linear/synthesized/psnr_db"] == pytest.approx(main, abs=1e-3)
@@ -152,7 +154,7 @@ def test_compare_op_writes_markdown_and_html_outputs(runs, tmp_path, monkeypatch
     assert (spec.outputs["markdown"].type, spec.outputs["html"].type) == ("system.Markdown@0.0.1",
                                                                           "system.HTML@0.0.1")
     markdown, html = Markdown(uri=str(tmp_path / "table.md")), HTML(uri=str(tmp_path / "table.html"))
-    compare_op.python_func(config_yaml="{}", pipeline_run_id="op-test", main_report=Artifact(uri=str(root / "main")),
+    compare_op.python_func(config_json="{}", pipeline_run_id="op-test", main_report=Artifact(uri=str(root / "main")),
                            pretrained_report=Artifact(uri=str(root / "pretrained")),
                            comparison=Artifact(uri=str(tmp_path / "comparison")), markdown=markdown, html=html)
     assert (tmp_path / "table.md").read_text() == (tmp_path / "comparison" / "comparison.md").read_text()

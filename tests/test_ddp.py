@@ -10,15 +10,15 @@ import sys
 import torch
 
 from ctv2v.train.loop import ShardSampler
-from tests.test_training import REPO, TINY_OVERRIDES, make_prepared_dataset, tiny_config
+from tests.conftest import REPO, TRAINING_OVERRIDES, TRAINING_PHANTOM, prepared_phantoms, training_config
 
 
 def test_two_gloo_ranks_keep_identical_weights_and_only_rank0_checkpoints(tmp_path):
     from ctv2v.models.vae import ScratchVAE, save_vae_artifact
 
     ddp_overrides = ["training.full.batch_size=1", "training.full.epochs=1"]
-    config = tiny_config(*ddp_overrides)
-    data = make_prepared_dataset(tmp_path / "data", config)
+    config = training_config(*ddp_overrides)
+    data = prepared_phantoms(tmp_path / "data", config, volumes=4, shape=TRAINING_PHANTOM)
     torch.manual_seed(0)
     save_vae_artifact(ScratchVAE.from_config(config.vae.scratch), tmp_path / "vae", weights="scratch",
                       extra={"note": "random weights, test input"})
@@ -26,7 +26,7 @@ def test_two_gloo_ranks_keep_identical_weights_and_only_rank0_checkpoints(tmp_pa
     out.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "tests" / "ddp_train_script.py"), str(data), str(tmp_path / "vae"), str(out),
-           *TINY_OVERRIDES, *ddp_overrides]
+           *TRAINING_OVERRIDES, *ddp_overrides]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-4000:]

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 
 import numpy as np
 import pytest
 
-from ctv2v import commands
 from ctv2v.config import SplitConfig, ThickConfig
 from ctv2v.data import demo as demo_module
 from ctv2v.data import read_volume
 from ctv2v.data.demo import DEMO_FILES, DEMO_VOLUMES, DemoDataError, fetch_demo
 from ctv2v.data.manifest import build_manifest
+from pipeline.cli import main as cli_main
 
 
 def test_fresh_download_extracts_exactly_the_demo_files(tmp_path):
@@ -72,8 +71,5 @@ def test_example_ct_sm_is_a_crop_of_example_ct(demo_dir):
 
 def test_cli_prints_the_folder(demo_dir, tmp_path, capsys):
     copy = shutil.copytree(demo_dir, tmp_path / "demo")
-    parser = argparse.ArgumentParser(prog="ctv2v")
-    commands.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["data", "fetch-demo", "--cache-dir", str(copy)])
-    assert args.func(args) == 0
+    assert cli_main(["data", "fetch-demo", "--cache-dir", str(copy)]) == 0
     assert capsys.readouterr().out.strip() == str(copy)

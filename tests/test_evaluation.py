@@ -11,91 +11,22 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from scipy.ndimage import gaussian_filter
 
 from ctv2v.evaluate.baselines import interpolate
 from ctv2v.models.artifacts import save_trained_model
-from ctv2v.config import RunConfig
-from ctv2v.config_io import load_config
 from ctv2v.data.cache import PreprocessCache
 from ctv2v.data.clips import Tile, eval_tiles
-from ctv2v.data.manifest import build_manifest, write_manifest
 from ctv2v.data.readers import read_volume
-from ctv2v.evaluate.evaluate import (MODEL, REPORT_FILE, EvaluationError, evaluate, manifest_sha256, tile_weights,
-                              weights_display)
-from ctv2v.evaluate.metrics import METRIC_NAMES, SLICE_SETS
+from ctv2v.evaluate.evaluate import (MODEL, REPORT_FILE, EvaluationError, EvaluationReport, manifest_sha256,
+                                    tile_weights)
+from ctv2v.evaluate.metrics import METRIC_NAMES, SLICE_SETS, from_json
 from ctv2v.models.v2v import build_model
 from ctv2v.tracking.runs import TAG_PHASE, TAG_STEP, TAG_TEST_PSNR, TAG_VARIANT, TAG_WEIGHTS
 from ctv2v.evaluate.panels import COLUMN_WIDTH_PX, render_panel
 from ctv2v.data.prepared import DATASET_DIR, MANIFEST_FILE, PREPROCESS_CACHE_DIR
 from ctv2v.models.vae import build_untrained_vae
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "data.split.train=0.0", "data.split.val=0.0", "data.split.test=1.0",
-    "data.clip.frames=8", "data.clip.height=16", "data.clip.width=16", "data.clip.eval_overlap=0.25",
-    "vae.scratch.channels=[8,16]", "vae.scratch.norm_num_groups=4",
-    "denoiser.channels=[8,16]", "denoiser.norm_num_groups=4", "denoiser.num_head_channels=4",
-    "diffusion.num_train_timesteps=50",
-    "evaluation.sample_steps=2", "evaluation.max_volumes=null", "evaluation.volume_ids=null",
-    "evaluation.tile_batch_size=4",
-]
-"""smoke.yaml made smaller: every volume in the test split, 8-frame 16x16 tiles, 8-16 channel networks."""
-
-# NIfTI voxel (i, j, k) -> RAS mm: x flipped (i grows to the right), 0.8 x 0.9 mm in-plane, 1.25 mm slices
-# along k, and an origin away from zero, so a lost flip, permutation or offset changes world positions.
-SOURCE_AFFINE = np.array([
-    [-0.8, 0.0, 0.0, 120.0],
-    [0.0, 0.9, 0.0, -60.0],
-    [0.0, 0.0, 1.25, 35.0],
-    [0.0, 0.0, 0.0, 1.0],
-])
-
-
-def tiny_config(*overrides: str) -> RunConfig:
-    """The test configuration: smoke.yaml + TINY + `overrides`."""
-    return load_config([REPO / "configs" / "smoke.yaml"], [*TINY, *overrides])
-
-
-def write_volume(path: Path, seed: int, shape: tuple[int, int, int] = (30, 28, 43)) -> None:
-    """A smooth CT-like NIfTI volume (NIfTI axes x, y, z) with HU strictly inside [-1000, 1000]."""
-    rng = np.random.default_rng(seed)
-    field = gaussian_filter(rng.normal(size=shape), sigma=(3, 3, 2))
-    hu = np.clip(field / field.std() * 350.0, -950, 950).astype(np.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(hu, SOURCE_AFFINE), path)
-
-
-def prepared_data(root: Path, config: RunConfig, volumes: int = 2,
-                  shape: tuple[int, int, int] = (30, 28, 43)) -> Path:
-    """A prepared data folder (dataset/, manifest.json) with `volumes` synthetic NIfTI volumes, one patient each."""
-    for index in range(volumes):
-        write_volume(root / DATASET_DIR / f"vol{index}.nii.gz", seed=index, shape=shape)
-    write_manifest(build_manifest(root / DATASET_DIR, config.data.split, config.data.thick), root / MANIFEST_FILE)
-    return root
-
-
-class LinearInterpolationSampler(torch.nn.Module):
-    """TEST-ONLY stand-in for VideoToVideoDiffusion.sample: linear interpolation between the clip's thick frames.
-
-    Frames after the clip's last thick frame repeat it (one-sided extrapolation, as a real model would have to
-    guess them); evaluation must weight those frames out, or the result differs from the linear baseline.
-    """
-
-    def __init__(self, factor: int):
-        super().__init__()
-        self.factor = factor
-
-    def sample(self, thick: torch.Tensor, steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        k = self.factor
-        frames = []
-        for f in range(thick.shape[2] * k):
-            j, r = divmod(f, k)
-            if j + 1 < thick.shape[2]:
-                frames.append(thick[:, :, j] * (1 - r / k) + thick[:, :, j + 1] * (r / k))
-            else:
-                frames.append(thick[:, :, j])
-        return torch.stack(frames, dim=2)
+from tests.conftest import (EVALUATION_OVERRIDES, EVALUATION_PHANTOM, REPO, LinearInterpolationSampler,
+                            evaluation_config, prepared_phantoms, run_evaluate)
 
 
 class NaNSampler(LinearInterpolationSampler):
@@ -107,18 +38,12 @@ class NaNSampler(LinearInterpolationSampler):
         return out
 
 
-def run_evaluate(model, data_dir: Path, config: RunConfig, out_dir: Path, weights_label: str = "scratch") -> dict:
-    manifest = json.loads((data_dir / MANIFEST_FILE).read_text())
-    return evaluate(model, manifest, PreprocessCache(data_dir / PREPROCESS_CACHE_DIR), data_dir / DATASET_DIR,
-                    config, out_dir, torch.Generator().manual_seed(0), weights_label=weights_label)
-
-
 @pytest.fixture(scope="module")
 def linear_run(tmp_path_factory):
     """The linear stand-in evaluated on two synthetic volumes (slab-average x4 thick series)."""
     root = tmp_path_factory.mktemp("linear")
-    config = tiny_config()
-    data_dir = prepared_data(root / "data", config)
+    config = evaluation_config()
+    data_dir = prepared_phantoms(root / "data", config, volumes=2, shape=EVALUATION_PHANTOM)
     out_dir = root / "eval"
     report = run_evaluate(LinearInterpolationSampler(config.data.thick.factor), data_dir, config, out_dir)
     return config, data_dir, out_dir, report
@@ -126,20 +51,20 @@ def linear_run(tmp_path_factory):
 
 def test_blended_tiles_of_a_linear_model_reproduce_the_linear_baseline(linear_run):
     config, data_dir, out_dir, report = linear_run
-    assert report["n_volumes"] == 2
-    for volume in report["volumes"]:
-        scores = volume["metrics"]
+    assert report.n_volumes == 2
+    for volume in report.volumes:
+        scores = volume.metrics
         for subset in SLICE_SETS:
             for name in METRIC_NAMES:
                 assert scores[MODEL][subset][name] == pytest.approx(scores["linear"][subset][name], rel=1e-5,
-                                                                    abs=1e-4), (volume["id"], subset, name)
+                                                                    abs=1e-4), (volume.id, subset, name)
         # The check can fail: nearest and cubic score differently on the same slices.
         assert scores["nearest"]["synthesized"]["psnr_db"] < scores["linear"]["synthesized"]["psnr_db"] - 0.5
         # Voxel by voxel too: every covered slice comes from interpolating tiles only.
         volume_data = PreprocessCache(data_dir / PREPROCESS_CACHE_DIR).load(
-            data_dir / DATASET_DIR, _manifest_entry(data_dir, volume["id"]), config.data)
-        linear = interpolate(volume_data.thick, volume_data.thin.shape[0], "linear")[:volume["scored_slices"]]
-        predicted = np.asarray(nib.load(out_dir / volume["prediction_nifti"]).dataobj)
+            data_dir / DATASET_DIR, _manifest_entry(data_dir, volume.id), config.data)
+        linear = interpolate(volume_data.thick, volume_data.thin.shape[0], "linear")[:volume.scored_slices]
+        predicted = np.asarray(nib.load(out_dir / volume.prediction_nifti).dataobj)
         assert np.abs(predicted - linear).max() < 0.05
 
 
@@ -162,10 +87,10 @@ def test_tile_weights_vanish_after_the_last_thick_slice_and_taper_smoothly():
 
 def test_tiles_cover_every_scored_slice_with_positive_weight(linear_run):
     config, data_dir, _, report = linear_run
-    for volume in report["volumes"]:
-        n_thick, k = volume["n_thick"], config.data.thick.factor
-        shape = tuple(volume["thin_shape"])
-        total = np.zeros(volume["scored_slices"])
+    for volume in report.volumes:
+        n_thick, k = volume.n_thick, config.data.thick.factor
+        shape = tuple(volume.thin_shape)
+        total = np.zeros(volume.scored_slices)
         for tile in eval_tiles(shape, config.data.clip, k, n_thick=n_thick):
             z = tile_weights(tile, n_thick)[:, tile.height // 2, tile.width // 2]
             stop = min(tile.z0 + tile.frames, len(total))
@@ -175,35 +100,35 @@ def test_tiles_cover_every_scored_slice_with_positive_weight(linear_run):
 
 def test_prediction_nifti_keeps_the_thin_geometry(linear_run):
     config, data_dir, out_dir, report = linear_run
-    volume = report["volumes"][0]
-    source = read_volume(data_dir / DATASET_DIR / _manifest_entry(data_dir, volume["id"])["path"])
-    written = nib.load(out_dir / volume["prediction_nifti"])
-    assert written.shape == (volume["scored_slices"], *source.array.shape[1:])
+    volume = report.volumes[0]
+    source = read_volume(data_dir / DATASET_DIR / _manifest_entry(data_dir, volume.id)["path"])
+    written = nib.load(out_dir / volume.prediction_nifti)
+    assert written.shape == (volume.scored_slices, *source.array.shape[1:])
     np.testing.assert_allclose(written.affine, source.affine, atol=1e-5)
     np.testing.assert_allclose(written.header.get_zooms(), source.spacing, atol=1e-5)
     assert int(written.header["sform_code"]) == 1 and int(written.header["qform_code"]) == 1
     # Every predicted voxel sits at the world position of a source voxel: map a few through both affines.
-    original = nib.load(data_dir / DATASET_DIR / _manifest_entry(data_dir, volume["id"])["path"])
-    for index in [(0, 0, 0), (4, 5, 6), (volume["scored_slices"] - 1, 20, 11)]:
+    original = nib.load(data_dir / DATASET_DIR / _manifest_entry(data_dir, volume.id)["path"])
+    for index in [(0, 0, 0), (4, 5, 6), (volume.scored_slices - 1, 20, 11)]:
         world = written.affine @ [*index, 1]
         source_index = np.linalg.solve(original.affine, world)[:3]
         np.testing.assert_allclose(source_index, np.round(source_index), atol=1e-4)
     # Thick slice j sits on thin slice j*k: at those slices (slab centres) the prediction is the thick slice.
-    thick_positions = np.arange(volume["n_thick"]) * config.data.thick.factor
+    thick_positions = np.arange(volume.n_thick) * config.data.thick.factor
     cache = PreprocessCache(data_dir / PREPROCESS_CACHE_DIR)
-    entry = _manifest_entry(data_dir, volume["id"])
+    entry = _manifest_entry(data_dir, volume.id)
     thick = cache.load(data_dir / DATASET_DIR, entry, config.data).thick.array
     np.testing.assert_allclose(np.asarray(written.dataobj)[thick_positions], thick, atol=0.05)
 
 
 def test_subsampled_thick_series_puts_true_slices_back_at_their_world_positions(tmp_path):
-    config = tiny_config("data.thick.method=subsample", "evaluation.max_volumes=1")
-    data_dir = prepared_data(tmp_path / "data", config, volumes=1)
+    config = evaluation_config("data.thick.method=subsample", "evaluation.max_volumes=1")
+    data_dir = prepared_phantoms(tmp_path / "data", config, volumes=1, shape=EVALUATION_PHANTOM)
     report = run_evaluate(LinearInterpolationSampler(4), data_dir, config, tmp_path / "eval")
-    volume = report["volumes"][0]
+    volume = report.volumes[0]
     original = nib.load(data_dir / DATASET_DIR / "vol0.nii.gz")
     source = np.asarray(original.dataobj)
-    written = nib.load(tmp_path / "eval" / volume["prediction_nifti"])
+    written = nib.load(tmp_path / "eval" / volume.prediction_nifti)
     predicted = np.asarray(written.dataobj)
     for index in np.ndindex(predicted.shape):
         if index[0] % 4 or index[1] % 7 or index[2] % 5:
@@ -215,8 +140,8 @@ def test_subsampled_thick_series_puts_true_slices_back_at_their_world_positions(
 
 def test_report_states_settings_and_limits_volumes(tmp_path, linear_run):
     config, data_dir, out_dir, report = linear_run
-    written = json.loads((out_dir / REPORT_FILE).read_text())
-    assert written == json.loads(json.dumps(report))
+    written = from_json((out_dir / REPORT_FILE).read_text())
+    assert written == report.to_dict() and EvaluationReport.from_dict(written) == report
     assert written["hu_range"] == [-1000.0, 1000.0]
     assert written["thick"] == {"method": "slab_average", "factor": 4, "thickness_mm": None}
     assert written["volumes"][0]["thick_description"] == "slab average over 5 mm every 5 mm (x4 of the thin spacing)"
@@ -228,20 +153,19 @@ def test_report_states_settings_and_limits_volumes(tmp_path, linear_run):
         mean = np.mean([v["metrics"]["linear"][subset]["psnr_db"] for v in written["volumes"]])
         assert written["aggregate"]["linear"][subset]["psnr_db"] == pytest.approx(mean)
 
-    limited = tiny_config("evaluation.max_volumes=1", "evaluation.hu_min=-500", "evaluation.sample_steps=3")
+    limited = evaluation_config("evaluation.max_volumes=1", "evaluation.hu_min=-500", "evaluation.sample_steps=3")
     stand_in = run_evaluate(LinearInterpolationSampler(4), data_dir, limited, tmp_path / "eval",
                             weights_label="stand-in")
-    assert stand_in["n_volumes"] == 1 and stand_in["test_volumes_in_split"] == 2
-    assert stand_in["hu_range"] == [-500.0, 1000.0] and stand_in["sample_steps"] == 3
-    assert stand_in["weights"] == "stand-in" and "STAND-IN" in stand_in["warning"]
-    assert stand_in["weights_display"] == "stand-in (random MAISI-layout weights)"
-    assert weights_display("scratch, fine-tuned (full phase)") == "VAE trained from scratch, fine-tuned (full phase)"
+    assert stand_in.n_volumes == 1 and stand_in.test_volumes_in_split == 2
+    assert stand_in.hu_range == [-500.0, 1000.0] and stand_in.sample_steps == 3
+    assert stand_in.weights == "stand-in" and "STAND-IN" in stand_in.warning
+    assert stand_in.weights_display == "stand-in (random MAISI-layout weights)"
 
 
 def test_panel_is_written_per_volume(linear_run):
     _, _, out_dir, report = linear_run
-    for volume in report["volumes"]:
-        image = Image.open(out_dir / volume["panel_png"])
+    for volume in report.volumes:
+        image = Image.open(out_dir / volume.panel_png)
         assert image.format == "PNG" and image.width == 6 + 5 * (COLUMN_WIDTH_PX + 6)
 
 
@@ -271,8 +195,8 @@ def test_panel_error_map_is_black_where_the_model_is_right():
 
 
 def test_nan_prediction_is_an_error_naming_the_volume(tmp_path):
-    config = tiny_config("evaluation.max_volumes=1")
-    data_dir = prepared_data(tmp_path / "data", config, volumes=1)
+    config = evaluation_config("evaluation.max_volumes=1")
+    data_dir = prepared_phantoms(tmp_path / "data", config, volumes=1, shape=EVALUATION_PHANTOM)
     with pytest.raises(EvaluationError, match=r"volume vol0: .*NaN"):
         run_evaluate(NaNSampler(4), data_dir, config, tmp_path / "eval")
     assert not (tmp_path / "eval" / REPORT_FILE).exists()
@@ -282,8 +206,8 @@ def test_nan_prediction_is_an_error_naming_the_volume(tmp_path):
 def untrained_model(tmp_path_factory):
     """A train-step output folder (model/ inside) holding a tiny untrained model, and one-volume data for it."""
     root = tmp_path_factory.mktemp("untrained")
-    config = tiny_config("evaluation.max_volumes=1")
-    data_dir = prepared_data(root / "data", config, volumes=1, shape=(24, 24, 24))
+    config = evaluation_config("evaluation.max_volumes=1")
+    data_dir = prepared_phantoms(root / "data", config, volumes=1, shape=(24, 24, 24))
     torch.manual_seed(0)
     vae = build_untrained_vae(config)
     # A random-initialised scratch VAE stands in for a trained one: these tests check plumbing, not quality.
@@ -300,7 +224,7 @@ def test_evaluate_command_runs_a_tiny_untrained_model_and_tracks_it(untrained_mo
 
     data_dir, train_dir = untrained_model
     experiment = f"test-{uuid.uuid4().hex[:8]}"
-    overrides = [*TINY, "evaluation.max_volumes=1", f"tracking.tracking_uri={mlflow_server.uri}",
+    overrides = [*EVALUATION_OVERRIDES, "evaluation.max_volumes=1", f"tracking.tracking_uri={mlflow_server.uri}",
                  f"tracking.experiment={experiment}", "tracking.system_metrics_interval_s=null"]
     command = ["evaluate", "--config", str(REPO / "configs" / "smoke.yaml"), *(f"--set={o}" for o in overrides),
                "--data", str(data_dir), "--model", str(train_dir / "model"), "--out", str(tmp_path / "eval")]
@@ -334,7 +258,6 @@ def test_evaluate_op_fills_its_kfp_outputs(untrained_model, tmp_path, monkeypatc
     from kfp.dsl import HTML, Artifact, Dataset, Metrics, Model
 
     from components.evaluate import evaluate_op
-    from ctv2v.config_io import to_yaml
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     data_dir, train_dir = untrained_model
@@ -342,8 +265,8 @@ def test_evaluate_op_fills_its_kfp_outputs(untrained_model, tmp_path, monkeypatc
                "report_html": HTML(uri=str(tmp_path / "report.html"))}
     data = Dataset(uri=str(data_dir / MANIFEST_FILE), metadata={"data_dir": str(data_dir)})
     # The pipeline passes one config to both branches and the variant separately.
-    config_yaml = to_yaml(tiny_config("evaluation.max_volumes=1", "variant=pretrained"))
-    evaluate_op.python_func(config_yaml=config_yaml, variant="main", pipeline_run_id="op-test", data=data,
+    config_json = evaluation_config("evaluation.max_volumes=1", "variant=pretrained").model_dump_json()
+    evaluate_op.python_func(config_json=config_json, variant="main", pipeline_run_id="op-test", data=data,
                             model=Model(uri=str(train_dir)), **outputs)
     report = json.loads((tmp_path / "report" / REPORT_FILE).read_text())
     logged = outputs["metrics"].metadata

@@ -11,18 +11,24 @@ from pathlib import Path
 
 import pytest
 
-from components.fetch_checkpoint import STAND_IN_FILE, fetch_checkpoint_step
 from ctv2v.remote.fetch import (RECORD_NAME, HashMismatchError, SourceUnreachableError, checkpoint_file,
                                fetch_checkpoint, is_immutable, mirror, parse_source, read_record)
 from ctv2v.config import RunConfig, StorageConfig
 from ctv2v.config_io import load_config
-from ctv2v.models.maisi import infer_arch, load_state_dict_file, MAISI_CT_ARCH
+from ctv2v.remote.retry import Backoff, RetryPolicy
+from ctv2v.models.maisi import MAISI_CT_ARCH, load_maisi_checkpoint
+from ctv2v.steps.fetch_checkpoint import STAND_IN_FILE, fetch_checkpoint_step
 from tests.servers import free_port
 
 PAYLOAD = bytes(range(256)) * 2048 + b"tail"
 """512 KiB + 4 bytes: large enough that a connection dropped at half leaves a real partial file."""
 SHA256 = hashlib.sha256(PAYLOAD).hexdigest()
 MD5 = hashlib.md5(PAYLOAD).hexdigest()
+
+
+def quick_retry(attempts: int = 4) -> RetryPolicy:
+    """The default number of attempts, without the default's seconds of back-off."""
+    return RetryPolicy(attempts=attempts, backoff=Backoff(first_s=0.01, max_s=0.04), deadline_s=60)
 
 
 @dataclass
@@ -90,7 +96,7 @@ def files_under(root: Path) -> list[Path]:
 def test_interrupted_http_download_resumes_with_range(file_server, tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     record = fetch_checkpoint(file_server.url("/drop-once/autoencoder.pt"), out, sha256=SHA256, cache_dir=cache,
-                              backoff_s=0.01)
+                              retry=quick_retry())
     assert (out / "autoencoder.pt").read_bytes() == PAYLOAD
     assert record.sha256 == SHA256 and record.md5 == MD5 and record.size == len(PAYLOAD)
     ranges = [r["range"] for r in file_server.requests]
@@ -133,8 +139,8 @@ def test_wrong_sha256_leaves_no_file(file_server, tmp_path):
 def test_connection_dropped_every_time_gives_up_and_leaves_no_file(file_server, tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     with pytest.raises(SourceUnreachableError, match="gave up after 3 attempts"):
-        fetch_checkpoint(file_server.url("/drop-always/a.pt"), out, sha256=SHA256, cache_dir=cache, retries=2,
-                         backoff_s=0.01)
+        fetch_checkpoint(file_server.url("/drop-always/a.pt"), out, sha256=SHA256, cache_dir=cache,
+                         retry=quick_retry(attempts=3))
     assert len(file_server.requests) == 3
     assert files_under(out) == [] and files_under(cache) == []
 
@@ -142,7 +148,7 @@ def test_connection_dropped_every_time_gives_up_and_leaves_no_file(file_server, 
 def test_not_found_fails_at_once_and_points_to_mirror(file_server, tmp_path):
     source = file_server.url("/missing/a.pt")
     with pytest.raises(SourceUnreachableError) as info:
-        fetch_checkpoint(source, tmp_path / "out", sha256=SHA256, cache_dir=tmp_path / "cache", backoff_s=0.01)
+        fetch_checkpoint(source, tmp_path / "out", sha256=SHA256, cache_dir=tmp_path / "cache", retry=quick_retry())
     message = str(info.value)
     assert source in message and "HTTP 404" in message and "ctv2v checkpoint mirror FILE s3://" in message
     assert len(file_server.requests) == 1
@@ -151,8 +157,8 @@ def test_not_found_fails_at_once_and_points_to_mirror(file_server, tmp_path):
 def test_unreachable_host_names_source_and_mirror(tmp_path):
     source = f"http://127.0.0.1:{free_port()}/a.pt"
     with pytest.raises(SourceUnreachableError, match=rf"cannot fetch {source}: .*ctv2v checkpoint mirror"):
-        fetch_checkpoint(source, tmp_path / "out", sha256=SHA256, cache_dir=tmp_path / "cache", retries=1,
-                         backoff_s=0.01)
+        fetch_checkpoint(source, tmp_path / "out", sha256=SHA256, cache_dir=tmp_path / "cache",
+                         retry=quick_retry(attempts=2))
     assert files_under(tmp_path) == []
 
 
@@ -210,12 +216,12 @@ def test_missing_s3_object_is_unreachable_with_hint(s3_env, tmp_path):
 # ------------------------------------------------------------------------------------------ the step
 def test_stand_in_step_builds_maisi_layout_and_says_stand_in(tmp_path):
     config = RunConfig.model_validate({"variant": "pretrained", "vae": {"maisi": {"weights": "stand-in"}}})
-    record = fetch_checkpoint_step(config, tmp_path / "out")
-    assert record["weights"] == "stand-in" and "stand-in" in record["source"]
-    assert record["file"] == STAND_IN_FILE
-    saved = read_record(tmp_path / "out")
-    assert saved.weights == "stand-in" and saved.sha256 == record["sha256"]
-    assert infer_arch(load_state_dict_file(checkpoint_file(tmp_path / "out"))) == MAISI_CT_ARCH
+    fetched = fetch_checkpoint_step(config, tmp_path / "out")
+    assert fetched.record.weights == "stand-in" and "stand-in" in fetched.record.source
+    assert fetched.record.file == STAND_IN_FILE and fetched.path == tmp_path / "out" / STAND_IN_FILE
+    assert read_record(tmp_path / "out") == fetched.record
+    _, report = load_maisi_checkpoint(checkpoint_file(tmp_path / "out"))
+    assert report.complete and report.arch == MAISI_CT_ARCH
     assert (tmp_path / "out" / "resolved-config.yaml").is_file()
 
 

@@ -1,24 +1,51 @@
-"""Steps with N > 1 GPUs re-run their own command line under torchrun, one process per GPU."""
+"""Steps with N > 1 GPUs run the same step function in N torchrun processes, one per GPU."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from components.base import run_distributed
+from ctv2v.config import RunConfig
+from ctv2v.config_io import load_config
+from ctv2v.steps.context import run_on_gpus
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def test_run_distributed_starts_one_ctv2v_process_per_rank(capfd):
-    run_distributed(2, ["config", "show", "--config", str(CONFIGS / "smoke.yaml")])
-    out = capfd.readouterr().out
-    assert out.count("variant: main") == 2
+def record_rank(config: RunConfig, out_dir: Path, label: str, fail: bool = False) -> None:
+    """A stand-in step: writes what this process received; fails on request."""
+    if fail:
+        raise ValueError("the step failed on purpose")
+    record = {"rank": int(os.environ.get("RANK", "0")), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+              "seed": config.seed, "label": label, "out_dir_type": type(out_dir).__name__}
+    (Path(out_dir) / f"rank-{record['rank']}.json").write_text(json.dumps(record))
 
 
-def test_run_distributed_fails_when_the_step_fails(capfd):
+@pytest.fixture
+def config():
+    return load_config([CONFIGS / "smoke.yaml"], ["seed=7"])
+
+
+def test_two_gpus_run_the_step_in_two_processes_with_the_same_arguments(config, tmp_path):
+    run_on_gpus(record_rank, 2, config, tmp_path, label="frozen")
+    records = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["rank"] for r in records] == [0, 1]
+    assert all(r == {**records[0], "rank": r["rank"]} for r in records)
+    assert records[0] == {"rank": 0, "world_size": 2, "seed": 7, "label": "frozen", "out_dir_type": "PosixPath"}
+    assert load_config([tmp_path / "resolved-config.yaml"]) == config
+
+
+def test_one_gpu_runs_the_step_in_this_process(config, tmp_path):
+    run_on_gpus(record_rank, 1, config, tmp_path, label="full")
+    assert json.loads((tmp_path / "rank-0.json").read_text())["world_size"] == 1
+    assert not (tmp_path / "resolved-config.yaml").exists()
+
+
+def test_a_failing_process_fails_the_step(config, tmp_path, capfd):
     with pytest.raises(subprocess.CalledProcessError):
-        run_distributed(2, ["config", "show", "--config", str(CONFIGS / "smoke.yaml"), "--set", "sed=1"])
-    assert "unknown key 'sed'" in capfd.readouterr().err
+        run_on_gpus(record_rank, 2, config, tmp_path, label="frozen", fail=True)
+    assert "the step failed on purpose" in capfd.readouterr().err

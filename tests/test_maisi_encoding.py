@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ctv2v.config import MaisiVAEConfig
-from ctv2v.models.maisi import MAISI_CT_ARCH, MAISI_DOWNSAMPLE
+from ctv2v.models.maisi import MAISI_CT_ARCH, MAISI_DOWNSAMPLE, MatchReport, match_report
 from ctv2v.models.vae import MaisiVAE
 
 TILE = {"depth": 8, "height": 8, "width": 16, "overlap": 0.5}
@@ -126,3 +126,22 @@ def test_artifact_keeps_maisi_layout_and_round_trips_with_runtime_options(maisi_
     assert float(loaded.latent_scale) == pytest.approx(1.7)
     clip = ramp(4, 8, 8)
     assert torch.equal(loaded.encode(clip), vae.encode(clip))
+
+
+def test_match_report_has_one_json_form(maisi_state):
+    import json
+
+    network = MaisiVAE(MAISI_CT_ARCH).autoencoder
+    state = {k.removeprefix("autoencoder."): v for k, v in maisi_state.items()
+             if k.startswith("autoencoder.") and not k.startswith("autoencoder.decoder.")}
+    state["extra.weight"] = torch.zeros(1)
+    report = match_report(network, state)
+    assert report.status == "failed" and report.unexpected == ["extra.weight"] and report.loaded < report.total
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["loaded"] == report.loaded and data["total"] == 130 and data["status"] == "failed"
+    assert MatchReport.from_dict(data) == report
+    assert MatchReport.from_dict(data).loaded_fraction == report.loaded / 130
+    with pytest.raises(ValueError, match="contradicts"):
+        MatchReport.from_dict({**data, "status": "complete"})
+    with pytest.raises(ValueError, match="unknown key"):
+        MatchReport.from_dict({**data, "loaded_fraction": "130/130"})

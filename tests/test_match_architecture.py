@@ -14,15 +14,15 @@ import pytest
 import torch
 from monai.networks.nets import AutoencoderKL, UNet
 
-from components.fetch_checkpoint import fetch_checkpoint_step
-from components.match_architecture import REPORT_NAME, ReconstructionCheckError, match_architecture_step
 from ctv2v.config_io import load_config
 from ctv2v.data.prepared import load_split_volumes, prepare_data
 from ctv2v.intensity import Intensity
 from ctv2v.models.maisi import (MAISI_CT_ARCH, ArchitectureMismatchError, CheckpointFormatError, build_autoencoder,
-                         infer_arch, load_maisi_checkpoint, load_state_dict_file)
+                         infer_arch, load_maisi_checkpoint)
 from ctv2v.train.validation import fixed_val_clips
 from ctv2v.models.vae import load_vae_artifact
+from ctv2v.steps.fetch_checkpoint import fetch_checkpoint_step
+from ctv2v.steps.match_architecture import REPORT_NAME, ReconstructionCheckError, match_architecture_step
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {**MAISI_CT_ARCH, "num_channels": [8, 16, 32], "norm_num_groups": 8}
@@ -136,15 +136,16 @@ def test_pre_monai_14_key_names_load(tmp_path):
 def test_truncated_file_is_refused_by_name(tmp_path):
     path = save(fresh(TINY).state_dict(), tmp_path / "t.pt")
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(CheckpointFormatError, match=rf"{path}: not a readable torch checkpoint \(truncated"):
-        load_state_dict_file(path)
+    with pytest.raises(CheckpointFormatError, match=rf"{path}: not a readable VAE checkpoint \(truncated"):
+        load_maisi_checkpoint(path)
 
 
 def test_pickle_that_needs_code_is_refused(tmp_path):
     path = save({"weights": NotATensor()}, tmp_path / "code.pt")
-    with pytest.raises(CheckpointFormatError, match=rf"{path}: refused: unpickling it would import and run code "
-                                                    r"\(it references .*NotATensor\)"):
-        load_state_dict_file(path)
+    with pytest.raises(CheckpointFormatError, match=rf"{path}: refused as VAE checkpoint: unpickling it would import "
+                                                    r"\S*NotATensor \(code, not tensors\)") as refused:
+        load_maisi_checkpoint(path)
+    assert "weights_only" not in str(refused.value)
 
 
 def test_generic_autoencoderkl_is_not_maisi(tmp_path):
@@ -226,8 +227,8 @@ def test_reconstruction_psnr_is_in_hu_over_the_window(data_dir, tmp_path):
         recon = original.decode(original.encode(clip)[0]).clamp(0, 1)
     error_hu = intensity.to_hu(recon.double()) - intensity.to_hu(clip.double())
     expected = 10 * math.log10(2000.0 ** 2 / float(error_hu.pow(2).mean()))
-    assert summary["recon_check"]["psnr_db"] == pytest.approx(expected, abs=1e-3)
-    assert summary["recon_check"]["status"] == "passed" and summary["weights"] == "pretrained"
+    assert summary.recon_check.psnr_db == pytest.approx(expected, abs=1e-3)
+    assert summary.recon_check.status == "passed" and summary.weights == "pretrained"
 
 
 def test_step_failures_leave_no_artifact(data_dir, tmp_path):
@@ -249,11 +250,12 @@ def test_partial_step_labels_every_output(data_dir, tmp_path, caplog):
     checkpoint = save(state, tmp_path / "bad.pt")
     config = step_config("vae.maisi.allow_partial=true", "vae.maisi.recon_psnr_floor_db=-100")
     summary = match_architecture_step(config, checkpoint, tmp_path / "vae", data_dir)
-    assert summary["load"] == "PARTIAL" and summary["loaded"] == "129/130"
-    assert "PARTIAL" in summary["recon_check"]["status"]
+    assert summary.load == "PARTIAL" and (summary.match.loaded, summary.match.total) == (129, 130)
+    assert "PARTIAL" in summary.recon_check.status
     meta = json.loads((tmp_path / "vae" / "vae.json").read_text())
     assert meta["extra"]["load"] == "PARTIAL" and meta["extra"]["match"]["status"] == "PARTIAL"
-    step_lines = [r.getMessage() for r in caplog.records if r.name.startswith(("components.match", "ctv2v.models.maisi"))]
+    step_lines = [r.getMessage() for r in caplog.records
+                  if r.name.startswith(("ctv2v.steps.match", "ctv2v.models.maisi"))]
     assert step_lines and all("PARTIAL" in line for line in step_lines)
 
 
@@ -279,7 +281,8 @@ def test_stand_in_pipeline_command_lines_write_a_labelled_artifact(data_dir, tmp
     assert summary["recon_check"]["status"] == "not applicable (stand-in weights)"
     assert summary["recon_check"]["psnr_db"] is None
     report = json.loads((out / REPORT_NAME).read_text())
-    assert report["match"]["loaded_fraction"] == "130/130" and report["match"]["status"] == "complete"
+    assert (report["match"]["loaded"], report["match"]["total"]) == (130, 130)
+    assert report["match"]["status"] == "complete"
     meta = json.loads((out / "vae.json").read_text())
     assert meta["weights"] == "stand-in" and meta["extra"]["recon_check"]["status"].startswith("not applicable")
     vae = load_vae_artifact(out, config.vae.maisi)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from monai.metrics import SSIMMetric
 
-from ctv2v.evaluate.metrics import score_volume, synthesized_slices
+from ctv2v.evaluate.metrics import from_json, psnr, score_volume, synthesized_slices, to_json
 
 HU_MIN, HU_MAX = -1000.0, 1000.0
 SHAPE = (13, 16, 16)  # the 3D SSIM needs 11 voxels along every axis
@@ -128,3 +128,26 @@ def test_volume_whose_3d_ssim_window_centres_hold_no_synthesized_slice_is_refuse
     volume = np.zeros((11, 16, 16), dtype=np.float32)
     with pytest.raises(ValueError, match="no synthesized slice of 11"):
         score_volume(volume, volume, 5, HU_MIN, HU_MAX)
+
+
+def test_psnr_of_arrays_and_tensors_follows_the_formula():
+    target = _phantom()
+    pred = target + np.random.default_rng(3).normal(0, 25, SHAPE).astype(np.float32)
+    mse = np.mean((pred.astype(np.float64) - target) ** 2)
+    assert psnr(pred, target, 2000.0) == pytest.approx(10 * math.log10(2000.0**2 / mse), abs=1e-6)
+    assert psnr(torch.from_numpy(pred), torch.from_numpy(target), 2000.0) == pytest.approx(psnr(pred, target, 2000.0))
+    assert psnr(target, target, 1.0) == math.inf
+    with pytest.raises(ValueError, match="pred has shape"):
+        psnr(pred[:3], target, 1.0)
+    pred[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        psnr(pred, target, 1.0)
+
+
+def test_infinite_scores_are_strict_json_and_read_back_as_floats():
+    report = {"volume": "inf", "scores": {"psnr_db": math.inf, "mae_hu": 0.0}, "hu_range": (-1000.0, 1000.0)}
+    text = to_json(report)
+    assert '"psnr_db": "inf"' in text and "Infinity" not in text
+    assert from_json(text) == {**report, "hu_range": [-1000.0, 1000.0]}  # a non-metric "inf" stays a string
+    with pytest.raises(ValueError):
+        to_json({"psnr_db": math.nan})

@@ -9,8 +9,8 @@ import torch
 
 from ctv2v.config_io import load_config
 from ctv2v.models.v2v import build_model
-from ctv2v.models.summary import count_step_flops
 from ctv2v.models.vae import ScratchVAE, build_untrained_vae
+from ctv2v.train.estimate import count_step_flops
 from pipeline.cli import main as cli_main
 
 TINY = [
@@ -108,8 +108,6 @@ def test_cached_latent_loss_equals_the_clip_loss_when_frozen():
         thick_latent, thin_latent = model.vae.encode(thick), model.vae.encode(thin)
     cached, _ = model.loss_from_latents(thick_latent, thin_latent, torch.Generator().manual_seed(3))
     assert loss.item() == cached.item()
-    via_forward, _ = model(thick_latent, thin_latent, from_latents=True, generator=torch.Generator().manual_seed(3))
-    assert via_forward.item() == cached.item()
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import yaml
 
 from ctv2v.config_io import load_config
 from pipeline.cli import main as cli_main
-from pipeline.spec import PipelineSpecError, compile_pipeline, validate_pipeline_yaml
+from pipeline.compile import PipelineSpecError, compile_pipeline, validate_pipeline_yaml
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TRAINING_EXECUTORS = ("train-vae-op", "train-op", "train-op-2", "train-op-3", "train-op-4")

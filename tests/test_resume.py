@@ -15,7 +15,7 @@ import torch
 
 from ctv2v.models.artifacts import CheckpointError
 from ctv2v.train.resume import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
-from tests.test_training import REPO, TINY_OVERRIDES, make_prepared_dataset, tiny_config
+from tests.conftest import REPO, TRAINING_OVERRIDES, TRAINING_PHANTOM, prepared_phantoms, training_config
 
 RESUME_OVERRIDES = [
     "training.full.batch_size=1",  # 4 clips, 4 batches: 2 optimizer steps with accumulation 2
@@ -50,8 +50,8 @@ def full_phase_inputs(tmp_path_factory):
     from ctv2v.models.vae import ScratchVAE, save_vae_artifact
 
     root = tmp_path_factory.mktemp("resume")
-    config = tiny_config(*RESUME_OVERRIDES)
-    data = make_prepared_dataset(root / "data", config)
+    config = training_config(*RESUME_OVERRIDES)
+    data = prepared_phantoms(root / "data", config, volumes=4, shape=TRAINING_PHANTOM)
     torch.manual_seed(0)
     vae = ScratchVAE.from_config(config.vae.scratch)
     vae.latent_scale.fill_(0.5)
@@ -59,7 +59,7 @@ def full_phase_inputs(tmp_path_factory):
     vae.weights_label = "scratch"
     save_trained_model(build_model(config, vae), root / "frozen" / "model", config, None, phase="frozen")
     config_args = ["--config", str(REPO / "configs" / "smoke.yaml")]
-    for override in [*TINY_OVERRIDES, *RESUME_OVERRIDES]:
+    for override in [*TRAINING_OVERRIDES, *RESUME_OVERRIDES]:
         config_args += ["--set", override]
     return root, data, config_args
 
@@ -102,7 +102,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_bitwise(full_phase_inp
 
 
 def test_a_checkpoint_is_never_half_written(tmp_path):
-    config = tiny_config()
+    config = training_config()
     folder = tmp_path / "checkpoints"
     good = {"denoiser": {"w": torch.ones(3)}}
     first = save_checkpoint(folder, phase="frozen", config=config, progress=Progress(0, 1, 1), states=good,
@@ -117,12 +117,25 @@ def test_a_checkpoint_is_never_half_written(tmp_path):
 
 
 def test_resume_refuses_a_changed_config_or_world_size(tmp_path):
-    config = tiny_config()
+    config = training_config()
     path = save_checkpoint(tmp_path, phase="frozen", config=config, progress=Progress(), states={},
                            rng_per_rank=[{}, {}])
     with pytest.raises(CheckpointError, match="written by 2 processes"):
         load_checkpoint(path, phase="frozen", config=config, world_size=1)
     with pytest.raises(CheckpointError, match=r"training.frozen.lr: 0.0001 -> 0.001"):
-        load_checkpoint(path, phase="frozen", config=tiny_config("training.frozen.lr=1e-3"), world_size=2)
+        load_checkpoint(path, phase="frozen", config=training_config("training.frozen.lr=1e-3"), world_size=2)
     with pytest.raises(CheckpointError, match="phase 'frozen', resuming phase 'full'"):
         load_checkpoint(path, phase="full", config=config, world_size=2)
+
+
+def test_deployment_settings_never_block_a_resume(tmp_path):
+    config = training_config()
+    path = save_checkpoint(tmp_path, phase="full", config=config, progress=Progress(), states={}, rng_per_rank=[{}])
+    moved = training_config("device=cpu", "cluster.gpus_per_step=4", "cluster.trainer_image=other:1",
+                            "tracking.experiment=elsewhere", "storage.s3_region=eu-west-1", "data.num_workers=3",
+                            "data.workspace=/elsewhere", "evaluation.sample_steps=7")
+    assert load_checkpoint(path, phase="full", config=moved, world_size=1)["phase"] == "full"
+    for change, key in (("data.thick.factor=2", "data.thick.factor"), ("denoiser.num_res_blocks=2",
+                                                                        "denoiser.num_res_blocks")):
+        with pytest.raises(CheckpointError, match=rf"config changed since this checkpoint: {key}: "):
+            load_checkpoint(path, phase="full", config=training_config(change), world_size=1)

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 
 from ctv2v.config import StorageConfig
+from ctv2v.remote.retry import Backoff, RetryPolicy
 from ctv2v.remote.storage import (
     StorageError,
     download,
     download_prefix,
     parse_s3_uri,
-    s3_client,
     upload,
-    upload_dir,
 )
+from tests.servers import free_port
 
 
 @pytest.fixture
@@ -42,18 +42,15 @@ def test_upload_then_download_round_trip(s3_env, tmp_path):
     assert [p.name for p in dest.parent.iterdir()] == ["weights.bin"]
 
 
-def test_upload_dir_and_download_prefix_keep_relative_paths(s3_env, tmp_path):
-    src = tmp_path / "dataset"
-    (src / "patient-1").mkdir(parents=True)
-    (src / "patient-1" / "ct.nii.gz").write_bytes(b"one")
-    (src / "patient-2" / "series").mkdir(parents=True)
-    (src / "patient-2" / "series" / "0001.dcm").write_bytes(b"two")
-    uris = upload_dir(src, "s3://ctv2v/datasets/demo")
-    assert sorted(uris) == ["s3://ctv2v/datasets/demo/patient-1/ct.nii.gz",
-                            "s3://ctv2v/datasets/demo/patient-2/series/0001.dcm"]
-    # A sibling prefix that starts with the same letters must not be staged.
-    (s3_env.root / "ctv2v" / "datasets" / "demo2").mkdir(parents=True)
-    (s3_env.root / "ctv2v" / "datasets" / "demo2" / "other.bin").write_bytes(b"x")
+def test_download_prefix_keeps_relative_paths(s3_env, tmp_path):
+    # Objects go in through the API: rclone caches folder listings, so files written to its disk may not show.
+    objects = {"demo/patient-1/ct.nii.gz": b"one", "demo/patient-2/series/0001.dcm": b"two",
+               "demo2/other.bin": b"a sibling prefix that starts with the same letters must not be staged"}
+    for key, data in objects.items():
+        src = tmp_path / "src" / key
+        src.parent.mkdir(parents=True, exist_ok=True)
+        src.write_bytes(data)
+        upload(src, f"s3://ctv2v/datasets/{key}")
 
     staged = tmp_path / "staged"
     files = download_prefix("s3://ctv2v/datasets/demo", staged)
@@ -83,21 +80,31 @@ def test_wrong_secret_is_reported(s3_env, tmp_path, monkeypatch):
         upload(src, "s3://ctv2v/f.bin")
 
 
-def test_missing_credentials_name_the_variable(s3_env, monkeypatch):
+def test_missing_credentials_name_the_variable(s3_env, monkeypatch, tmp_path):
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     with pytest.raises(StorageError, match="set the AWS_SECRET_ACCESS_KEY environment variable"):
-        s3_client()
+        download("s3://ctv2v/a.bin", tmp_path / "a.bin")
 
 
-def test_missing_endpoint_names_the_variable(monkeypatch):
+def test_missing_endpoint_names_the_variable(monkeypatch, tmp_path):
     monkeypatch.delenv("S3_ENDPOINT", raising=False)
     with pytest.raises(StorageError, match="S3_ENDPOINT"):
-        s3_client(StorageConfig())
+        download("s3://ctv2v/a.bin", tmp_path / "a.bin", storage=StorageConfig())
 
 
-def test_endpoint_needs_a_scheme(s3_env):
+def test_endpoint_needs_a_scheme(s3_env, tmp_path):
     with pytest.raises(StorageError, match="scheme http:// or https://"):
-        s3_client(StorageConfig(s3_endpoint=s3_env.endpoint))
+        download("s3://ctv2v/a.bin", tmp_path / "a.bin", storage=StorageConfig(s3_endpoint=s3_env.endpoint))
+
+
+def test_unreachable_endpoint_is_retried_then_one_error(s3_env, monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("S3_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    retry = RetryPolicy(attempts=3, backoff=Backoff(first_s=0.01, max_s=0.01), deadline_s=60)
+    with pytest.raises(StorageError, match=r"download of s3://ctv2v/a.bin failed .*cannot connect.*gave up after 3"):
+        download("s3://ctv2v/a.bin", tmp_path / "a.bin", retry=retry)
+    retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert len(retries) == 2 and all("download of s3://ctv2v/a.bin" in message for message in retries)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_config_endpoint_wins_over_environment(s3_env, monkeypatch, tmp_path):

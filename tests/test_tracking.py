@@ -272,7 +272,7 @@ def test_bad_arguments_raise(tmp_path):
                                      max_retries=0, system_metrics_interval_s=None), tmp_path)
     with pytest.raises(RuntimeError, match="outside `with tracker.step_run"):
         tracker.log_metrics({"loss": 1.0}, step=0)
-    with pytest.raises(ValueError, match="weights='random'"):
+    with pytest.raises(ValueError, match="weights label 'random'"):
         with tracker.step_run("train", new_pipeline_run_id(), weights="random"):
             pass
     with pytest.raises(ValueError, match="pipeline_run_id"):

@@ -4,54 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 import torch
-from scipy.ndimage import gaussian_filter
 
-from ctv2v.config import RunConfig
-from ctv2v.config_io import load_config
-from ctv2v.data.prepared import prepare_data
 from ctv2v.train.device import DeviceError, arch_runs_on, check_gpu_supported, resolve_precision, select_device
-
-REPO = Path(__file__).resolve().parents[1]
-TINY_OVERRIDES = [
-    "data.clip.height=16", "data.clip.width=16", "data.clip.clips_per_volume=2",
-    "data.split.train=0.5", "data.split.val=0.25", "data.split.test=0.25",
-    "vae.scratch.channels=[8,16]", "vae.scratch.norm_num_groups=4", "vae.scratch.epochs=1",
-    "denoiser.channels=[8,16]", "denoiser.norm_num_groups=4", "denoiser.num_head_channels=4",
-    "diffusion.num_train_timesteps=50",
-    "training.val_clips=2", "training.val_sample_clips=1", "training.val_sample_steps=2",
-    "training.checkpoint_every_steps=1",
-]
-"""configs/smoke.yaml made smaller still: 16-voxel clips, channels 8-16, 2 clips per volume, a checkpoint every step."""
-
-
-def tiny_config(*overrides: str) -> RunConfig:
-    """The test configuration: smoke.yaml + TINY_OVERRIDES + `overrides`."""
-    return load_config([REPO / "configs" / "smoke.yaml"], [*TINY_OVERRIDES, *overrides])
-
-
-def write_phantom(path: Path, seed: int, shape: tuple[int, int, int] = (36, 24, 24)) -> None:
-    """A smooth random CT-like volume (HU -1000..1000, blobs of soft tissue and bone) as NIfTI, 1 mm voxels."""
-    rng = np.random.default_rng(seed)
-    field = gaussian_filter(rng.normal(size=shape), sigma=3)
-    hu = np.clip(field / field.std() * 400.0, -1000, 1000).astype(np.int16)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # NIfTI (x, y, z) with z the body axis; the reader puts z first.
-    nib.save(nib.Nifti1Image(hu.transpose(2, 1, 0), np.diag([-1.0, -1.0, 1.0, 1.0])), path)
-
-
-def make_prepared_dataset(root: Path, config: RunConfig, volumes: int = 4) -> Path:
-    """A prepared data folder (the prepare-data step's output) of phantom NIfTI volumes, one patient each."""
-    phantoms = root / "phantoms"
-    for index in range(volumes):
-        write_phantom(phantoms / f"phantom{index}.nii.gz", seed=index)
-    source = config.model_copy(deep=True)
-    source.data.source = str(phantoms)
-    prepare_data(source, root / "prepared")
-    return root / "prepared"
+from tests.conftest import TRAINING_PHANTOM, prepared_phantoms, training_config
 
 
 # ------------------------------------------------------------------------------------- device, precision
@@ -101,13 +58,13 @@ PIPELINE_RUN_ID = "test-training-steps"
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, mlflow_server):
     """train-vae, then train --phase frozen, then --phase full, on phantom volumes, tracked in a real MLflow."""
-    from components.train import train_step
-    from components.train_vae import train_vae_step
+    from ctv2v.steps.train import train_step
+    from ctv2v.steps.train_vae import train_vae_step
 
     root = tmp_path_factory.mktemp("steps")
-    config = tiny_config("training.ema_decay=0.9", f"tracking.tracking_uri={mlflow_server.uri}",
+    config = training_config("training.ema_decay=0.9", f"tracking.tracking_uri={mlflow_server.uri}",
                          "tracking.experiment=test-training", "tracking.system_metrics_interval_s=null")
-    data = make_prepared_dataset(root / "data", config)
+    data = prepared_phantoms(root / "data", config, volumes=4, shape=TRAINING_PHANTOM)
     vae_summary = train_vae_step(config, data, root / "vae", pipeline_run_id=PIPELINE_RUN_ID)
     frozen_summary = train_step(config, "frozen", data, root / "vae", None, root / "frozen",
                                 pipeline_run_id=PIPELINE_RUN_ID)
@@ -133,7 +90,7 @@ def test_each_step_is_a_tagged_mlflow_run_with_params_metrics_and_models(trained
     assert (frozen.data.tags["ctv2v.variant"], frozen.data.tags["ctv2v.phase"],
             frozen.data.tags["ctv2v.weights"]) == ("main", "frozen", "scratch")
     assert frozen.data.params == {k: v for k, v in flatten(trained["config"]).items()}
-    steps = trained["summaries"][1]["global_step"]
+    steps = trained["summaries"][1].global_step
     for key in ("frozen/loss", "frozen/diffusion", "frozen/grad_norm", "frozen/clips_per_s", "frozen/lr/denoiser"):
         assert [m.step for m in client.get_metric_history(frozen.info.run_id, key)] == list(range(1, steps + 1)), key
     for key in ("frozen/val_loss", "frozen/val_psnr_db_synthesized", "frozen/val_ssim_2d_synthesized"):
@@ -157,7 +114,7 @@ def test_train_vae_writes_a_loadable_scratch_vae_artifact(trained):
     vae_dir = trained["root"] / "vae"
     vae = load_vae_artifact(vae_dir)
     assert vae.kind == "scratch" and vae.weights_label == "scratch"
-    assert float(vae.latent_scale) == pytest.approx(trained["summaries"][0]["latent_scale"])
+    assert float(vae.latent_scale) == pytest.approx(trained["summaries"][0].latent_scale)
     assert float(vae.latent_scale) != 1.0  # estimated on training latents, not the default
     assert (vae_dir / "resolved-config.yaml").is_file()
 
@@ -171,7 +128,7 @@ def test_frozen_phase_trains_the_denoiser_and_leaves_the_vae_bitwise_unchanged(t
     assert "vae" not in checkpoint["states"]
     in_optimizer = sum(len(g["params"]) for g in checkpoint["states"]["optimizer"]["param_groups"])
     assert in_optimizer == len(checkpoint["states"]["denoiser"])  # every denoiser tensor, nothing else
-    assert trained["summaries"][1]["global_step"] > 0
+    assert trained["summaries"][1].global_step > 0
 
 
 def test_full_phase_fine_tunes_the_vae_from_the_frozen_model(trained):
@@ -184,7 +141,7 @@ def test_full_phase_fine_tunes_the_vae_from_the_frozen_model(trained):
     meta = json.loads((root / "full" / "model" / "model.json").read_text())
     assert meta["vae_weights"] == "scratch, fine-tuned (full phase)"
     assert meta["denoiser_weights"] == "ema (decay 0.9)"
-    assert "full/recon_l1" in trained["summaries"][2]
+    assert "full/recon_l1" in trained["summaries"][2].metrics
 
 
 def test_trained_model_folder_loads_strictly(trained, tmp_path):
@@ -200,11 +157,11 @@ def test_trained_model_folder_loads_strictly(trained, tmp_path):
     thin = model.sample(thick, steps=2)
     assert thin.shape == (1, 1, config.data.clip.frames, config.data.clip.height, config.data.clip.width)
     with pytest.raises(CheckpointError, match="denoiser=.*but the config has"):
-        load_trained_model(model_dir, tiny_config("denoiser.channels=[8,8]"))
+        load_trained_model(model_dir, training_config("denoiser.channels=[8,8]"))
 
 
 def test_a_missing_or_broken_vae_is_one_clear_error_and_writes_nothing(trained, tmp_path):
-    from components.train import train_step
+    from ctv2v.steps.train import train_step
     from ctv2v.models.artifacts import CheckpointError
 
     config, data = trained["config"], trained["data"]

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from ctv2v.config import ConfigError
-from ctv2v.config_io import validate
+from ctv2v.models.artifacts import (CheckpointError, WeightsLabelError, check_weights_label, weights_display,
+                                    weights_kind)
 from ctv2v.models.vae import (
     ScratchVAE,
     compute_latent_scale,
@@ -108,11 +108,6 @@ def test_scratch_vae_objective_lowers_reconstruction_error():
     assert final < 0.5 * initial
 
 
-def test_perceptual_loss_is_a_config_error_offline():
-    with pytest.raises(ConfigError, match="torch.hub"):
-        validate({"vae": {"scratch": {"perceptual_weight": 0.3}}}, "test.yaml")
-
-
 def test_artifact_round_trip_gives_identical_outputs(tmp_path):
     vae = tiny_vae(seed=3).eval()
     vae.latent_scale.fill_(0.731)
@@ -135,7 +130,7 @@ def test_artifact_with_other_architecture_fails_listing_keys(tmp_path):
     meta["architecture"]["num_res_blocks"] = 2
     (tmp_path / "vae.json").write_text(json.dumps(meta))
     expected = r"vae\.pt: state dict does not match.*64 missing key\(s\) \['encoder\.2\.norm1\.weight'"
-    with pytest.raises(ValueError, match=expected):
+    with pytest.raises(CheckpointError, match=expected):
         load_vae_artifact(tmp_path)
 
 
@@ -150,3 +145,14 @@ def test_artifact_rejects_unknown_weights_label(tmp_path):
     with pytest.raises(ValueError, match="weights must be one of"):
         save_vae_artifact(tiny_vae(), tmp_path, weights="random", extra={})
     assert not (tmp_path / "vae.pt").exists()
+
+
+def test_weights_labels_have_one_kind_and_one_display_text():
+    assert weights_kind("scratch, fine-tuned (full phase)") == "scratch"
+    assert weights_display("scratch, fine-tuned (full phase)") == "VAE trained from scratch, fine-tuned (full phase)"
+    assert weights_display("stand-in") == "stand-in (random MAISI-layout weights)"
+    assert check_weights_label("pretrained, epoch 3") == "pretrained, epoch 3"
+    for bad, fragment in (("random", "'random': expected one of pretrained, scratch, stand-in"),
+                          ("", "no weights label"), (None, "no weights label")):
+        with pytest.raises(WeightsLabelError, match=fragment):
+            weights_kind(bad)

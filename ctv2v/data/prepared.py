@@ -3,10 +3,17 @@
     <data_dir>/manifest.json        patient-level split + content hash per volume (both variants share it)
     <data_dir>/dataset              the staged dataset folder (a copy from S3, or a link to a local/PVC folder)
     <data_dir>/preprocess-cache/    thin + thick arrays keyed by content hash and preprocessing settings
+    <data_dir>/.ctv2v-prepared      the marker that proves ctv2v made the folder
+
+Nothing a user owns is ever deleted: a folder is replaced or emptied only when it carries the marker this module
+writes into every folder it creates (a copy staged from S3 carries one of its own). `prepare_data` works in a
+new hidden sibling of `<data_dir>` and renames it into place at the end, so `<data_dir>` is always either the
+previous prepared folder or the new one, never a mix; a failed run removes only its sibling.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -16,17 +23,22 @@ from ctv2v.config import RunConfig
 from ctv2v.config_io import write_resolved
 from ctv2v.data.cache import Preprocessed, PreprocessCache
 from ctv2v.data.manifest import build_manifest, load_manifest, write_manifest
+from ctv2v.files import atomic_write_text, new_hidden_dir
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
 DATASET_DIR = "dataset"
 PREPROCESS_CACHE_DIR = "preprocess-cache"
+PREPARED_MARKER = ".ctv2v-prepared"
+"""In a folder prepare-data made (or `data baselines` stages into): it may be replaced by a later run."""
+STAGED_COPY_MARKER = ".ctv2v-staged-copy"
+"""In a dataset copy staged from S3 (hidden: never read as part of the dataset); it may be replaced."""
 SPLITS = ("train", "val", "test")
 
 
 class PreparedDataError(ValueError):
-    """A prepared data folder is missing a part or a split is empty."""
+    """A prepared data folder is missing a part, a split is empty, or a folder is not ours to replace."""
 
 
 def run_workspace(workspace_root: str | Path, pipeline_run_id: str) -> Path:
@@ -36,50 +48,134 @@ def run_workspace(workspace_root: str | Path, pipeline_run_id: str) -> Path:
     return Path(workspace_root) / "runs" / pipeline_run_id
 
 
-def stage_dataset(source: str, data_dir: Path, config: RunConfig) -> Path:
-    """Make `<data_dir>/dataset` hold the dataset named by `source`: `demo`, `s3://bucket/prefix`, or a folder."""
-    target = Path(data_dir) / DATASET_DIR
-    if target.is_symlink():
-        target.unlink()
-    elif target.exists():
-        shutil.rmtree(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if source.startswith("s3://"):
-        from ctv2v.remote.storage import download_prefix
+def _mark(folder: Path, marker: str) -> None:
+    atomic_write_text(folder / marker, json.dumps({"made_by": "ctv2v", "marker": marker}) + "\n")
 
-        staging = target.with_name(f".{DATASET_DIR}.staging")
-        shutil.rmtree(staging, ignore_errors=True)
-        files = download_prefix(source, staging, storage=config.storage)
-        staging.rename(target)
-        log.info("staged %d objects from %s into %s", len(files), source, target)
-        return target
+
+def _check_new_empty_or_ours(folder: Path) -> None:
+    """Refuse, changing nothing, a path that is not a new or empty folder or one ctv2v prepared."""
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise PreparedDataError(f"{folder}: exists and is not a folder; choose a new or empty output folder")
+    if folder.is_dir() and not (folder / PREPARED_MARKER).is_file() and any(folder.iterdir()):
+        raise PreparedDataError(f"{folder}: not empty and not a folder ctv2v prepared (no {PREPARED_MARKER}); "
+                                "nothing in it was changed: choose a new or empty output folder")
+
+
+def claim_folder(folder: Path) -> Path:
+    """Make `folder` ours to write into: create it, or take an empty one, or one we made; refuse anything else."""
+    folder = Path(folder)
+    _check_new_empty_or_ours(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _mark(folder, PREPARED_MARKER)
+    return folder
+
+
+def _source_folder(source: str) -> Path:
     if source == "demo":
         from ctv2v.data.demo import fetch_demo
 
-        folder = fetch_demo()
-    else:
-        folder = Path(source).expanduser().resolve()
-        if not folder.is_dir():
-            raise PreparedDataError(f"data.source {source!r}: not a folder, `demo`, or an s3:// URI")
+        return fetch_demo()
+    if not source.strip():
+        raise PreparedDataError("data.source is empty: give `demo`, a folder or an s3:// URI")
+    folder = Path(source).expanduser().resolve()
+    if not folder.is_dir():
+        raise PreparedDataError(f"data.source {source!r}: not a folder, `demo`, or an s3:// URI")
+    return folder
+
+
+def stage_dataset(source: str, data_dir: Path, config: RunConfig) -> Path:
+    """Make `<data_dir>/dataset` hold the dataset named by `source` (`demo`, `s3://bucket/prefix`, or a folder).
+
+    `data_dir` is claimed first (see claim_folder). Returns the folder to read volumes from, so that errors name
+    the user's own files: the user's folder itself for `demo` or a folder, the staged copy for S3.
+    """
+    data_dir = claim_folder(data_dir)
+    target = data_dir / DATASET_DIR
+    folder = None if source.startswith("s3://") else _source_folder(source)
+    if folder is not None and (data_dir.resolve().is_relative_to(folder) or folder.is_relative_to(data_dir.resolve())):
+        raise PreparedDataError(f"data.source {source!r} and the output folder {data_dir} overlap: the prepared "
+                                "folder must be outside the dataset folder and must not contain it")
+    if target.is_symlink():
+        target.unlink()  # a link we made: removing it leaves the folder it points to untouched
+    elif target.exists():
+        if not (target / STAGED_COPY_MARKER).is_file():
+            raise PreparedDataError(f"{target}: not a dataset copy ctv2v staged (no {STAGED_COPY_MARKER}); "
+                                    "nothing in it was changed")
+        shutil.rmtree(target)
+    if folder is None:
+        from ctv2v.remote.storage import download_prefix
+
+        staging = new_hidden_dir(target, "staging")
+        try:
+            _mark(staging, STAGED_COPY_MARKER)
+            files = download_prefix(source, staging, storage=config.storage)
+        except BaseException:
+            shutil.rmtree(staging)  # made just above
+            raise
+        staging.rename(target)
+        log.info("staged %d objects from %s into %s", len(files), source, target)
+        return target
     os.symlink(folder, target, target_is_directory=True)
     log.info("dataset %s linked at %s", folder, target)
-    return target
+    return folder
+
+
+def _reuse_cache(previous: Path, work: Path) -> None:
+    """Hard-link a previous prepared folder's cache entries into `work` (entries are immutable, keyed by content)."""
+    old_cache = previous / PREPROCESS_CACHE_DIR
+    if not (previous / PREPARED_MARKER).is_file() or not old_cache.is_dir():
+        return
+    new_cache = work / PREPROCESS_CACHE_DIR
+    new_cache.mkdir()
+    try:
+        for entry in old_cache.iterdir():
+            if entry.is_file() and not entry.name.startswith("."):
+                os.link(entry, new_cache / entry.name)
+    except OSError as exc:
+        log.warning("cannot hard-link the cache of %s (%s): entries are rebuilt from the dataset", previous, exc)
+
+
+def _swap_in(work: Path, data_dir: Path) -> None:
+    """Put the finished `work` folder at `data_dir`: over an empty folder, or in place of a folder we made."""
+    if not data_dir.exists():
+        work.rename(data_dir)
+        return
+    if not (data_dir / PREPARED_MARKER).is_file():
+        work.rename(data_dir)  # rename(2) replaces an empty folder and refuses a non-empty one
+        return
+    retired = new_hidden_dir(data_dir, "replaced")
+    data_dir.replace(retired)  # over the empty folder just made
+    work.rename(data_dir)
+    shutil.rmtree(retired)  # carries our marker: a folder prepare-data made
 
 
 def prepare_data(config: RunConfig, data_dir: Path) -> dict:
-    """Stage the dataset, write the split manifest, preprocess every volume into the cache; returns the manifest."""
+    """Stage the dataset, write the split manifest, preprocess every volume into the cache; returns the manifest.
+
+    Works in a new sibling of `data_dir` and swaps it in at the end; `data_dir` must be new, empty, or a folder
+    prepare-data made.
+    """
     data_dir = Path(data_dir)
-    dataset = stage_dataset(config.data.source, data_dir, config)
-    manifest = build_manifest(dataset, config.data.split, config.data.thick, config.data.slice_spacing_tolerance)
-    for split in SPLITS:
-        if config.data.split.model_dump()[split] > 0 and not manifest["splits"][split]:
-            raise PreparedDataError(f"{config.data.source}: the {split!r} split is empty "
-                                    f"({len(manifest['volumes'])} volumes); add patients or change data.split")
-    cache = PreprocessCache(data_dir / PREPROCESS_CACHE_DIR)
-    for entry in manifest["volumes"]:
-        cache.load(dataset, entry, config.data)
-    write_manifest(manifest, data_dir / MANIFEST_FILE)
-    write_resolved(config, data_dir)
+    _check_new_empty_or_ours(data_dir)
+    work = new_hidden_dir(data_dir, "preparing")
+    try:
+        _reuse_cache(data_dir, work)
+        dataset = stage_dataset(config.data.source, work, config)
+        manifest = build_manifest(dataset, config.data.split, config.data.thick, config.data.slice_spacing_tolerance)
+        for split in SPLITS:
+            if config.data.split.model_dump()[split] > 0 and not manifest["splits"][split]:
+                raise PreparedDataError(f"{config.data.source}: the {split!r} split is empty "
+                                        f"({len(manifest['volumes'])} volumes); add patients or change data.split")
+        cache = PreprocessCache(work / PREPROCESS_CACHE_DIR)
+        for entry in manifest["volumes"]:
+            cache.load(dataset, entry, config.data)
+        write_manifest(manifest, work / MANIFEST_FILE)
+        write_resolved(config, work)
+        _swap_in(work, data_dir)
+    except BaseException:
+        if work.exists():
+            shutil.rmtree(work)  # made above; it links to, never holds, the user's data
+        raise
     return manifest
 
 
@@ -91,4 +187,6 @@ def load_split_volumes(data_dir: Path, config: RunConfig, split: str) -> list[Pr
     if not entries:
         raise PreparedDataError(f"{data_dir / MANIFEST_FILE}: no volume in the {split!r} split")
     cache = PreprocessCache(data_dir / PREPROCESS_CACHE_DIR)
-    return [cache.load(data_dir / DATASET_DIR, entry, config.data) for entry in entries]
+    # Resolved: a linked dataset is read (and named in errors) at the path the user gave.
+    dataset = (data_dir / DATASET_DIR).resolve()
+    return [cache.load(dataset, entry, config.data) for entry in entries]

@@ -2,7 +2,7 @@
 
 Each volume of a dataset folder is read and its thick series made at each factor k by the data package
 (ctv2v.data.cache: simulated per data.thick, or a real paired thick series), rebuilt by nearest / linear /
-cubic interpolation along z (ctv2v.evaluate.baselines) and scored against the thin series with ctv2v.metrics. Only
+cubic interpolation along z (ctv2v.evaluate.baselines) and scored against the thin series (ctv2v.evaluate.metrics). Only
 the covered range, thin slices 0..(n_thick-1)*k, is scored: the few slices after the last thick position
 would need extrapolation. The HU window and how the thick slices were made move the numbers by several dB,
 so both are written into every JSON file and into the table's title and rows.
@@ -10,11 +10,12 @@ so both are written into every JSON file and into the table's title and rows.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +25,7 @@ from ctv2v.data.cache import PreprocessCache, preprocess
 from ctv2v.data.manifest import build_manifest
 from ctv2v.data.thick import ThickSeries
 from ctv2v.files import atomic_write_text
-from ctv2v.evaluate.metrics import METRIC_NAMES, SLICE_SETS, describe_metrics, score_volume
+from ctv2v.evaluate.metrics import METRIC_NAMES, SLICE_SET_MEANING, SLICE_SETS, glossary, score_volume, to_json
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +33,84 @@ REPORT_VERSION = 1
 AGGREGATE_FILE = "baselines.json"
 TABLE_FILE = "baselines.md"
 VOLUMES_DIR = "volumes"
-SCORED_RANGE = ("thin slices 0..(n_thick-1)*k, from the first to the last thick position; the slices after the "
-                "last thick position would need extrapolation and are not scored")
-SLICE_SET_MEANING = {
-    "all": "every thin slice of the scored range",
-    "synthesized": "thin slices of the scored range that no thick slice sits on (index not a multiple of k)",
-}
+
+
+SliceSetScores = dict[str, dict[str, float]]
+"""Slice set (SLICE_SETS) -> metric (METRIC_NAMES) -> value."""
+
+
+@dataclass
+class BaselineResult:
+    """One method's rebuild of one volume's thin series at one thick factor, scored on the covered range."""
+
+    factor: int
+    method: str
+    thick: str
+    """How this thick series was made (ThickSeries.describe)."""
+    thick_method: str
+    scored_slices: int
+    synthesized_slices: int
+    scores: SliceSetScores
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: the settings, then one entry per slice set."""
+        return {"factor": self.factor, "method": self.method, "thick": self.thick, "thick_method": self.thick_method,
+                "scored_slices": self.scored_slices, "synthesized_slices": self.synthesized_slices, **self.scores}
+
+
+@dataclass
+class VolumeBaselines:
+    """Every result of one volume, with the manifest entry that identifies it."""
+
+    volume: str
+    path: str
+    sha256: str
+    shape: list[int]
+    spacing_mm: list[float]
+    results: list[BaselineResult]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"volume": self.volume, "path": self.path, "sha256": self.sha256, "shape": self.shape,
+                "spacing_mm": self.spacing_mm, "results": [r.to_dict() for r in self.results]}
+
+
+@dataclass
+class MeanBaseline:
+    """One method's scores at one factor, averaged over `volumes` volumes."""
+
+    factor: int
+    method: str
+    volumes: int
+    scores: SliceSetScores
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"factor": self.factor, "method": self.method, "volumes": self.volumes, **self.scores}
+
+
+@dataclass
+class BaselineReport:
+    """The baseline report: its settings (with the metric glossary in the JSON form), per-volume results, means."""
+
+    dataset: str
+    hu_range: list[float]
+    thick_method: dict[str, Any]
+    """data.thick's method and thickness_mm, and a one-line summary of how thick slices were made."""
+    factors: list[int]
+    methods: list[str]
+    volumes: list[VolumeBaselines]
+    mean_over_volumes: list[MeanBaseline]
+    report_version: int = REPORT_VERSION
+
+    def settings(self) -> dict[str, Any]:
+        """What every JSON file of the report states: version, HU window, thick-slice method, metric glossary."""
+        return {"report_version": self.report_version, "hu_range": self.hu_range, "thick_method": self.thick_method,
+                **glossary(*self.hu_range)}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form of the whole report (AGGREGATE_FILE)."""
+        return {**self.settings(), "dataset": self.dataset, "factors": self.factors, "methods": self.methods,
+                "volumes": [v.to_dict() for v in self.volumes],
+                "mean_over_volumes": [m.to_dict() for m in self.mean_over_volumes]}
 
 
 def _thick_settings(thick: ThickConfig) -> dict:
@@ -51,7 +124,7 @@ def _thick_settings(thick: ThickConfig) -> dict:
 
 
 def score_baselines(thin: np.ndarray, thick: ThickSeries, hu_min: float, hu_max: float,
-                    methods: Sequence[Method] = METHODS) -> list[dict]:
+                    methods: Sequence[Method] = METHODS) -> list[BaselineResult]:
     """One result per method: the thin series rebuilt from `thick` and scored on the covered range."""
     covered = covered_slices(thick)
     if thin.shape[0] < covered:
@@ -60,9 +133,9 @@ def score_baselines(thin: np.ndarray, thick: ThickSeries, hu_min: float, hu_max:
     for method in methods:
         rebuilt = interpolate(thick, thin.shape[0], method)
         scores = score_volume(rebuilt[:covered], thin[:covered], thick.factor, hu_min, hu_max)
-        results.append({"factor": thick.factor, "method": method, "thick": thick.describe(),
-                        "thick_method": thick.method, "scored_slices": covered,
-                        "synthesized_slices": covered - thick.array.shape[0], **scores})
+        results.append(BaselineResult(factor=thick.factor, method=method, thick=thick.describe(),
+                                      thick_method=thick.method, scored_slices=covered,
+                                      synthesized_slices=covered - thick.array.shape[0], scores=scores))
     return results
 
 
@@ -75,7 +148,7 @@ def baseline_report(
     methods: Sequence[Method] = METHODS,
     volume_ids: Sequence[str] | None = None,
     cache: PreprocessCache | None = None,
-) -> dict:
+) -> BaselineReport:
     """Score every method on every volume of a dataset folder at every factor, thick series made per `data.thick`.
 
     `volume_ids` restricts the report to those manifest ids; `cache` (a PreprocessCache) keeps the decoded
@@ -91,7 +164,7 @@ def baseline_report(
     if not methods or unknown:
         raise ValueError(f"methods must be among {list(METHODS)}, got {list(methods)}")
 
-    per_volume: dict[str, dict] = {}
+    per_volume: dict[str, VolumeBaselines] = {}
     for factor in factors:
         data_k = data.model_copy(update={"thick": data.thick.model_copy(update={"factor": int(factor)})})
         manifest = build_manifest(dataset_dir, data_k.split, data_k.thick, data_k.slice_spacing_tolerance)
@@ -100,25 +173,15 @@ def baseline_report(
             volume = (cache.load(dataset_dir, entry, data_k) if cache is not None
                       else preprocess(dataset_dir, entry, data_k))
             log.info("%s x%d: %s", entry["id"], factor, volume.thick_description)
-            record = per_volume.setdefault(entry["id"], {
-                "volume": entry["id"], "path": entry["path"], "sha256": entry["sha256"],
-                "shape": entry["shape"], "spacing_mm": entry["spacing"], "results": []})
-            record["results"].extend(score_baselines(volume.thin, volume.thick, hu_min, hu_max, methods))
+            record = per_volume.setdefault(entry["id"], VolumeBaselines(
+                volume=entry["id"], path=entry["path"], sha256=entry["sha256"], shape=entry["shape"],
+                spacing_mm=entry["spacing"], results=[]))
+            record.results.extend(score_baselines(volume.thin, volume.thick, hu_min, hu_max, methods))
 
     volumes = list(per_volume.values())
-    return {
-        "report_version": REPORT_VERSION,
-        "dataset": str(Path(dataset_dir).resolve()),
-        "hu_range": [hu_min, hu_max],
-        "thick_method": _thick_settings(data.thick),
-        "scored_range": SCORED_RANGE,
-        "slice_sets": SLICE_SET_MEANING,
-        "metrics": describe_metrics(hu_min, hu_max),
-        "factors": [int(k) for k in factors],
-        "methods": list(methods),
-        "volumes": volumes,
-        "mean_over_volumes": _means(volumes, factors, methods),
-    }
+    return BaselineReport(dataset=str(Path(dataset_dir).resolve()), hu_range=[hu_min, hu_max],
+                          thick_method=_thick_settings(data.thick), factors=[int(k) for k in factors],
+                          methods=list(methods), volumes=volumes, mean_over_volumes=_means(volumes, factors, methods))
 
 
 def _select(entries: list[dict], volume_ids: Sequence[str] | None, dataset_dir: Path) -> list[dict]:
@@ -133,75 +196,60 @@ def _select(entries: list[dict], volume_ids: Sequence[str] | None, dataset_dir: 
     return [known[v] for v in volume_ids]
 
 
-def _means(per_volume: list[dict], factors: Sequence[int], methods: Sequence[str]) -> list[dict]:
+def _means(per_volume: list[VolumeBaselines], factors: Sequence[int], methods: Sequence[str]) -> list[MeanBaseline]:
     means = []
     for factor in factors:
         for method in methods:
-            rows = [r for v in per_volume for r in v["results"] if r["factor"] == factor and r["method"] == method]
-            means.append({"factor": factor, "method": method, "volumes": len(rows), **{
-                subset: {name: float(np.mean([r[subset][name] for r in rows])) for name in METRIC_NAMES}
-                for subset in SLICE_SETS}})
+            rows = [r for v in per_volume for r in v.results if r.factor == factor and r.method == method]
+            means.append(MeanBaseline(factor=factor, method=method, volumes=len(rows), scores={
+                subset: {name: float(np.mean([r.scores[subset][name] for r in rows])) for name in METRIC_NAMES}
+                for subset in SLICE_SETS}))
     return means
 
 
-def title(report: dict) -> str:
+def title(report: BaselineReport) -> str:
     """One line stating the HU window, the thick-slice method and the scored range of a report."""
-    hu_min, hu_max = report["hu_range"]
+    hu_min, hu_max = report.hu_range
     return (f"Interpolation baselines - HU window [{hu_min:g}, {hu_max:g}] - thick slices: "
-            f"{report['thick_method']['summary']} - scored: thin slices from the first to the last thick slice")
+            f"{report.thick_method['summary']} - scored: thin slices from the first to the last thick slice")
 
 
 def _cell(value: float, digits: int) -> str:
     return "inf" if math.isinf(value) else f"{value:.{digits}f}"
 
 
-def format_table(report: dict) -> str:
+def format_table(report: BaselineReport) -> str:
     """The report as a Markdown table: one row per volume, factor and method, then the means over volumes."""
     header = ("| volume | factor | thick series | method | PSNR all (dB) | PSNR synth (dB) | SSIM-2D synth "
               "| SSIM-3D synth | MAE synth (HU) |")
     lines = [f"**{title(report)}**", "", header, "|" + " --- |" * (header.count("|") - 1)]
 
-    def row(volume: str, thick: str, r: dict) -> str:
-        syn = r["synthesized"]
-        return (f"| {volume} | x{r['factor']} | {thick} | {r['method']} | {_cell(r['all']['psnr_db'], 2)} "
+    def row(volume: str, thick: str, r: BaselineResult | MeanBaseline) -> str:
+        syn = r.scores["synthesized"]
+        return (f"| {volume} | x{r.factor} | {thick} | {r.method} | {_cell(r.scores['all']['psnr_db'], 2)} "
                 f"| {_cell(syn['psnr_db'], 2)} | {_cell(syn['ssim_2d'], 4)} | {_cell(syn['ssim_3d'], 4)} "
                 f"| {_cell(syn['mae_hu'], 1)} |")
 
-    for volume in report["volumes"]:
-        for r in volume["results"]:
-            lines.append(row(volume["volume"], r["thick"], r))
-    if len(report["volumes"]) > 1:
-        for r in report["mean_over_volumes"]:
-            lines.append(row(f"mean of {r['volumes']} volumes", report["thick_method"]["method"], r))
-    lines += ["", "synth = " + report["slice_sets"]["synthesized"] + "; SSIM on the HU window mapped to [0, 1]."]
+    for volume in report.volumes:
+        for r in volume.results:
+            lines.append(row(volume.volume, r.thick, r))
+    if len(report.volumes) > 1:
+        for r in report.mean_over_volumes:
+            lines.append(row(f"mean of {r.volumes} volumes", report.thick_method["method"], r))
+    lines += ["", "synth = " + SLICE_SET_MEANING["synthesized"] + "; SSIM on the HU window mapped to [0, 1]."]
     return "\n".join(lines) + "\n"
 
 
-def _json(data: dict) -> str:
-    # A perfect prediction has infinite PSNR; JSON has no Infinity, so it is written as the string "inf".
-    def finite(node):
-        if isinstance(node, dict):
-            return {k: finite(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [finite(v) for v in node]
-        if isinstance(node, float) and math.isinf(node):
-            return "inf" if node > 0 else "-inf"
-        return node
-
-    return json.dumps(finite(data), indent=2, allow_nan=False) + "\n"
-
-
-def write_report(report: dict, out_dir: Path) -> list[Path]:
+def write_report(report: BaselineReport, out_dir: Path) -> list[Path]:
     """Write volumes/<id>.json per volume, the aggregate JSON and the Markdown table into `out_dir`, each atomically."""
     out_dir = Path(out_dir)
-    settings = {key: report[key] for key in ("report_version", "hu_range", "thick_method", "scored_range",
-                                             "slice_sets", "metrics")}
     written = []
-    for volume in report["volumes"]:
-        path = out_dir / VOLUMES_DIR / f"{volume['volume']}.json"
-        atomic_write_text(path, _json({**settings, **volume}))
+    for volume in report.volumes:
+        path = out_dir / VOLUMES_DIR / f"{volume.volume}.json"
+        atomic_write_text(path, to_json({**report.settings(), **volume.to_dict()}))
         written.append(path)
-    for path, text in ((out_dir / AGGREGATE_FILE, _json(report)), (out_dir / TABLE_FILE, format_table(report))):
+    for path, text in ((out_dir / AGGREGATE_FILE, to_json(report.to_dict())), (out_dir / TABLE_FILE,
+                                                                               format_table(report))):
         atomic_write_text(path, text)
         written.append(path)
     return written

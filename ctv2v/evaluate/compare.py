@@ -10,12 +10,11 @@ shown next to them so a reader sees whether each model beats plain linear interp
 from __future__ import annotations
 
 import html
-import json
 import math
 from pathlib import Path
-from typing import Any
 
-from ctv2v.evaluate.evaluate import MODEL, REPORT_FILE, REPORT_SCHEMA, STAND_IN_WARNING, weights_display
+from ctv2v.config import VARIANTS
+from ctv2v.evaluate.evaluate import MODEL, REPORT_FILE, STAND_IN_WARNING, EvaluationReport
 from ctv2v.files import atomic_write_text
 
 COLUMNS = [
@@ -34,7 +33,7 @@ TIE_DB = 0.01
 """PSNR differences below this are reported as a match: the table prints two decimals."""
 BASELINE_TOLERANCE = 1e-6
 """Relative tolerance when checking that two reports' baselines (the same data, no randomness) agree."""
-VARIANT_ORDER = ("main", "pretrained")
+VARIANT_ORDER = VARIANTS
 MARKDOWN_FILE = "comparison.md"
 HTML_FILE = "comparison.html"
 
@@ -43,36 +42,32 @@ class ComparisonError(ValueError):
     """Reports that cannot be compared honestly; the message lists every mismatch."""
 
 
-def load_report(path: Path) -> dict[str, Any]:
+def load_report(path: Path) -> EvaluationReport:
     """An evaluation report from `path`, or from `path/report.json` when `path` is an evaluation folder."""
     path = Path(path)
     if path.is_dir():
         path = path / REPORT_FILE
     try:
-        report = json.loads(path.read_text())
+        return EvaluationReport.read(path)
     except OSError as exc:
         raise ComparisonError(f"{path}: cannot read evaluation report ({exc.strerror})") from exc
-    except json.JSONDecodeError as exc:
-        raise ComparisonError(f"{path}: not valid JSON: {exc}") from exc
-    if not isinstance(report, dict) or report.get("schema") != REPORT_SCHEMA:
-        found = report.get("schema") if isinstance(report, dict) else type(report).__name__
-        raise ComparisonError(f"{path}: not an evaluation report (schema {found!r}, expected {REPORT_SCHEMA!r})")
-    return report
+    except ValueError as exc:
+        raise ComparisonError(str(exc)) from exc
 
 
-def _ordered(reports: dict[str, dict]) -> list[str]:
+def _ordered(reports: dict[str, EvaluationReport]) -> list[str]:
     known = [v for v in VARIANT_ORDER if v in reports]
     return known + sorted(v for v in reports if v not in VARIANT_ORDER)
 
 
-def check_comparable(reports: dict[str, dict[str, Any]]) -> None:
+def check_comparable(reports: dict[str, EvaluationReport]) -> None:
     """Raise ComparisonError unless the reports share manifest, HU window, thick method and test volumes."""
     if len(reports) < 2:
         raise ComparisonError(f"a comparison needs at least two reports, got {len(reports)}: {sorted(reports)}")
     problems = []
     for variant, report in reports.items():
-        if report.get("variant") != variant:
-            problems.append(f"report given as '{variant}' was made by variant '{report.get('variant')}'")
+        if report.variant != variant:
+            problems.append(f"report given as '{variant}' was made by variant '{report.variant}'")
     variants = _ordered(reports)
     first = reports[variants[0]]
     fields = [
@@ -83,21 +78,20 @@ def check_comparable(reports: dict[str, dict[str, Any]]) -> None:
     ]
     for key, what in fields:
         for variant in variants[1:]:
-            if reports[variant].get(key) != first.get(key):
-                problems.append(
-                    f"{what} differs: {variants[0]} has {first.get(key)!r}, {variant} has {reports[variant].get(key)!r}"
-                )
+            if getattr(reports[variant], key) != getattr(first, key):
+                problems.append(f"{what} differs: {variants[0]} has {getattr(first, key)!r}, "
+                                f"{variant} has {getattr(reports[variant], key)!r}")
     if not problems:
         problems.extend(_baseline_mismatches(reports, variants))
     if problems:
         raise ComparisonError("evaluation reports are not comparable: " + "; ".join(problems))
 
 
-def _baseline_mismatches(reports: dict[str, dict], variants: list[str]) -> list[str]:
-    first = reports[variants[0]]["aggregate"]
+def _baseline_mismatches(reports: dict[str, EvaluationReport], variants: list[str]) -> list[str]:
+    first = reports[variants[0]].aggregate
     problems = []
     for variant in variants[1:]:
-        other = reports[variant]["aggregate"]
+        other = reports[variant].aggregate
         for method in sorted(set(first) & set(other) - {MODEL}):
             for metric, slice_set, _ in COLUMNS:
                 a, b = first[method][slice_set][metric], other[method][slice_set][metric]
@@ -109,15 +103,15 @@ def _baseline_mismatches(reports: dict[str, dict], variants: list[str]) -> list[
     return problems
 
 
-def _rows(reports: dict[str, dict], variants: list[str]) -> list[tuple[str, str, dict]]:
+def _rows(reports: dict[str, EvaluationReport], variants: list[str]) -> list[tuple[str, str, dict]]:
     """(method label, weights label, aggregate metrics) rows: each model, then each baseline once."""
     rows = []
     for variant in variants:
         report = reports[variant]
-        rows.append((f"{variant} model", weights_display(report["weights_label"]), report["aggregate"][MODEL]))
+        rows.append((f"{variant} model", report.weights_display, report.aggregate[MODEL]))
     first = reports[variants[0]]
-    for method in first["baselines"]:
-        rows.append((f"{method} interpolation", "no learning", first["aggregate"][method]))
+    for method in first.baselines:
+        rows.append((f"{method} interpolation", "no learning", first.aggregate[method]))
     return rows
 
 
@@ -134,9 +128,9 @@ def _headline(metrics: dict) -> float:
     return metrics[slice_set][metric]
 
 
-def _per_volume_headline(report: dict, method: str) -> dict[str, float]:
+def _per_volume_headline(report: EvaluationReport, method: str) -> dict[str, float]:
     metric, slice_set = HEADLINE
-    return {vol["id"]: vol["metrics"][method][slice_set][metric] for vol in report["volumes"]}
+    return {volume.id: volume.metrics[method][slice_set][metric] for volume in report.volumes}
 
 
 def _verb(diff_db: float) -> str:
@@ -145,23 +139,23 @@ def _verb(diff_db: float) -> str:
     return "beats" if diff_db > 0 else "does not beat"
 
 
-def verdicts(reports: dict[str, dict[str, Any]]) -> list[str]:
+def verdicts(reports: dict[str, EvaluationReport]) -> list[str]:
     """Plain sentences: does each model beat linear interpolation, and does `pretrained` beat `main`."""
     variants = _ordered(reports)
     lines = []
     for variant in variants:
         report = reports[variant]
-        if "linear" not in report["aggregate"]:
+        if "linear" not in report.aggregate:
             continue
-        model, linear = _headline(report["aggregate"][MODEL]), _headline(report["aggregate"]["linear"])
+        model, linear = _headline(report.aggregate[MODEL]), _headline(report.aggregate["linear"])
         verb = _verb(model - linear)
         lines.append(
-            f"{variant} ({weights_display(report['weights_label'])}) {verb} linear interpolation: "
+            f"{variant} ({report.weights_display}) {verb} linear interpolation: "
             f"{model:.2f} vs {linear:.2f} dB PSNR on synthesized slices ({model - linear:+.2f} dB)."
         )
     if "main" in reports and "pretrained" in reports:
         main, pre = reports["main"], reports["pretrained"]
-        diff = _headline(pre["aggregate"][MODEL]) - _headline(main["aggregate"][MODEL])
+        diff = _headline(pre.aggregate[MODEL]) - _headline(main.aggregate[MODEL])
         per_main, per_pre = _per_volume_headline(main, MODEL), _per_volume_headline(pre, MODEL)
         wins = sum(per_pre[v] > per_main[v] for v in per_main)
         volumes = f"{len(per_main)} test volume" + ("s" if len(per_main) != 1 else "")
@@ -172,35 +166,35 @@ def verdicts(reports: dict[str, dict[str, Any]]) -> list[str]:
         if len(per_main) < 5:
             lines.append(f"With only {volumes}, the difference says little about new patients.")
     for variant in variants:
-        if reports[variant]["weights"] == "stand-in":
+        if reports[variant].weights == "stand-in":
             lines.append(f"WARNING ({variant}): {STAND_IN_WARNING}.")
     return lines
 
 
-def _settings(reports: dict[str, dict], variants: list[str]) -> list[tuple[str, str]]:
+def _settings(reports: dict[str, EvaluationReport], variants: list[str]) -> list[tuple[str, str]]:
     first = reports[variants[0]]
-    hu_min, hu_max = first["hu_range"]
-    thick = first["thick"]
-    steps = ", ".join(f"{v}: {reports[v]['sample_steps']}" for v in variants)
-    descriptions = sorted({vol["thick_description"] for vol in first["volumes"]})
+    hu_min, hu_max = first.hu_range
+    thick = first.thick
+    steps = ", ".join(f"{v}: {reports[v].sample_steps}" for v in variants)
+    descriptions = sorted({volume.thick_description for volume in first.volumes})
     return [
         ("HU range (metrics)", f"[{hu_min:g}, {hu_max:g}]"),
         ("Thick slices", f"{thick['method']} x{thick['factor']}: " + "; ".join(descriptions)),
         ("Sampling steps", steps),
         ("Model input window (HU)", "; ".join(
-            f"{v}: [{reports[v]['model_intensity_window'][0]:g}, {reports[v]['model_intensity_window'][1]:g}]"
+            f"{v}: [{reports[v].model_intensity_window[0]:g}, {reports[v].model_intensity_window[1]:g}]"
             for v in variants)),
-        ("Weights", "; ".join(f"{v}: {weights_display(reports[v]['weights_label'])}" for v in variants)),
-        ("Test volumes", f"{len(first['volume_ids'])} ({', '.join(first['volume_ids'])})"),
-        ("Manifest sha256", first["manifest_sha256"]),
-        ("Averaging", "mean over test volumes of each volume's metric"),
+        ("Weights", "; ".join(f"{v}: {reports[v].weights_display}" for v in variants)),
+        ("Test volumes", f"{first.n_volumes} ({', '.join(first.volume_ids)})"),
+        ("Manifest sha256", first.manifest_sha256),
+        ("Averaging", first.aggregate_over),
     ]
 
 
-def to_markdown(reports: dict[str, dict[str, Any]]) -> str:
+def to_markdown(reports: dict[str, EvaluationReport]) -> str:
     """The comparison as a Markdown document (settings, table, verdicts)."""
     variants = _ordered(reports)
-    header_models = " vs ".join(f"{v} [{weights_display(reports[v]['weights_label'])}]" for v in variants)
+    header_models = " vs ".join(f"{v} [{reports[v].weights_display}]" for v in variants)
     lines = [f"# ctv2v evaluation: {header_models}", ""]
     lines += [f"- **{name}**: {value}" for name, value in _settings(reports, variants)]
     lines += ["", "| method | weights | " + " | ".join(label for _, _, label in COLUMNS) + " |",
@@ -212,11 +206,11 @@ def to_markdown(reports: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def to_html(reports: dict[str, dict[str, Any]]) -> str:
+def to_html(reports: dict[str, EvaluationReport]) -> str:
     """The comparison as a standalone HTML page (the same content as the Markdown)."""
     variants = _ordered(reports)
     esc = html.escape
-    header_models = " vs ".join(f"{v} [{weights_display(reports[v]['weights_label'])}]" for v in variants)
+    header_models = " vs ".join(f"{v} [{reports[v].weights_display}]" for v in variants)
     settings = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in _settings(reports, variants))
     head = "".join(f"<th>{esc(label)}</th>" for _, _, label in COLUMNS)
     body = ""
@@ -236,7 +230,7 @@ def to_html(reports: dict[str, dict[str, Any]]) -> str:
     )
 
 
-def compare(reports: dict[str, dict[str, Any]], out_dir: Path) -> tuple[str, str]:
+def compare(reports: dict[str, EvaluationReport], out_dir: Path) -> tuple[str, str]:
     """Check the reports are comparable, write MARKDOWN_FILE and HTML_FILE into `out_dir`, return (markdown, html)."""
     check_comparable(reports)
     markdown, page = to_markdown(reports), to_html(reports)

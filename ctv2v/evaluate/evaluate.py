@@ -12,8 +12,8 @@ raw HU; both are clipped to the evaluation window before scoring.
 
 Per volume the step writes the prediction as NIfTI (the thin volume's own affine: same origin, orientation
 and thin spacing), a PNG panel (ctv2v.evaluate.panels) and its scores; `report.json` holds them all with the mean over
-volumes and every setting that moves the numbers (HU window, thick-slice method, sampling steps, weights).
-A perfect score (infinite PSNR) is written as JSON `Infinity`, which Python's json module reads back.
+volumes, every setting that moves the numbers (HU window, thick-slice method, sampling steps, weights) and
+the metric glossary; it is written and read with ctv2v.evaluate.metrics' JSON policy (infinite PSNR as "inf").
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import gzip
 import hashlib
 import json
 import logging
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -36,10 +37,10 @@ from ctv2v.data.cache import Preprocessed, PreprocessCache
 from ctv2v.data.clips import Tile, eval_tiles, extract_clip
 from ctv2v.files import atomic_path, atomic_write_text
 from ctv2v.intensity import Intensity
-from ctv2v.evaluate.metrics import METRIC_NAMES, SLICE_SETS, score_volume
+from ctv2v.evaluate.metrics import METRIC_NAMES, SLICE_SETS, from_json, glossary, score_volume, to_json
 from ctv2v.evaluate.panels import render_panel, write_panel
 from ctv2v.evaluate.baseline_report import score_baselines
-from ctv2v.models.vae import WEIGHT_LABELS
+from ctv2v.models.artifacts import weights_display, weights_kind
 
 log = logging.getLogger(__name__)
 
@@ -65,24 +66,139 @@ class ClipSampler(Protocol):
     def sample(self, thick: torch.Tensor, steps: int, generator: torch.Generator | None = None) -> torch.Tensor: ...
 
 
-def weights_kind(label: str) -> str:
-    """The kind of a VAE weights label ('scratch, fine-tuned (full phase)' -> 'scratch'); unknown kinds are errors."""
-    kind = label.split(",", 1)[0].strip()
-    if kind not in WEIGHT_LABELS:
-        raise EvaluationError(f"VAE weights label {label!r}: expected it to start with one of {WEIGHT_LABELS}")
-    return kind
+Scores = dict[str, dict[str, dict[str, float]]]
+"""Method (MODEL or a baseline name) -> slice set (SLICE_SETS) -> metric (METRIC_NAMES) -> value."""
 
 
-def weights_display(label: str) -> str:
-    """How a weights label is shown to readers; stand-in weights are always named as such."""
-    kind = weights_kind(label)
-    detail = label.split(",", 1)[1].strip() if "," in label else ""
-    shown = {
-        "stand-in": "stand-in (random MAISI-layout weights)",
-        "pretrained": "pretrained (MAISI CT VAE weights)",
-        "scratch": "VAE trained from scratch",
-    }[kind]
-    return f"{shown}, {detail}" if detail else shown
+@dataclass
+class VolumeResult:
+    """One test volume's entry in the report: its geometry, thick series, scores and written files."""
+
+    id: str
+    thin_shape: list[int]
+    spacing_mm: list[float]
+    thick_description: str
+    n_thick: int
+    scored_slices: int
+    metrics: Scores
+    prediction_nifti: str | None = None
+    """Path relative to the evaluation folder; None when evaluation.write_nifti is off."""
+    panel_png: str = ""
+    """Path relative to the evaluation folder."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (no `prediction_nifti` key when none was written)."""
+        data = asdict(self)
+        if self.prediction_nifti is None:
+            del data["prediction_nifti"]
+        return data
+
+
+@dataclass
+class EvaluationReport:
+    """report.json: the scores of the model and the baselines, and every setting that moves them.
+
+    The JSON form also spells out what follows from the fields (weights kind and display text, volume count and
+    ids, the stand-in warning) for readers of the file; `from_dict` recomputes them and refuses a contradiction.
+    """
+
+    variant: str
+    weights_label: str
+    manifest_sha256: str
+    hu_range: list[float]
+    model_intensity_window: list[float]
+    thick: dict[str, Any]
+    """data.thick: method, factor, thickness_mm."""
+    sample_steps: int
+    seed: int
+    tiles: dict[str, Any]
+    """Tile frames, height, width and overlap (data.clip)."""
+    test_volumes_in_split: int
+    baselines: list[str]
+    scored_range: str
+    slice_sets: dict[str, str]
+    metrics: dict[str, str]
+    aggregate_over: str
+    aggregate: Scores
+    """The mean over volumes of each volume's scores."""
+    volumes: list[VolumeResult] = field(default_factory=list)
+    split: str = "test"
+    schema: str = REPORT_SCHEMA
+
+    @property
+    def weights(self) -> str:
+        return weights_kind(self.weights_label)
+
+    @property
+    def weights_display(self) -> str:
+        return weights_display(self.weights_label)
+
+    @property
+    def n_volumes(self) -> int:
+        return len(self.volumes)
+
+    @property
+    def volume_ids(self) -> list[str]:
+        return [volume.id for volume in self.volumes]
+
+    @property
+    def warning(self) -> str | None:
+        return STAND_IN_WARNING if self.weights == "stand-in" else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form, fields and derived values in reading order."""
+        data: dict[str, Any] = {
+            "schema": self.schema, "variant": self.variant, "weights": self.weights,
+            "weights_label": self.weights_label, "weights_display": self.weights_display,
+            "manifest_sha256": self.manifest_sha256, "hu_range": self.hu_range,
+            "model_intensity_window": self.model_intensity_window, "thick": self.thick,
+            "sample_steps": self.sample_steps, "seed": self.seed, "tiles": self.tiles, "split": self.split,
+            "test_volumes_in_split": self.test_volumes_in_split, "n_volumes": self.n_volumes,
+            "volume_ids": self.volume_ids, "baselines": self.baselines, "scored_range": self.scored_range,
+            "slice_sets": self.slice_sets, "metrics": self.metrics, "aggregate_over": self.aggregate_over,
+            "aggregate": self.aggregate, "volumes": [volume.to_dict() for volume in self.volumes],
+        }
+        if self.warning is not None:
+            data["warning"] = self.warning
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EvaluationReport":
+        """Inverse of to_dict; a missing field, an unknown key or a contradicting derived value is a ValueError."""
+        if not isinstance(data, dict) or data.get("schema") != REPORT_SCHEMA:
+            found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"not an evaluation report (schema {found!r}, expected {REPORT_SCHEMA!r})")
+        names = {f.name for f in fields(cls)}
+        derived = {"weights", "weights_display", "n_volumes", "volume_ids", "warning"}
+        unknown, missing = sorted(set(data) - names - derived), sorted(names - set(data))
+        if unknown or missing:
+            raise ValueError(f"evaluation report: unknown key(s) {unknown}, missing key(s) {missing}")
+        try:
+            volumes = [VolumeResult(**volume) for volume in data["volumes"]]
+            report = cls(**{**{name: data[name] for name in names}, "volumes": volumes})
+            recomputed = report.to_dict()
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"evaluation report: {exc}") from exc
+        contradicted = sorted(key for key in derived if data.get(key) != recomputed.get(key))
+        if contradicted:
+            raise ValueError(f"evaluation report: {contradicted} contradict the rest of the report")
+        return report
+
+    def write(self, path: Path) -> Path:
+        """Write the JSON form atomically (ctv2v.evaluate.metrics' JSON policy)."""
+        atomic_write_text(Path(path), to_json(self.to_dict()))
+        return Path(path)
+
+    @classmethod
+    def read(cls, path: Path) -> "EvaluationReport":
+        """The report in `path`; a file that is not one is a ValueError naming it."""
+        path = Path(path)
+        try:
+            return cls.from_dict(from_json(path.read_text()))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON: {exc}") from exc
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
 
 
 def manifest_sha256(manifest: dict) -> str:
@@ -193,12 +309,8 @@ def _nifti_bytes(image: nib.Nifti1Image, gzipped: bool) -> bytes:
     return gzip.compress(data, compresslevel=6, mtime=0)
 
 
-def _scores_only(result: dict) -> dict:
-    return {subset: {name: result[subset][name] for name in METRIC_NAMES} for subset in SLICE_SETS}
-
-
-def _mean_scores(volumes: list[dict], methods: list[str]) -> dict:
-    return {method: {subset: {name: float(np.mean([v["metrics"][method][subset][name] for v in volumes]))
+def _mean_scores(volumes: list[VolumeResult], methods: list[str]) -> Scores:
+    return {method: {subset: {name: float(np.mean([v.metrics[method][subset][name] for v in volumes]))
                               for name in METRIC_NAMES} for subset in SLICE_SETS} for method in methods}
 
 
@@ -209,7 +321,7 @@ def evaluate_volume(
     out_dir: Path,
     generator: torch.Generator,
     weights_label: str,
-) -> dict[str, Any]:
+) -> VolumeResult:
     """Predict, score (model and baselines), and write the NIfTI and panel of one volume; its report entry."""
     settings = config.evaluation
     thick = volume.thick
@@ -221,21 +333,15 @@ def evaluate_volume(
     prediction = predict_volume(model, volume, config, generator)
     scores = {MODEL: score_volume(prediction, truth, thick.factor, settings.hu_min, settings.hu_max)}
     for result in score_baselines(volume.thin, thick, settings.hu_min, settings.hu_max, settings.baselines):
-        scores[result["method"]] = _scores_only(result)
+        scores[result.method] = result.scores
 
-    record: dict[str, Any] = {
-        "id": volume.volume_id,
-        "thin_shape": list(volume.thin.shape),
-        "spacing_mm": list(volume.spacing),
-        "thick_description": thick.describe(),
-        "n_thick": int(thick.array.shape[0]),
-        "scored_slices": covered,
-        "metrics": scores,
-    }
+    record = VolumeResult(id=volume.volume_id, thin_shape=list(volume.thin.shape), spacing_mm=list(volume.spacing),
+                          thick_description=thick.describe(), n_thick=int(thick.array.shape[0]),
+                          scored_slices=covered, metrics=scores)
     if settings.write_nifti:
         nifti = write_prediction_nifti(out_dir / PREDICTIONS_DIR / f"{volume.volume_id}.nii.gz", prediction,
                                        volume.affine)
-        record["prediction_nifti"] = nifti.relative_to(out_dir).as_posix()
+        record.prediction_nifti = nifti.relative_to(out_dir).as_posix()
     synthesized_psnr = ", ".join(f"{method} {s['synthesized']['psnr_db']:.2f} dB" for method, s in scores.items())
     title = [
         f"{volume.volume_id} - {config.variant} model - VAE weights: {weights_display(weights_label)}",
@@ -256,7 +362,7 @@ def evaluate_volume(
         plane=settings.panel_plane,
         title_lines=title,
     )
-    record["panel_png"] = write_panel(out_dir / PANELS_DIR / f"{volume.volume_id}.png", panel).relative_to(
+    record.panel_png = write_panel(out_dir / PANELS_DIR / f"{volume.volume_id}.png", panel).relative_to(
         out_dir).as_posix()
     log.info("%s: PSNR on synthesized slices: %s", volume.volume_id, synthesized_psnr)
     return record
@@ -272,7 +378,7 @@ def evaluate(
     generator: torch.Generator,
     *,
     weights_label: str,
-) -> dict[str, Any]:
+) -> EvaluationReport:
     """Evaluate `model` on the manifest's test split; writes predictions, panels and report.json into `out_dir`.
 
     `weights_label` says which VAE weights the model holds (pretrained / scratch / stand-in, optionally with a
@@ -290,42 +396,23 @@ def evaluate(
     for entry in entries:
         volume = cache.load(Path(dataset_dir), entry, config.data)
         volumes.append(evaluate_volume(model, volume, config, out_dir, generator, weights_label))
-    methods = [MODEL, *settings.baselines]
     thick = config.data.thick
-    report: dict[str, Any] = {
-        "schema": REPORT_SCHEMA,
-        "variant": config.variant,
-        "weights": kind,
-        "weights_label": weights_label,
-        "weights_display": weights_display(weights_label),
-        "manifest_sha256": manifest_sha256(manifest),
-        "hu_range": [settings.hu_min, settings.hu_max],
-        "model_intensity_window": [config.data.intensity.hu_min, config.data.intensity.hu_max],
-        "thick": {"method": thick.method, "factor": thick.factor, "thickness_mm": thick.thickness_mm},
-        "sample_steps": settings.sample_steps,
-        "seed": config.seed,
-        "tiles": {"frames": config.data.clip.frames, "height": config.data.clip.height,
-                  "width": config.data.clip.width, "overlap": config.data.clip.eval_overlap},
-        "split": "test",
-        "test_volumes_in_split": len(all_test),
-        "n_volumes": len(volumes),
-        "volume_ids": [v["id"] for v in volumes],
-        "baselines": list(settings.baselines),
-        "scored_range": "thin slices 0..(n_thick-1)*k, from the first to the last thick position",
-        "slice_sets": {"all": "every scored thin slice",
-                       "synthesized": "scored thin slices no thick slice sits on (index not a multiple of k)"},
-        "metrics": {
-            "psnr_db": f"PSNR in dB, HU clipped to [{settings.hu_min:g}, {settings.hu_max:g}], data range "
-                       f"{settings.hu_max - settings.hu_min:g} HU",
-            "ssim_3d": "MONAI SSIM 3D (Gaussian window 11, sigma 1.5) on the HU window mapped to [0, 1]",
-            "ssim_2d": "MONAI SSIM 2D per axial slice, mean over the slice set",
-            "mae_hu": "mean absolute error in HU after clipping",
-        },
-        "aggregate_over": "mean over volumes of each volume's metric",
-        "aggregate": _mean_scores(volumes, methods),
-        "volumes": volumes,
-    }
-    if kind == "stand-in":
-        report["warning"] = STAND_IN_WARNING
-    atomic_write_text(out_dir / REPORT_FILE, json.dumps(report, indent=2) + "\n")
+    report = EvaluationReport(
+        variant=config.variant,
+        weights_label=weights_label,
+        manifest_sha256=manifest_sha256(manifest),
+        hu_range=[settings.hu_min, settings.hu_max],
+        model_intensity_window=[config.data.intensity.hu_min, config.data.intensity.hu_max],
+        thick={"method": thick.method, "factor": thick.factor, "thickness_mm": thick.thickness_mm},
+        sample_steps=settings.sample_steps,
+        seed=config.seed,
+        tiles={"frames": config.data.clip.frames, "height": config.data.clip.height,
+               "width": config.data.clip.width, "overlap": config.data.clip.eval_overlap},
+        test_volumes_in_split=len(all_test),
+        baselines=list(settings.baselines),
+        **glossary(settings.hu_min, settings.hu_max),
+        aggregate=_mean_scores(volumes, [MODEL, *settings.baselines]),
+        volumes=volumes,
+    )
+    report.write(out_dir / REPORT_FILE)
     return report

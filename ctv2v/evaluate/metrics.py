@@ -15,9 +15,17 @@ of MONAI's per-slice SSIM over the set. The 3D SSIM's `all` value is MONAI's SSI
 map, 11-voxel Gaussian window, valid positions only); its `synthesized` value is the mean of the same map
 over the window positions centred on a synthesized slice (the window itself spans neighbouring slices).
 A perfect prediction has infinite PSNR; a NaN or Inf in either input is an error, never a score.
+
+This module also holds what every report says about these numbers (`glossary`) and how scores are written
+to JSON (`to_json` / `from_json`): JSON has no infinity, so an infinite score is written as the string "inf"
+(strict JSON that any reader parses) and read back as a float.
 """
 
 from __future__ import annotations
+
+import json
+import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +39,13 @@ SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SLICE_SETS = ("all", "synthesized")
 METRIC_NAMES = ("psnr_db", "ssim_3d", "ssim_2d", "mae_hu")
+SCORED_RANGE = ("thin slices 0..(n_thick-1)*k, from the first to the last thick position; the slices after the "
+                "last thick position would need extrapolation and are not scored")
+SLICE_SET_MEANING = {
+    "all": "every thin slice of the scored range",
+    "synthesized": "thin slices of the scored range that no thick slice sits on (index not a multiple of k)",
+}
+AGGREGATE_OVER = "mean over volumes of each volume's metric"
 
 
 def describe_metrics(hu_min: float, hu_max: float) -> dict[str, str]:
@@ -44,6 +59,46 @@ def describe_metrics(hu_min: float, hu_max: float) -> dict[str, str]:
     }
 
 
+def glossary(hu_min: float, hu_max: float) -> dict[str, Any]:
+    """What a report's numbers mean: the scored range, the slice sets, each metric, how volumes are averaged."""
+    return {
+        "scored_range": SCORED_RANGE,
+        "slice_sets": dict(SLICE_SET_MEANING),
+        "metrics": describe_metrics(hu_min, hu_max),
+        "aggregate_over": AGGREGATE_OVER,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- JSON
+INFINITY = {math.inf: "inf", -math.inf: "-inf"}
+
+
+def _finite_json(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {key: _finite_json(value) for key, value in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_finite_json(value) for value in node]
+    if isinstance(node, float) and math.isinf(node):
+        return INFINITY[node]
+    return node
+
+
+def to_json(data: Any) -> str:
+    """Indented strict JSON of a report; infinite scores become "inf" / "-inf", a NaN is an error."""
+    return json.dumps(_finite_json(data), indent=2, allow_nan=False) + "\n"
+
+
+def _scores_from_json(node: dict[str, Any]) -> dict[str, Any]:
+    return {key: float(value) if key in METRIC_NAMES and value in INFINITY.values() else value
+            for key, value in node.items()}
+
+
+def from_json(text: str) -> Any:
+    """Inverse of to_json: the "inf" / "-inf" values of metric names (METRIC_NAMES) become floats again."""
+    return json.loads(text, object_hook=_scores_from_json)
+
+
+# ------------------------------------------------------------------------------------------- scoring
 def synthesized_slices(n_slices: int, thick_factor: int) -> np.ndarray:
     """Thin-slice indices that no thick slice sits on (not a multiple of `thick_factor`)."""
     if thick_factor < 2:
@@ -76,10 +131,22 @@ def _as_batch(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))[None, None]
 
 
+def psnr(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor, data_range: float) -> float:
+    """PSNR in dB of `pred` against `target` (same shape) for signals spanning `data_range`; inf when they are equal."""
+    pred_t, target_t = torch.as_tensor(pred), torch.as_tensor(target)
+    if pred_t.shape != target_t.shape:
+        raise ValueError(f"psnr: pred has shape {tuple(pred_t.shape)} but target has shape {tuple(target_t.shape)}")
+    for name, tensor in (("pred", pred_t), ("target", target_t)):
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"psnr: {name} (shape {tuple(tensor.shape)}) has NaN/Inf values")
+    # float64: pooled squared errors of millions of voxels keep their precision; MONAI's metric takes (B, C, ...).
+    value = PSNRMetric(max_val=data_range)(pred_t.double().reshape(1, 1, -1), target_t.double().reshape(1, 1, -1))
+    return float(value.item())
+
+
 def _psnr_mae(pred: np.ndarray, target: np.ndarray, data_range: float) -> tuple[float, float]:
-    psnr = PSNRMetric(max_val=data_range)(_as_batch(pred), _as_batch(target))
     mae = MAEMetric()(_as_batch(pred), _as_batch(target))
-    return float(psnr.item()), float(mae.item())
+    return psnr(pred, target, data_range), float(mae.item())
 
 
 def score_volume(

@@ -10,16 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-import pickle
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
 
-from ctv2v.files import atomic_path
+from ctv2v.files import UnsafeOrCorruptFileError, atomic_torch_save, load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -94,38 +93,19 @@ ARCH_NOT_IN_WEIGHTS = {
 """Constructor arguments that tensor names and shapes cannot reveal, and what infer_arch assumes for them."""
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The normalized state dict of a checkpoint file and notes on every rewrite made to get it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights only load failed" in str(exc).lower():
-            raise CheckpointFormatError(
-                f"{path}: refused: unpickling it would import and run code ({_unsupported_global(exc)}). Only "
-                "plain tensor state dicts are loaded (torch.load weights_only=True); re-save the file with "
-                "torch.save(model.state_dict(), PATH)"
-            ) from None
-        raise CheckpointFormatError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): "
-                                    f"{_first_line(exc)}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointFormatError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): "
-                                    f"{_first_line(exc)}") from None
+        obj = load_torch_file(path, "VAE checkpoint")
+    except UnsafeOrCorruptFileError as exc:
+        raise CheckpointFormatError(str(exc)) from None
     notes: list[str] = []
     state = _unwrap(obj, path, notes)
     state = _map_legacy_keys(state, path, notes)
     return state, notes
-
-
-def _unsupported_global(exc: BaseException) -> str:
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-    return f"it references {found.group(1)}" if found else _first_line(exc)
 
 
 def _unwrap(obj: Any, path: Path, notes: list[str]) -> dict[str, torch.Tensor]:
@@ -186,11 +166,6 @@ def _map_legacy_keys(state: dict[str, torch.Tensor], path: Path, notes: list[str
                  "tell the two apart")
     log.warning("%s: %s", path, notes[-1])
     return renamed
-
-
-def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    """A checkpoint's tensors as an AutoencoderKlMaisi state dict (weights_only, unwrapped, legacy names mapped)."""
-    return _read_checkpoint(path)[0]
 
 
 # ----------------------------------------------------------------------------------- architecture inference
@@ -364,12 +339,27 @@ class MatchReport:
     def status(self) -> str:
         return "complete" if self.complete else ("PARTIAL" if self.partial else "failed")
 
+    @property
+    def loaded_fraction(self) -> float:
+        """Share of the network's tensors loaded from the checkpoint (1.0 for a strict load)."""
+        return self.loaded / self.total
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form, with the status and the loaded fraction spelled out."""
-        data = asdict(self)
-        data["status"] = self.status
-        data["loaded_fraction"] = f"{self.loaded}/{self.total}"
-        return data
+        """The JSON form: every field, plus `status` for readers of the file (from_dict recomputes it)."""
+        return {**asdict(self), "status": self.status}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MatchReport":
+        """Inverse of to_dict; an unknown key or a `status` that contradicts the counts is an error."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names - {"status"})
+        if unknown:
+            raise ValueError(f"match report: unknown key(s) {unknown}; expected {sorted(names)} and 'status'")
+        report = cls(**{name: data[name] for name in names if name in data})
+        if "status" in data and data["status"] != report.status:
+            raise ValueError(f"match report: status {data['status']!r} contradicts its counts "
+                             f"({report.loaded}/{report.total} loaded, i.e. {report.status!r})")
+        return report
 
     def summary(self) -> str:
         """Human-readable report: status, counts, then every problem key by name."""
@@ -452,8 +442,7 @@ def make_stand_in_checkpoint(path: Path, seed: int) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_autoencoder(MAISI_CT_ARCH)
-    with atomic_path(Path(path)) as tmp:
-        torch.save(model.state_dict(), tmp)
+    atomic_torch_save(model.state_dict(), Path(path))
     log.warning("wrote a STAND-IN MAISI checkpoint (random weights, seed %d, MAISI's CT layout) to %s", seed, path)
     return Path(path)
 

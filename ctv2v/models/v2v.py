@@ -7,11 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctv2v.config import RunConfig
+from ctv2v.models.artifacts import VAE_KIND_OF_VARIANT
 from ctv2v.models.denoiser import Denoiser
 from ctv2v.models.diffusion import Diffusion
 from ctv2v.models.vae import ClipVAE, check_clip
-
-VAE_KIND_OF_VARIANT = {"main": "scratch", "pretrained": "maisi"}
 
 
 class VideoToVideoDiffusion(nn.Module):
@@ -82,13 +81,6 @@ class VideoToVideoDiffusion(nn.Module):
                 f"thin clip {tuple(thin.shape)} does not match thick clip {tuple(thick.shape)}: expected "
                 f"({b}, 1, {n * self.thick_factor}, {h}, {w}) for thick factor {self.thick_factor}"
             )
-
-    def forward(self, thick: torch.Tensor, thin: torch.Tensor, *, from_latents: bool = False,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Training loss of a clip pair, or of a latent pair with `from_latents` (DDP synchronizes via forward)."""
-        if from_latents:
-            return self.loss_from_latents(thick, thin, generator)
-        return self.loss(thick, thin, generator)
 
     def loss(self, thick: torch.Tensor, thin: torch.Tensor, generator: torch.Generator | None = None
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +26,11 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from ctv2v.config import MaisiVAEConfig, RunConfig, ScratchVAEConfig
-from ctv2v.files import atomic_path, atomic_write_text, sha256_file
-from ctv2v.models.maisi import MAISI_CT_ARCH, build_autoencoder, match_report
+from ctv2v.files import atomic_torch_save, atomic_write_text, load_torch_file, sha256_file
+from ctv2v.models.artifacts import VAE_KINDS, WEIGHTS_KINDS, load_state_strictly
+from ctv2v.models.maisi import MAISI_CT_ARCH, build_autoencoder
 
 logger = logging.getLogger(__name__)
-
-WEIGHT_LABELS = ("pretrained", "scratch", "stand-in")
-"""What the weights in a VAE artifact are: MAISI's published ones, trained here, or random with MAISI's layout."""
 
 MIN_FRAMES = 2
 """A clip is a sequence of slices; one slice has no neighbours to interpolate between."""
@@ -78,7 +76,7 @@ class ClipVAE(nn.Module, ABC):
     """A KL-regularized clip autoencoder: (B, 1, T, H, W) in [0, 1] <-> (B, C, T/depth_factor, H/s, W/s)."""
 
     kind: str
-    """`scratch` or `maisi`."""
+    """One of VAE_KINDS (ctv2v.models.artifacts)."""
     autoencoder: nn.Module
     """The network whose state dict is the artifact's `vae.pt` (for MAISI: exactly AutoencoderKlMaisi's)."""
 
@@ -89,7 +87,7 @@ class ClipVAE(nn.Module, ABC):
         self.spatial_factor = spatial_factor
         self.register_buffer("latent_scale", torch.tensor(1.0))
         self.weights_label: str | None = None
-        """Set by `load_vae_artifact`: which weights these are (see WEIGHT_LABELS)."""
+        """Set by `load_vae_artifact`: which weights these are (a weights label, ctv2v.models.artifacts)."""
 
     # -- what subclasses provide
     @abstractmethod
@@ -377,13 +375,12 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 # -------------------------------------------------------------------------------------------- artifacts
 def save_vae_artifact(vae: ClipVAE, out_dir: Path, *, weights: str, extra: dict[str, Any]) -> None:
     """Write `vae.pt` (the network's state dict) and `vae.json` (kind, architecture, latent scale, labels)."""
-    if weights not in WEIGHT_LABELS:
-        raise ValueError(f"save_vae_artifact: weights must be one of {WEIGHT_LABELS}, got {weights!r}")
+    if weights not in WEIGHTS_KINDS:
+        raise ValueError(f"save_vae_artifact: weights must be one of {WEIGHTS_KINDS}, got {weights!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in vae.autoencoder.state_dict().items()}
-    with atomic_path(out_dir / "vae.pt") as tmp:
-        torch.save(state, tmp)
+    atomic_torch_save(state, out_dir / "vae.pt")
     meta = {
         "kind": vae.kind,
         "architecture": vae.architecture(),
@@ -417,23 +414,11 @@ def load_vae_artifact(directory: Path, maisi_runtime: MaisiVAEConfig | None = No
     elif kind == "maisi":
         vae = MaisiVAE(arch, maisi_runtime)
     else:
-        raise ValueError(f"{meta_path}: unknown VAE kind {kind!r} (expected 'scratch' or 'maisi')")
-    state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    load_state_dict_strictly(vae.autoencoder, state, str(weights_path))
+        raise ValueError(f"{meta_path}: unknown VAE kind {kind!r} (expected one of {VAE_KINDS})")
+    state = load_torch_file(weights_path, "VAE weights")
+    load_state_strictly(vae.autoencoder, state, weights_path)
     vae.latent_scale.fill_(scale)
     vae.weights_label = meta.get("weights")
     logger.info("loaded %s VAE (%s weights, latent scale %.6g) from %s", kind, vae.weights_label, scale, directory)
     return vae
 
-
-def load_state_dict_strictly(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """`module.load_state_dict(state, strict=True)`, with an error naming every missing, unexpected or misshapen key."""
-    report = match_report(module, dict(state))
-    if not report.complete:
-        shapes = [f"{k} (file {v['checkpoint']}, network {v['model']})" for k, v in report.shape_mismatched.items()]
-        raise ValueError(
-            f"{source}: state dict does not match the architecture ({report.loaded}/{report.total} tensors): "
-            f"{len(report.missing)} missing key(s) {report.missing}, {len(report.unexpected)} unexpected key(s) "
-            f"{report.unexpected}, {len(shapes)} shape mismatch(es) {shapes}"
-        )
-    module.load_state_dict(state, strict=True)

@@ -2,16 +2,17 @@
 
 Sources:
 - `hf://OWNER/REPO/PATH/IN/REPO@REVISION` (Hugging Face Hub, through huggingface_hub.hf_hub_download);
-- `https://...` / `http://...` (retried with exponential backoff; an interrupted download resumes with an
-  HTTP Range request from the partial file's size);
+- `https://...` / `http://...` (retried by ctv2v.remote.retry's policy; an interrupted download resumes with
+  an HTTP Range request from the partial file's size);
 - `s3://BUCKET/KEY` (the cluster's object store, ctv2v.remote.storage);
 - `file:///ABSOLUTE/PATH`.
 
 A hash is required (sha256, or the md5 that MONAI's model zoo publishes) unless the source is a Hugging Face
 file pinned to a 40-hex commit, which is immutable; a branch such as `main` is not. The sha256 is always
 computed and recorded. Files are verified before they enter the content-addressed cache
-(`<cache>/sha256/<hex>`), so a wrong hash or a truncated download leaves nothing behind, and a rerun with the
-same expected hash is served from the cache without touching the network.
+(`<cache>/sha256/<hex>`, by default `<ctv2v.files.cache_root()>/checkpoints`), so a wrong hash or a truncated
+download leaves nothing behind, and a rerun with the same expected hash is served from the cache without
+touching the network.
 """
 
 from __future__ import annotations
@@ -24,16 +25,18 @@ import os
 import re
 import shutil
 import tempfile
-import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from ctv2v.config import StorageConfig
-from ctv2v.files import atomic_path, atomic_write_text
+from ctv2v.files import atomic_path, atomic_write_text, cache_root
+from ctv2v.remote.retry import DEFAULT_RETRY, RetriesExhausted, RetryPolicy
 from ctv2v.remote.storage import StorageError, download, upload
 
 log = logging.getLogger(__name__)
@@ -75,10 +78,24 @@ class FetchRecord:
     """UTC time, ISO 8601."""
     from_cache: bool
     weights: str = "pretrained"
-    """"pretrained", or "stand-in" for a random-weight file of the same layout (components.fetch_checkpoint)."""
+    """"pretrained", or "stand-in" for a random-weight file of the same layout (ctv2v.steps.fetch_checkpoint)."""
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
+        """The record's JSON form (what `fetch-record.json` holds)."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FetchRecord:
+        """A record from its JSON form; a missing or unknown field is a ValueError naming it, a JSON value that
+        is not an object a TypeError."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"not a fetch record: expected a JSON object, found {type(data).__name__}")
+        names = {f.name for f in fields(cls)}
+        required = {f.name for f in fields(cls) if f.default is MISSING}
+        unknown, missing = sorted(set(data) - names), sorted(required - set(data))
+        if unknown or missing:
+            raise ValueError(f"not a fetch record: missing fields {missing}, unknown fields {unknown}")
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -123,12 +140,6 @@ def is_immutable(source: str) -> bool:
     """True for a Hugging Face file pinned to a 40-hex commit (the only source whose bytes cannot change)."""
     parsed = parse_source(source)
     return parsed.scheme == "hf" and bool(_COMMIT.match(parsed.revision or ""))
-
-
-def default_cache_dir() -> Path:
-    """`$CTV2V_CACHE/checkpoints`, else ~/.cache/ctv2v/checkpoints."""
-    root = os.environ.get("CTV2V_CACHE")
-    return Path(root) / "checkpoints" if root else Path.home() / ".cache" / "ctv2v" / "checkpoints"
 
 
 def file_hashes(path: Path) -> tuple[str, str]:
@@ -214,8 +225,7 @@ def fetch_checkpoint(
     sha256: str | None = None,
     md5: str | None = None,
     cache_dir: Path | None = None,
-    retries: int = 3,
-    backoff_s: float = 1.0,
+    retry: RetryPolicy = DEFAULT_RETRY,
     storage: StorageConfig | None = None,
 ) -> FetchRecord:
     """Fetch `source` into `out_dir` (verified, cached by sha256) and write its FetchRecord beside it."""
@@ -226,7 +236,7 @@ def fetch_checkpoint(
             f"{source}: an expected sha256 or md5 is required (vae.maisi.sha256 / vae.maisi.md5, or --sha256 / "
             "--md5); only a Hugging Face file pinned to a 40-hex commit may go without one"
         )
-    cache = _Cache(cache_dir or default_cache_dir())
+    cache = _Cache(cache_dir or cache_root() / "checkpoints")
     immutable = source if is_immutable(source) else None
     cached = cache.lookup(sha256, md5, immutable)
     if cached is not None:
@@ -238,7 +248,7 @@ def fetch_checkpoint(
     os.close(fd)
     staged = Path(name)
     try:
-        _fetch(parsed, source, staged, retries, backoff_s, storage)
+        _fetch(parsed, source, staged, retry, storage)
         actual_sha, actual_md5 = file_hashes(staged)
         for kind, expected, actual in (("sha256", sha256, actual_sha), ("md5", md5, actual_md5)):
             if expected is not None and actual != expected:
@@ -275,19 +285,18 @@ def write_record(record: FetchRecord, out_dir: Path) -> Path:
     return path
 
 
-def _fetch(parsed: _Source, source: str, staged: Path, retries: int, backoff_s: float,
-           storage: StorageConfig | None) -> None:
+def _fetch(parsed: _Source, source: str, staged: Path, retry: RetryPolicy, storage: StorageConfig | None) -> None:
     """Bring the source's bytes into `staged`; any failure to reach or read it is a SourceUnreachableError."""
     try:
         if parsed.scheme == "file":
             shutil.copyfile(parsed.location, staged)
         elif parsed.scheme == "s3":
-            download(parsed.location, staged, storage=storage)
+            download(parsed.location, staged, storage=storage, retry=retry)
         elif parsed.scheme == "hf":
             _hf_download(parsed, staged)
         else:
-            http_download(parsed.location, staged, retries=retries, backoff_s=backoff_s)
-    except (OSError, StorageError, http.client.HTTPException) as exc:
+            http_download(parsed.location, staged, retry=retry)
+    except (OSError, StorageError, http.client.HTTPException, RetriesExhausted) as exc:
         hint = "" if parsed.scheme == "file" else f"; {MIRROR_HINT}"
         raise SourceUnreachableError(f"cannot fetch {source}: {exc}{hint}") from exc
 
@@ -308,37 +317,31 @@ def _hf_download(parsed: _Source, staged: Path) -> None:
         shutil.rmtree(hub_cache, ignore_errors=True)
 
 
-def http_download(url: str, dest: Path, *, retries: int = 3, backoff_s: float = 1.0, timeout_s: float = 60.0) -> None:
+def http_download(url: str, dest: Path, *, retry: RetryPolicy = DEFAULT_RETRY, timeout_s: float = 60.0) -> None:
     """Download `url` into `dest`, resuming from `dest`'s size with a Range request after an interruption.
 
-    Retries connection errors, timeouts, truncated bodies and 5xx/408/429 replies `retries` times with
-    exponential backoff (backoff_s, 2*backoff_s, ...); other HTTP errors fail at once.
+    Connection errors, timeouts, truncated bodies and 5xx/408/429 replies are retried by `retry`; other HTTP
+    errors fail at once (an OSError naming the status).
     """
     dest = Path(dest)
-    attempt = 0
-    while True:
-        try:
-            _http_attempt(url, dest, timeout_s)
-            return
-        except urllib.error.HTTPError as exc:
-            if exc.code not in (408, 429) and exc.code < 500:
-                raise OSError(f"HTTP {exc.code} {exc.reason}") from exc
-            failure: Exception = exc
-        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as exc:
-            failure = exc
-        attempt += 1
-        if attempt > retries:
-            raise OSError(f"gave up after {retries + 1} attempts: {failure}") from failure
-        delay = backoff_s * 2 ** (attempt - 1)
-        log.warning("%s: attempt %d failed (%s); retrying in %.1f s from byte %d", url, attempt, failure, delay,
-                    dest.stat().st_size if dest.exists() else 0)
-        time.sleep(delay)
+    try:
+        retry.call(f"download of {url}", lambda: _http_attempt(url, dest, timeout_s), _is_transient)
+    except urllib.error.HTTPError as exc:
+        raise OSError(f"HTTP {exc.code} {exc.reason}") from exc
+
+
+def _is_transient(exc: Exception) -> bool:
+    """A failure a retry may cure: no connection, a timeout, a cut-off body, or a 408/429/5xx reply."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.code in (408, 429) or exc.code >= 500
+    return isinstance(exc, (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError))
 
 
 def _http_attempt(url: str, dest: Path, timeout_s: float) -> None:
     have = dest.stat().st_size if dest.exists() else 0
     request = urllib.request.Request(url, headers={"User-Agent": "ctv2v"})
     if have:
+        log.info("%s: resuming from byte %d", url, have)
         request.add_header("Range", f"bytes={have}-")
     try:
         response = urllib.request.urlopen(request, timeout=timeout_s)
@@ -395,9 +398,8 @@ def read_record(path: Path) -> FetchRecord:
     path = Path(path)
     record_path = path / RECORD_NAME if path.is_dir() else path.parent / RECORD_NAME
     try:
-        data = json.loads(record_path.read_text())
-        return FetchRecord(**data)
-    except (OSError, json.JSONDecodeError, TypeError) as exc:
+        return FetchRecord.from_dict(json.loads(record_path.read_text()))
+    except (OSError, ValueError, TypeError) as exc:
         raise CheckpointFetchError(f"{record_path}: not a readable fetch record ({exc})") from exc
 
 

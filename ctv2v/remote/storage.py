@@ -5,7 +5,8 @@ environment variable; its scheme decides TLS. Credentials come only from AWS_ACC
 AWS_SECRET_ACCESS_KEY (a Kubernetes Secret in the cluster), never from a config file. Every failure is one
 StorageError that names the s3:// URI and the endpoint. S3-compatible servers differ in how they report
 errors: MinIO sends XML bodies that minio-py parses into S3Error, `rclone serve s3` sends text/xml that minio-py
-raises as InvalidResponseError; both are translated here.
+raises as InvalidResponseError; both are translated here. Connection failures and 500/502/503/504 replies are
+retried by ctv2v.remote.retry's policy (urllib3's own retries are off, so there is one retry mechanism).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from urllib.parse import urlsplit
 
 import urllib3
 from minio import Minio
-from minio.error import InvalidResponseError, MinioException, S3Error
+from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
 
 from ctv2v.config import StorageConfig
 from ctv2v.files import atomic_path
+from ctv2v.remote.retry import DEFAULT_RETRY, RetriesExhausted, RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +31,14 @@ ACCESS_KEY_ENV = "AWS_ACCESS_KEY_ID"
 SECRET_KEY_ENV = "AWS_SECRET_ACCESS_KEY"
 ENDPOINT_ENV = "S3_ENDPOINT"
 _CHUNK = 1 << 20
-_TRANSLATED = (MinioException, urllib3.exceptions.HTTPError, OSError)
-"""Errors turned into one StorageError: server replies, connection failures, local file errors."""
+_TRANSLATED = (MinioException, urllib3.exceptions.HTTPError, OSError, RetriesExhausted)
+"""Errors turned into one StorageError: server replies, connection failures, local file errors, retries spent."""
+_TRANSIENT_STATUS = (500, 502, 503, 504)
+_TRANSIENT_TRANSPORT = (
+    urllib3.exceptions.MaxRetryError,  # with urllib3's retries off: refused, unreachable, connect/read timeout
+    urllib3.exceptions.ProtocolError,  # the connection dropped mid-reply
+    urllib3.exceptions.TimeoutError,  # a read timeout while streaming a body
+)
 
 
 class StorageError(RuntimeError):
@@ -63,19 +71,39 @@ def _endpoint(storage: StorageConfig) -> tuple[str, str, bool]:
     return url, parts.netloc, parts.scheme == "https"
 
 
+def _status(exc: MinioException) -> int | None:
+    """The HTTP status of a server reply minio raised; rclone's text/xml replies carry it only in the message."""
+    if isinstance(exc, S3Error):
+        return exc.response.status
+    if isinstance(exc, ServerError):
+        return exc.status_code
+    if isinstance(exc, InvalidResponseError):
+        status = re.search(r"Response code: (\d+)", str(exc))
+        return int(status.group(1)) if status else None
+    return None
+
+
+def _is_transient(exc: Exception) -> bool:
+    """A failure worth retrying: no connection, a timeout, a dropped reply, or a 500/502/503/504 reply."""
+    if isinstance(exc, _TRANSIENT_TRANSPORT):
+        return True
+    return isinstance(exc, MinioException) and _status(exc) in _TRANSIENT_STATUS
+
+
 class _Store:
     """A minio client plus the endpoint URL that every error message names."""
 
-    def __init__(self, storage: StorageConfig | None):
+    def __init__(self, storage: StorageConfig | None, retry: RetryPolicy):
         storage = storage or StorageConfig()
+        self.retry = retry
         self.endpoint, host, secure = _endpoint(storage)
         missing = [name for name in (ACCESS_KEY_ENV, SECRET_KEY_ENV) if not os.environ.get(name)]
         if missing:
             raise StorageError(f"S3 credentials missing: set the {' and '.join(missing)} environment variable(s)")
-        # Few, short retries: an unreachable endpoint should fail in seconds, not after minio's default minutes.
+        # No retries inside urllib3 (minio's default would retry for minutes): `retry` is the one policy.
         http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=10, read=120),
-            retries=urllib3.Retry(total=3, backoff_factor=0.5, status_forcelist=[500, 502, 503, 504]),
+            retries=urllib3.Retry(total=0, respect_retry_after_header=False),
         )
         self.client = Minio(
             host,
@@ -88,17 +116,20 @@ class _Store:
 
     def error(self, action: str, exc: Exception) -> StorageError:
         """One StorageError naming what failed, the endpoint and the server's reason."""
+        if isinstance(exc, RetriesExhausted):
+            cause = self.error(action, exc.last)
+            return StorageError(f"{cause}; gave up after {exc.attempts} attempts")
         if isinstance(exc, S3Error):
             reason = f"{exc.code}: {exc.message}"
         elif isinstance(exc, InvalidResponseError):
             # rclone's text/xml error bodies land here unparsed: pull the status and the S3 error code out.
             text = str(exc)
-            status = re.search(r"Response code: (\d+)", text)
+            status = _status(exc)
             code = re.search(r"<Code>(.*?)</Code>", text, re.S)
             message = re.search(r"<Message>(.*?)</Message>", text, re.S)
             reason = ": ".join(
                 part for part in (
-                    f"HTTP {status.group(1)}" if status else "invalid response",
+                    f"HTTP {status}" if status is not None else "invalid response",
                     code.group(1) if code else None,
                     message.group(1).strip() if message else None,
                 ) if part
@@ -113,7 +144,8 @@ class _Store:
         bucket, key = parse_s3_uri(uri)
         if not key or key.endswith("/"):
             raise ValueError(f"{uri!r} names a prefix, not an object: use download_prefix")
-        try:
+
+        def attempt() -> None:
             response = self.client.get_object(bucket, key)
             try:
                 with atomic_path(dest) as tmp, open(tmp, "wb") as out:
@@ -122,6 +154,9 @@ class _Store:
             finally:
                 response.close()
                 response.release_conn()
+
+        try:
+            self.retry.call(f"download of {uri}", attempt, _is_transient)
         except _TRANSLATED as exc:
             raise self.error(f"download of {uri}", exc) from exc
         log.info("downloaded %s -> %s (%d bytes)", uri, dest, dest.stat().st_size)
@@ -132,30 +167,26 @@ class _Store:
         if not key or key.endswith("/"):
             raise ValueError(f"{uri!r} names a prefix, not an object key")
         try:
-            self.client.fput_object(bucket, key, str(path))
+            self.retry.call(f"upload of {path} to {uri}", lambda: self.client.fput_object(bucket, key, str(path)),
+                            _is_transient)
         except _TRANSLATED as exc:
             raise self.error(f"upload of {path} to {uri}", exc) from exc
         log.info("uploaded %s -> %s (%d bytes)", path, uri, path.stat().st_size)
         return uri
 
 
-
-def s3_client(storage: StorageConfig | None = None) -> Minio:
-    """A minio client for the configured endpoint, with credentials from the environment only."""
-    return _Store(storage).client
-
-
-def download(uri: str, dest: Path, *, storage: StorageConfig | None = None) -> Path:
+def download(uri: str, dest: Path, *, storage: StorageConfig | None = None,
+             retry: RetryPolicy = DEFAULT_RETRY) -> Path:
     """Download one object to `dest` atomically (the file appears only once complete)."""
-    return _Store(storage).get(uri, Path(dest))
+    return _Store(storage, retry).get(uri, Path(dest))
 
 
-def upload(path: Path, uri: str, *, storage: StorageConfig | None = None) -> str:
+def upload(path: Path, uri: str, *, storage: StorageConfig | None = None, retry: RetryPolicy = DEFAULT_RETRY) -> str:
     """Upload one file to `uri`; returns the URI."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file to upload to {uri}")
-    return _Store(storage).put(path, uri)
+    return _Store(storage, retry).put(path, uri)
 
 
 def _prefix(key: str) -> str:
@@ -163,14 +194,19 @@ def _prefix(key: str) -> str:
     return key if not key or key.endswith("/") else key + "/"
 
 
-def download_prefix(uri_prefix: str, dest_dir: Path, *, storage: StorageConfig | None = None) -> list[Path]:
+def download_prefix(uri_prefix: str, dest_dir: Path, *, storage: StorageConfig | None = None,
+                    retry: RetryPolicy = DEFAULT_RETRY) -> list[Path]:
     """Stage every object under `uri_prefix` into `dest_dir`, keeping relative paths; returns the files."""
     bucket, key = parse_s3_uri(uri_prefix)
     prefix = _prefix(key)
-    store = _Store(storage)
+    store = _Store(storage, retry)
     dest_dir = Path(dest_dir)
     try:
-        names = [obj.object_name for obj in store.client.list_objects(bucket, prefix=prefix, recursive=True)]
+        names = store.retry.call(
+            f"listing of {uri_prefix}",
+            lambda: [obj.object_name for obj in store.client.list_objects(bucket, prefix=prefix, recursive=True)],
+            _is_transient,
+        )
     except _TRANSLATED as exc:
         raise store.error(f"listing of {uri_prefix}", exc) from exc
     names = [name for name in names if not name.endswith("/")]
@@ -184,14 +220,3 @@ def download_prefix(uri_prefix: str, dest_dir: Path, *, storage: StorageConfig |
         files.append(store.get(f"s3://{bucket}/{name}", dest_dir.joinpath(*relative.parts)))
     return files
 
-
-def upload_dir(src_dir: Path, uri_prefix: str, *, storage: StorageConfig | None = None) -> list[str]:
-    """Upload every file under `src_dir` to `uri_prefix`, keeping relative paths; returns the object URIs."""
-    src_dir = Path(src_dir)
-    if not src_dir.is_dir():
-        raise NotADirectoryError(f"{src_dir}: not a directory to upload to {uri_prefix}")
-    bucket, key = parse_s3_uri(uri_prefix)
-    prefix = _prefix(key)
-    store = _Store(storage)
-    files = sorted(p for p in src_dir.rglob("*") if p.is_file())
-    return [store.put(path, f"s3://{bucket}/{prefix}{path.relative_to(src_dir).as_posix()}") for path in files]

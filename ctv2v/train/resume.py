@@ -21,14 +21,15 @@ import torch
 from ctv2v.models.artifacts import CheckpointError
 from ctv2v.config import RunConfig
 from ctv2v.config_io import flatten
-from ctv2v.files import atomic_path
+from ctv2v.files import atomic_torch_save, load_torch_file
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "ctv2v-train-checkpoint/1"
 _STEP_FILE = re.compile(r"^step-(\d{8})\.pt$")
-RESUME_MAY_CHANGE = ("tracking.", "data.num_workers", "data.workspace", "storage.", "evaluation.")
-"""Config keys that may differ between the interrupted run and its resume: they do not touch training."""
+RESUME_MAY_CHANGE = ("cluster", "device", "tracking", "storage", "evaluation", "data.num_workers", "data.workspace")
+"""Config sections and keys that may differ between the interrupted run and its resume: where and how the run is
+deployed, tracked and later evaluated, none of which changes the model or the data it trains on."""
 
 
 # ------------------------------------------------------------------------------------------------ RNG
@@ -103,8 +104,7 @@ def save_checkpoint(
         "rng": rng_per_rank,
         "states": states,
     }
-    with atomic_path(target) as tmp:
-        torch.save(payload, tmp)
+    atomic_torch_save(payload, target)
     for old in Path(folder).iterdir():
         # Older checkpoints, and temporaries of a write that a kill interrupted (only rank 0 writes here).
         stale_temporary = old.name.startswith(".step-") and old.name.endswith(".tmp")
@@ -117,10 +117,7 @@ def save_checkpoint(
 def load_checkpoint(path: Path, *, phase: str, config: RunConfig, world_size: int) -> dict[str, Any]:
     """Read a training checkpoint and check it belongs to this phase, config and number of processes."""
     path = Path(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise CheckpointError(f"{path}: cannot read training checkpoint: {exc}") from exc
+    payload = load_torch_file(path, "training checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a {CHECKPOINT_FORMAT} file")
     if payload["phase"] != phase:
@@ -137,11 +134,15 @@ def load_checkpoint(path: Path, *, phase: str, config: RunConfig, world_size: in
     return payload
 
 
+def _may_change(key: str) -> bool:
+    return any(key == name or key.startswith(f"{name}.") for name in RESUME_MAY_CHANGE)
+
+
 def config_changes(saved: dict[str, str], current: dict[str, str]) -> list[str]:
-    """Differences that matter for an exact resume, as 'key: old -> new'."""
+    """Differences that matter for an exact resume (settings of the model or the data), as 'key: old -> new'."""
     keys = sorted(set(saved) | set(current))
     return [
         f"{key}: {saved.get(key)} -> {current.get(key)}"
         for key in keys
-        if saved.get(key) != current.get(key) and not key.startswith(RESUME_MAY_CHANGE)
+        if saved.get(key) != current.get(key) and not _may_change(key)
     ]

@@ -1,0 +1,157 @@
+"""What every pipeline step shares, whether `ctv2v <step>` or a KFP component runs it.
+
+- the config a component receives (JSON text) with its branch's variant: the one way a variant is set;
+- where a step works on the workspace volume (<workspace_root>/runs/<run id>/<folder>), so retries resume there;
+- the prepared data folder named by prepare-data's artifact metadata;
+- the process runtime (rank, device, precision) and the seeds of a distributed step;
+- the step's MLflow run (on rank 0; the other ranks get a tracker that records nothing);
+- running a step on N GPUs: the same function in N processes under torchrun;
+- copying a step's final files from the workspace into its KFP artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ctv2v.config import RunConfig, TrackingConfig
+from ctv2v.config_io import config_from_text, load_config, write_resolved
+from ctv2v.data.prepared import run_workspace
+from ctv2v.files import atomic_write_text
+from ctv2v.train.device import process_group
+from ctv2v.train.loop import Runtime, runtime_from_env
+
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+TORCHRUN_CALL_FILE = "torchrun-call.json"
+"""In a multi-GPU step's output folder: which step function each torchrun process calls, with what."""
+
+
+# ------------------------------------------------------------------------------------------ KFP side
+def component_config(config_json: str, variant: str | None = None) -> RunConfig:
+    """The run config a KFP component receives, with its branch's variant; INFO logs go to the pod's log."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    return config_from_text(config_json, "config_json", [f"variant={variant}"] if variant else [])
+
+
+def workspace_dir(workspace_root: str | Path, pipeline_run_id: str, folder: str) -> Path:
+    """A step's folder on the workspace volume: it outlives the pod, so a retried step resumes from it."""
+    return run_workspace(workspace_root, pipeline_run_id) / folder
+
+
+def prepared_data_dir(metadata: Mapping[str, Any], uri: str) -> Path:
+    """The prepared data folder named by prepare-data's manifest artifact (metadata `data_dir`)."""
+    if "data_dir" not in metadata:
+        raise ValueError(f"data artifact {uri}: metadata has no 'data_dir' (expected prepare-data's manifest)")
+    return Path(metadata["data_dir"])
+
+
+def export_files(out_dir: Path, artifact_dir: str | Path, names: tuple[str, ...],
+                 optional: tuple[str, ...] = ()) -> None:
+    """Copy files and folders from a step's folder into its KFP artifact (not the checkpoints, which stay).
+
+    Each of `names` must exist; each of `optional` is copied when the step made it.
+    """
+    artifact_dir = Path(artifact_dir)
+    artifact_dir.mkdir(parents=True, exist_ok=True)
+    for name in (*names, *(name for name in optional if (Path(out_dir) / name).exists())):
+        source = Path(out_dir) / name
+        if source.is_dir():
+            shutil.copytree(source, artifact_dir / name, dirs_exist_ok=True)
+        else:
+            shutil.copyfile(source, artifact_dir / name)
+
+
+# -------------------------------------------------------------------------------------- multi-GPU
+def run_on_gpus(step: Callable[..., Any], gpus: int, config: RunConfig, out_dir: Path, **arguments: Any) -> None:
+    """Run `step(config, out_dir=out_dir, **arguments)` here (1 GPU) or in `gpus` DDP processes under torchrun.
+
+    Each torchrun process calls the same function with the same arguments (read back from a JSON file in
+    `out_dir`), so nothing is re-spelled as a command line. Raises if any process fails.
+    """
+    if gpus <= 1:
+        step(config, out_dir=out_dir, **arguments)
+        return
+    out_dir = Path(out_dir)
+    call = {"step": f"{step.__module__}:{step.__qualname__}", "config": str(write_resolved(config, out_dir)),
+            "out_dir": str(out_dir),
+            "arguments": {key: str(value) if isinstance(value, Path) else value for key, value in arguments.items()}}
+    call_file = out_dir / TORCHRUN_CALL_FILE
+    atomic_write_text(call_file, json.dumps(call, indent=2) + "\n")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+                    "-m", "ctv2v.steps.context", str(call_file)], check=True)
+
+
+def _call_from_file(call_file: Path) -> None:
+    """One torchrun process: the step call that run_on_gpus wrote."""
+    call = json.loads(Path(call_file).read_text())
+    module, _, name = call["step"].partition(":")
+    step = getattr(importlib.import_module(module), name)
+    step(load_config([call["config"]]), out_dir=Path(call["out_dir"]), **call["arguments"])
+
+
+# ------------------------------------------------------------------------------------ step runtime
+@contextlib.contextmanager
+def distributed_runtime(config: RunConfig) -> Iterator[Runtime]:
+    """Rank, device and precision from torchrun's environment, inside its process group; seeded for model init."""
+    runtime = runtime_from_env(config)
+    with process_group(runtime.dist_info, runtime.device):
+        # Same initial weights on every rank; `seed_per_rank` then gives each rank its own noise stream.
+        torch.manual_seed(config.seed)
+        yield runtime
+
+
+def seed_per_rank(config: RunConfig, runtime: Runtime) -> None:
+    """After the model is built: a different random stream on each rank (noise, crops)."""
+    torch.manual_seed(config.seed + runtime.dist_info.rank)
+
+
+class OffRankTracker:
+    """The tracker of ranks other than 0 in a DDP step: rank 0 tracks the step, these calls record nothing."""
+
+    def log_params(self, params: Mapping[str, object]) -> None:
+        """Rank 0 logs the params."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Rank 0 logs the metrics."""
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Rank 0 uploads the artifacts."""
+
+    def log_artifacts(self, directory: Path, artifact_path: str | None = None) -> None:
+        """Rank 0 uploads the artifacts."""
+
+
+@contextlib.contextmanager
+def tracked_step(
+    tracking: TrackingConfig,
+    out_dir: Path,
+    step_name: str,
+    pipeline_run_id: str | None,
+    *,
+    main: bool = True,
+    **run_tags: Any,
+):
+    """The step's nested MLflow run under the pipeline run (a new pipeline run id when none is given)."""
+    from ctv2v.tracking.runs import Tracker, new_pipeline_run_id
+
+    if not main:
+        yield OffRankTracker()
+        return
+    tracker = Tracker(tracking, out_dir)
+    with tracker.step_run(step_name, pipeline_run_id or new_pipeline_run_id(), **run_tags):
+        yield tracker
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    _call_from_file(Path(sys.argv[1]))

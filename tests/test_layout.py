@@ -1,0 +1,90 @@
+"""The layering the README's Layout section promises: configs -> data -> models -> train/evaluate -> steps ->
+components -> DAG -> CLI, checked on the source (imports inside functions included)."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+LAYERS = [("ctv2v.config",), ("ctv2v.data",), ("ctv2v.models",), ("ctv2v.train", "ctv2v.evaluate"), ("ctv2v.steps",),
+          ("components",), ("pipeline",)]
+"""Lowest first; a module may import its own layer and those before it (train and evaluate are one layer: validation
+scores with evaluation's metrics). `ctv2v.remote` and `ctv2v.tracking` are services: remote (S3, fetch) from the data
+layer on, tracking from train/evaluate on. files, intensity and config_io sit with the config."""
+
+SERVICES = {"ctv2v.remote": "ctv2v.data", "ctv2v.tracking": "ctv2v.train"}
+"""A service package -> the lowest layer that may import it."""
+
+BASE = {"ctv2v.config_io": "ctv2v.config", "ctv2v.files": "ctv2v.config", "ctv2v.intensity": "ctv2v.config"}
+
+
+def _index(name: str) -> int:
+    return next(index for index, layer in enumerate(LAYERS) if name in layer)
+
+
+def _layer(module: str) -> int | None:
+    for prefix, layer in BASE.items():
+        if module == prefix or module.startswith(prefix + "."):
+            return _index(layer)
+    for index, layer in enumerate(LAYERS):
+        if any(module == prefix or module.startswith(prefix + ".") for prefix in layer):
+            return index
+    return None
+
+
+def _type_only(tree: ast.Module) -> set[int]:
+    """Ids of import nodes under `if TYPE_CHECKING:`: names for annotations, never executed."""
+    return {id(child) for node in ast.walk(tree)
+            if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+            for stmt in node.body for child in ast.walk(stmt)}
+
+
+def _imports(path: Path) -> list[tuple[str, int]]:
+    tree = ast.parse(path.read_text(), str(path))
+    skipped = _type_only(tree)
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.module, node.lineno))
+    return found
+
+
+def _module_name(path: Path) -> str:
+    return ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+
+
+SOURCES = sorted(p for folder in ("ctv2v", "components", "pipeline") for p in (REPO / folder).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(REPO)))
+def test_imports_flow_one_way(path):
+    module = _module_name(path)
+    own = _layer(module)
+    wrong = []
+    for imported, line in _imports(path):
+        if module.startswith("ctv2v") and (imported.split(".")[0] in ("kfp", "pipeline", "components")):
+            wrong.append(f"line {line}: {imported} (ctv2v/ must import without kfp, pipeline/ or components/)")
+            continue
+        for service, lowest in SERVICES.items():
+            if (imported == service or imported.startswith(service + ".")) and not module.startswith(service):
+                if own is not None and own < _index(lowest):
+                    wrong.append(f"line {line}: {imported} (a service for {lowest} and above)")
+        target = _layer(imported)
+        if own is not None and target is not None and target > own:
+            wrong.append(f"line {line}: {imported} (a later layer)")
+    assert not wrong, f"{path.relative_to(REPO)} imports against the layering:\n" + "\n".join(wrong)
+
+
+TESTS = sorted((REPO / "tests").glob("test_*.py"))
+
+
+@pytest.mark.parametrize("path", TESTS, ids=lambda p: p.name)
+def test_test_modules_do_not_import_each_other(path):
+    imported = [name for name, _ in _imports(path) if name.startswith("tests.test_")]
+    assert not imported, f"{path.name} imports another test module: {imported} (shared helpers go in conftest.py)"

@@ -80,7 +80,7 @@ class ClipConfig(_Section):
 
 
 class DataConfig(_Section):
-    source: str = "demo"
+    source: str = Field("demo", min_length=1)
     """`demo` (the embedded TotalSegmentator CT volumes), a local folder, or `s3://bucket/prefix`."""
     workspace: Path = Field(Path("workspace"), strict=False)  # YAML gives a str
     """Where staged data, the preprocessing cache, the manifest and step outputs live (a PVC in the cluster)."""
@@ -287,6 +287,8 @@ class TrackingConfig(_Section):
     system_metrics_interval_s: float | None = Field(10.0, gt=0)
     """Sampling period of CPU/memory/disk/network/GPU metrics (`system/...`); None turns them off."""
     register_model: bool = True
+    smoke_run: bool = False
+    """A smoke-size config (configs/smoke.yaml sets it): its model versions are registered but never champion."""
 
 
 class StorageConfig(_Section):
@@ -295,6 +297,12 @@ class StorageConfig(_Section):
     Credentials come only from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY."""
     s3_region: str = "us-east-1"
     """S3-compatible servers such as rclone need a region for request signing."""
+    timeout_s: float = Field(20.0, gt=0)
+    """Connect and read timeout of each request to S3 or a checkpoint URL: an attempt on a server that accepts
+    the connection but stays silent fails after this long."""
+    deadline_s: float = Field(60.0, gt=0)
+    """No retry of a remote operation (one S3 object, one checkpoint download) starts after this long, so a dead
+    server fails it within deadline_s + timeout_s; a transfer that keeps receiving bytes is not cut off."""
 
 
 class NcclConfig(_Section):

@@ -127,7 +127,7 @@ def parse_override(text: str) -> dict:
     if not all(parts):
         raise ConfigError(f"--set {text!r}: empty component in key {key!r}")
     if not value.strip():
-        raise ConfigError(f"--set {text!r}: empty value for {key.strip()!r}; give a value (null to unset it)")
+        raise ConfigError(f"--set {text!r}: empty value for {key.strip()!r}; give a value")
     try:
         parsed: Any = _load_yaml(value)
     except yaml.YAMLError as exc:

@@ -56,6 +56,18 @@ def new_hidden_dir(path: Path, tag: str) -> Path:
         return folder
 
 
+def new_hidden_file(path: Path, tag: str) -> Path:
+    """Create and return a new, empty, uniquely named hidden file beside `path`; the umask decides its mode."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        candidate = _unique_name(path, tag)
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return candidate
+
+
 class atomic_path:
     """Context manager yielding a temporary path next to `path`; on success it is fsynced and renamed into place.
 
@@ -66,15 +78,7 @@ class atomic_path:
         self.path = Path(path)
 
     def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            tmp = _unique_name(self.path, "tmp")
-            try:
-                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies
-            except FileExistsError:
-                continue
-            break
-        self.tmp = tmp
+        self.tmp = new_hidden_file(self.path, "tmp")
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from ctv2v.config import DataConfig, ThickConfig
 from ctv2v.data.cache import CacheError, PreprocessCache, cache_key, preprocess
 from ctv2v.data.manifest import build_manifest
 from ctv2v.data.readers import read_geometry
+from tests.conftest import TRAINING_OVERRIDES, TRAINING_PHANTOM, prepared_phantoms, smoke_config
 
 
 @pytest.fixture()
@@ -137,3 +139,21 @@ def test_non_integer_volumes_round_trip_exactly(tmp_path):
     warm = cache.load(root, entry, data)
     assert warm.thin.dtype == np.float32 and np.array_equal(warm.thin, cold.thin)
     np.testing.assert_array_equal(warm.thick.array, cold.thick.array)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_a_prepared_folder_is_readable_by_other_users_per_the_umask(tmp_path, umask):
+    """Steps running as other users on a shared volume read these files: the umask decides, not mkstemp's 0600."""
+    previous = os.umask(umask)
+    try:
+        prepared = prepared_phantoms(tmp_path, smoke_config(*TRAINING_OVERRIDES), volumes=3, shape=TRAINING_PHANTOM)
+    finally:
+        os.umask(previous)
+    modes = {str(prepared): prepared.stat().st_mode & 0o777}
+    for folder, subfolders, files in os.walk(prepared):
+        for name in [*subfolders, *files]:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                modes[path] = os.stat(path).st_mode & 0o777
+    expected = {path: (0o777 if os.path.isdir(path) else 0o666) & ~umask for path in modes}
+    assert len(modes) > 5 and modes == expected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,42 @@ def test_config_show_prints_the_resolved_config_and_fails_on_a_bad_key(capsys):
     assert shown["seed"] == 7 and shown["data"]["clip"]["height"] == 32
     assert cli_main(["config", "show", "--config", str(CONFIGS / "smoke.yaml"), "--set", "sed=7"]) == 2
     assert "unknown key 'sed'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, key, got", [
+    ("training.frozen.epochs=yes", "training.frozen.epochs", "True"),
+    ("training.checkpoint_every_steps=true", "training.checkpoint_every_steps", "True"),
+    ("training.frozen.lr=off", "training.frozen.lr", "False"),
+    ("data.clip.frames=16.0", "data.clip.frames", "16.0"),
+    ("training.frozen.epochs='2'", "training.frozen.epochs", "'2'"),
+    ("data.source=5", "data.source", "5"),
+    ("data.clip.random_flip=1", "data.clip.random_flip", "1"),
+])
+def test_values_of_the_wrong_type_are_not_coerced(override, key, got):
+    with pytest.raises(ConfigError, match=rf"--set {re.escape(override)}: '{key}': .* \(got {re.escape(got)}\)"):
+        load_config([CONFIGS / "smoke.yaml"], [override])
+
+
+def test_yaml_numbers_and_booleans_keep_working(tmp_path):
+    """YAML 1.2 floats without a dot (1e-4) are numbers in files and --set alike; yes/no stay booleans."""
+    (tmp_path / "c.yaml").write_text("training:\n  frozen: {lr: 1e-4, epochs: 3}\ndata:\n  clip: {random_flip: no}\n")
+    config = load_config([tmp_path / "c.yaml"], ["training.full.lr=2E-5", "data.workspace=/data/ws"])
+    assert config.training.frozen.lr == 1e-4 and config.training.frozen.epochs == 3
+    assert config.training.full.lr == 2e-5 and config.data.clip.random_flip is False
+    assert config.data.workspace == Path("/data/ws")
+
+
+@pytest.mark.parametrize("override", ["data.source=", "data.source=  ", "tracking.experiment="])
+def test_an_empty_override_value_is_refused(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"empty value for '{re.escape(key)}'"):
+        load_config([CONFIGS / "smoke.yaml"], [override])
+
+
+def test_remote_deadline_settings_are_strict_positive_numbers():
+    config = load_config([], ["storage.timeout_s=2", "storage.deadline_s=10.5"])
+    assert (config.storage.timeout_s, config.storage.deadline_s) == (2.0, 10.5)
+    with pytest.raises(ConfigError, match="'storage.deadline_s'"):
+        load_config([], ["storage.deadline_s=0"])
+    with pytest.raises(ConfigError, match="'storage.timeout_s'"):
+        load_config([], ["storage.timeout_s=fast"])

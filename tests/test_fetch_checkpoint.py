@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,3 +271,17 @@ def test_cli_mirror_prints_sha256_for_the_config(s3_env, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"sha256: {SHA256}" in printed and "checkpoint: s3://ctv2v/mirrored/autoencoder.pt" in printed
     assert (s3_env.root / "ctv2v" / "mirrored" / "autoencoder.pt").read_bytes() == PAYLOAD
+
+
+def test_fetched_and_cached_files_follow_the_umask(tmp_path):
+    """Not mkstemp's 0600: another user's step must be able to read the fetched checkpoint and the shared cache."""
+    source = tmp_path / "vae.pt"
+    source.write_bytes(PAYLOAD)
+    previous = os.umask(0o002)
+    try:
+        fetch_checkpoint(source.as_uri(), tmp_path / "out", sha256=SHA256, cache_dir=tmp_path / "cache")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "out" / "vae.pt").stat().st_mode & 0o777 == 0o664
+    assert (tmp_path / "out" / RECORD_NAME).stat().st_mode & 0o777 == 0o664
+    assert (tmp_path / "cache" / "sha256" / SHA256).stat().st_mode & 0o777 == 0o664

@@ -215,3 +215,47 @@ def test_missing_rescale_is_an_error(series_copy):
     ds.save_as(path)
     with pytest.raises(VolumeError, match=rf"{path.name}: DICOM tag RescaleIntercept is missing"):
         read_volume(series_copy)
+
+
+@pytest.mark.parametrize("keep_bytes", [60_000, -20_000], ids=["early-in-pixels", "near-the-end"])
+def test_dicom_cut_inside_its_pixel_data_is_called_truncated(series_copy, keep_bytes):
+    victim = sorted(series_copy.iterdir())[5]
+    victim.write_bytes(victim.read_bytes()[:keep_bytes])
+    with pytest.raises(VolumeError, match=rf"{victim}: truncated: the file ends inside its pixel data"):
+        read_volume(series_copy)
+    assert read_geometry(series_copy).shape == (20, 512, 512)  # the headers are intact
+
+
+def test_nonzero_gantry_tilt_tag_on_untilted_geometry_is_read_with_a_warning(series_copy, dicom_volume, caplog):
+    for path in series_copy.iterdir():
+        _rewrite(path, GantryDetectorTilt=12.5)
+    with caplog.at_level("WARNING", logger="ctv2v.data.readers"):
+        volume = read_volume(series_copy)
+    assert np.array_equal(volume.array, dicom_volume.array) and np.allclose(volume.affine, dicom_volume.affine)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{series_copy}: GantryDetectorTilt [12.5] degrees, but the slice positions lie along the slice normal; "
+        "the series is read by its ImagePositionPatient/ImageOrientationPatient geometry"]
+
+
+@pytest.mark.parametrize("where", ["block", "whole"])
+def test_nan_or_inf_voxels_are_refused_naming_file_and_slices(tmp_path, where):
+    data = np.zeros((6, 5, 8), dtype=np.float32)  # NIfTI (x, y, z): z becomes the slice axis
+    if where == "block":
+        data[1:3, 2, 4:6] = np.nan
+        data[0, 0, 6] = np.inf
+        expected = r"5 NaN/Inf voxel\(s\) in 3 of 8 slices \(slice indices 4..6"
+    else:
+        data[:] = np.nan
+        expected = r"240 NaN/Inf voxel\(s\) in 8 of 8 slices \(slice indices 0..7"
+    path = tmp_path / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    with pytest.raises(VolumeError, match=rf"{path}: {expected}"):
+        read_volume(path)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")
+def test_nan_rescale_in_dicom_is_refused(series_copy):
+    path = sorted(series_copy.iterdir())[3]
+    _rewrite(path, RescaleSlope="NaN")
+    with pytest.raises(VolumeError, match=rf"{series_copy}: 262144 NaN/Inf voxel\(s\) in 1 of 20 slices"):
+        read_volume(series_copy)

@@ -139,3 +139,61 @@ def test_deployment_settings_never_block_a_resume(tmp_path):
                                                                         "denoiser.num_res_blocks")):
         with pytest.raises(CheckpointError, match=rf"config changed since this checkpoint: {key}: "):
             load_checkpoint(path, phase="full", config=training_config(change), world_size=1)
+
+
+def test_identical_content_is_saved_as_identical_bytes(tmp_path):
+    """Users check a resume by hash: two saves of the same weights must be the same file (vae.json records it)."""
+    import json
+
+    from ctv2v.files import sha256_file
+    from ctv2v.models.vae import ScratchVAE, save_vae_artifact
+
+    config = training_config()
+    paths = [save_checkpoint(tmp_path / run, phase="frozen", config=config, progress=Progress(0, 1, 1),
+                             states={"denoiser": {"w": torch.arange(6.0)}}, rng_per_rank=[{}])
+             for run in ("a", "b")]
+    assert sha256_file(paths[0]) == sha256_file(paths[1])
+    torch.manual_seed(0)
+    vae = ScratchVAE.from_config(config.vae.scratch)
+    for run in ("a", "b"):
+        save_vae_artifact(vae, tmp_path / run / "vae", weights="scratch", extra={})
+    digests = [json.loads((tmp_path / run / "vae" / "vae.json").read_text())["vae_pt_sha256"] for run in ("a", "b")]
+    assert digests[0] == digests[1] == sha256_file(tmp_path / "a" / "vae" / "vae.pt")
+
+
+def test_python_and_numpy_random_streams_continue_after_a_restore(tmp_path):
+    import random
+
+    import numpy as np
+
+    from ctv2v.train.resume import capture_rng, restore_rng
+
+    config = training_config()
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    path = save_checkpoint(tmp_path, phase="frozen", config=config, progress=Progress(), states={},
+                           rng_per_rank=[capture_rng()])
+    expected = (random.random(), np.random.rand(3).tolist(), torch.rand(2).tolist())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    restore_rng(load_checkpoint(path, phase="frozen", config=config, world_size=1)["rng"][0])
+    assert (random.random(), np.random.rand(3).tolist(), torch.rand(2).tolist()) == expected
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return os.system, ("echo pwned",)
+
+
+@pytest.mark.parametrize("content", ["random-bytes", "malicious-pickle"])
+def test_an_unsafe_or_corrupt_checkpoint_is_one_error_naming_it(tmp_path, content):
+    from ctv2v.files import UnsafeOrCorruptFileError
+
+    path = tmp_path / "step-00000002.pt"
+    if content == "random-bytes":
+        path.write_bytes(os.urandom(5000))
+        expected = rf"{path}: not a readable training checkpoint \(truncated, corrupt or not a torch file\)$"
+    else:
+        torch.save({"format": _RunsCode()}, path)
+        expected = rf"{path}: refused as training checkpoint: unpickling it would import posix.system"
+    with pytest.raises(UnsafeOrCorruptFileError, match=expected) as refused:
+        load_checkpoint(path, phase="frozen", config=training_config(), world_size=1)
+    assert "weights_only" not in str(refused.value)

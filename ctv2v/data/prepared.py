@@ -21,8 +21,9 @@ from pathlib import Path
 
 from ctv2v.config import RunConfig
 from ctv2v.config_io import write_resolved
-from ctv2v.data.cache import Preprocessed, PreprocessCache
-from ctv2v.data.manifest import build_manifest, load_manifest, write_manifest
+from ctv2v.data.cache import CacheError, Preprocessed, PreprocessCache
+from ctv2v.data.manifest import ManifestError, build_manifest, load_manifest, write_manifest
+from ctv2v.data.readers import VolumeError
 from ctv2v.files import atomic_write_text, new_hidden_dir
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,6 @@ def _source_folder(source: str) -> Path:
         from ctv2v.data.demo import fetch_demo
 
         return fetch_demo()
-    if not source.strip():
-        raise PreparedDataError("data.source is empty: give `demo`, a folder or an s3:// URI")
     folder = Path(source).expanduser().resolve()
     if not folder.is_dir():
         raise PreparedDataError(f"data.source {source!r}: not a folder, `demo`, or an s3:// URI")
@@ -86,15 +85,16 @@ def _source_folder(source: str) -> Path:
 def stage_dataset(source: str, data_dir: Path, config: RunConfig) -> Path:
     """Make `<data_dir>/dataset` hold the dataset named by `source` (`demo`, `s3://bucket/prefix`, or a folder).
 
-    `data_dir` is claimed first (see claim_folder). Returns the folder to read volumes from, so that errors name
+    `data_dir` must be new, empty or ours (see claim_folder) and must not overlap the dataset. Returns the folder to read volumes from, so that errors name
     the user's own files: the user's folder itself for `demo` or a folder, the staged copy for S3.
     """
-    data_dir = claim_folder(data_dir)
-    target = data_dir / DATASET_DIR
     folder = None if source.startswith("s3://") else _source_folder(source)
+    data_dir = Path(data_dir)
     if folder is not None and (data_dir.resolve().is_relative_to(folder) or folder.is_relative_to(data_dir.resolve())):
         raise PreparedDataError(f"data.source {source!r} and the output folder {data_dir} overlap: the prepared "
                                 "folder must be outside the dataset folder and must not contain it")
+    claim_folder(data_dir)
+    target = data_dir / DATASET_DIR
     if target.is_symlink():
         target.unlink()  # a link we made: removing it leaves the folder it points to untouched
     elif target.exists():
@@ -137,9 +137,6 @@ def _reuse_cache(previous: Path, work: Path) -> None:
 
 def _swap_in(work: Path, data_dir: Path) -> None:
     """Put the finished `work` folder at `data_dir`: over an empty folder, or in place of a folder we made."""
-    if not data_dir.exists():
-        work.rename(data_dir)
-        return
     if not (data_dir / PREPARED_MARKER).is_file():
         work.rename(data_dir)  # rename(2) replaces an empty folder and refuses a non-empty one
         return
@@ -158,7 +155,9 @@ def prepare_data(config: RunConfig, data_dir: Path) -> dict:
     data_dir = Path(data_dir)
     _check_new_empty_or_ours(data_dir)
     work = new_hidden_dir(data_dir, "preparing")
+    dataset = None
     try:
+        _mark(work, PREPARED_MARKER)
         _reuse_cache(data_dir, work)
         dataset = stage_dataset(config.data.source, work, config)
         manifest = build_manifest(dataset, config.data.split, config.data.thick, config.data.slice_spacing_tolerance)
@@ -172,11 +171,21 @@ def prepare_data(config: RunConfig, data_dir: Path) -> dict:
         write_manifest(manifest, work / MANIFEST_FILE)
         write_resolved(config, work)
         _swap_in(work, data_dir)
+    except (VolumeError, ManifestError, CacheError) as exc:
+        _remove_work(work)
+        if dataset is not None and dataset.is_relative_to(work):
+            # A copy staged from S3 is gone with `work`: name the object the user gave instead.
+            raise type(exc)(str(exc).replace(str(dataset), config.data.source.rstrip("/"))) from exc
+        raise
     except BaseException:
-        if work.exists():
-            shutil.rmtree(work)  # made above; it links to, never holds, the user's data
+        _remove_work(work)
         raise
     return manifest
+
+
+def _remove_work(work: Path) -> None:
+    if work.exists():
+        shutil.rmtree(work)  # made by prepare_data; it links to, never holds, the user's data
 
 
 def load_split_volumes(data_dir: Path, config: RunConfig, split: str) -> list[Preprocessed]:

@@ -17,6 +17,7 @@ VolumeError names it: we refuse rather than guess which files belong together.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,9 +98,19 @@ def read_volume(path: Path, slice_spacing_tolerance: float = 0.01) -> Volume:
         array, geometry = series.hu(), series.geometry
     else:
         array, geometry = _nifti(path, with_pixels=True)
+    _check_finite(array, path)
     log.debug("read %s: shape %s, spacing %s mm", path, array.shape, geometry.spacing)
     return Volume(array, geometry.spacing, geometry.affine, geometry.source, geometry.patient_id,
                   geometry.modality)
+
+
+def _check_finite(array: np.ndarray, path: Path) -> None:
+    """Refuse NaN/Inf voxels at the door: later they would surface as NaN losses or metrics naming no file."""
+    bad_per_slice = np.count_nonzero(~np.isfinite(array), axis=(1, 2))
+    if bad_per_slice.any():
+        slices = np.nonzero(bad_per_slice)[0]
+        raise VolumeError(f"{path}: {int(bad_per_slice.sum())} NaN/Inf voxel(s) in {len(slices)} of {len(array)} "
+                          f"slices (slice indices {slices[0]}..{slices[-1]}, inferior to superior)")
 
 
 # --------------------------------------------------------------------------------------- orientation
@@ -168,6 +179,15 @@ def _required(ds: pydicom.Dataset, path: Path, keyword: str):
     return value
 
 
+def _dcmread(path: Path, stop_before_pixels: bool) -> pydicom.Dataset:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # truncation warnings: checked by the caller instead
+            return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except Exception as exc:  # InvalidDicomError, EOFError, struct.error...: all mean "not readable"
+        raise VolumeError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
+
+
 class _DicomSeries:
     """Headers of one DICOM series folder, checked and sorted along the slice normal."""
 
@@ -179,16 +199,27 @@ class _DicomSeries:
         patient_ids = {str(ds.get("PatientID", "")).strip() for _, ds in self.slices} - {""}
         if len(patient_ids) > 1:
             raise VolumeError(f"{folder}: one series with several PatientIDs {sorted(patient_ids)}")
+        tilts = sorted({float(ds.get("GantryDetectorTilt") or 0.0) for _, ds in self.slices} - {0.0})
+        if tilts:
+            # _sort_and_place refused positions off the slice normal, so the geometry that places every voxel is
+            # untilted: the tag is metadata here (e.g. a scanner that resampled to an axial grid), not geometry.
+            log.warning("%s: GantryDetectorTilt %s degrees, but the slice positions lie along the slice normal; "
+                        "the series is read by its ImagePositionPatient/ImageOrientationPatient geometry",
+                        folder, tilts)
         shape = (len(self.slices), int(self.slices[0][1].Rows), int(self.slices[0][1].Columns))
         self.transform, self.geometry = _geometry(shape, self.affine, folder,
                                                   patient_ids.pop() if patient_ids else None, "CT")
 
     @staticmethod
     def _read(path: Path, with_pixels: bool) -> pydicom.Dataset:
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=not with_pixels)
-        except Exception as exc:  # InvalidDicomError, EOFError, struct.error...: all mean "not readable"
-            raise VolumeError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
+        ds = _dcmread(path, stop_before_pixels=True)
+        if with_pixels:
+            # A file cut inside its pixel data reads as an EMPTY dataset (pydicom only warns), so the headers are
+            # read first, without pixels, and a full read that lost them means the pixel data is truncated.
+            with_data = _dcmread(path, stop_before_pixels=False)
+            if "PixelData" not in with_data or len(with_data) <= len(ds):
+                raise VolumeError(f"{path}: truncated: the file ends inside its pixel data (or has none)")
+            ds = with_data
         modality = ds.get("Modality")
         if modality != "CT":
             raise VolumeError(f"{path}: Modality is {modality!r}, only CT series are accepted")

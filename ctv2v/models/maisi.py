@@ -411,7 +411,10 @@ def load_maisi_checkpoint(
     `allow_partial`: then the matching tensors are loaded, the rest stay random and the report says PARTIAL.
     """
     state, notes = _read_checkpoint(path)
-    arch = infer_arch(state)
+    try:
+        arch = infer_arch(state)
+    except ArchitectureMismatchError as exc:
+        raise ArchitectureMismatchError(f"{path}: {exc}", exc.report) from None  # infer_arch sees no file name
     model = build_autoencoder(arch, num_splits=num_splits, dim_split=dim_split, norm_float16=norm_float16,
                               use_checkpointing=use_checkpointing)
     report = match_report(model, state)

@@ -35,9 +35,9 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from ctv2v.config import StorageConfig
-from ctv2v.files import atomic_path, atomic_write_text, cache_root
-from ctv2v.remote.retry import DEFAULT_RETRY, RetriesExhausted, RetryPolicy
-from ctv2v.remote.storage import StorageError, download, upload
+from ctv2v.files import atomic_path, atomic_write_text, cache_root, new_hidden_file
+from ctv2v.remote.retry import RetriesExhausted, RetryPolicy, remote_policy
+from ctv2v.remote.storage import StorageAccessDeniedError, StorageError, download, upload
 
 log = logging.getLogger(__name__)
 
@@ -225,11 +225,17 @@ def fetch_checkpoint(
     sha256: str | None = None,
     md5: str | None = None,
     cache_dir: Path | None = None,
-    retry: RetryPolicy = DEFAULT_RETRY,
+    retry: RetryPolicy | None = None,
     storage: StorageConfig | None = None,
 ) -> FetchRecord:
-    """Fetch `source` into `out_dir` (verified, cached by sha256) and write its FetchRecord beside it."""
+    """Fetch `source` into `out_dir` (verified, cached by sha256) and write its FetchRecord beside it.
+
+    Requests time out after storage.timeout_s and no retry starts after storage.deadline_s (unless `retry` says
+    otherwise), so a server that never answers fails the fetch in about a minute by default.
+    """
     parsed = parse_source(source)
+    storage = storage or StorageConfig()
+    retry = retry or remote_policy(storage.deadline_s)
     sha256, md5 = _check_hex("sha256", sha256), _check_hex("md5", md5)
     if sha256 is None and md5 is None and not is_immutable(source):
         raise ValueError(
@@ -243,10 +249,8 @@ def fetch_checkpoint(
         log.info("%s: served from cache %s", source, cached.path)
         return _deliver(cached, parsed, source, out_dir, from_cache=True)
 
-    cache.staging.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f"{parsed.filename.replace('/', '_')}.", suffix=".part", dir=cache.staging)
-    os.close(fd)
-    staged = Path(name)
+    # Not tempfile.mkstemp: its 0600 would follow the file into the cache, unreadable to other users.
+    staged = new_hidden_file(cache.staging / parsed.filename.replace("/", "_"), "part")
     try:
         _fetch(parsed, source, staged, retry, storage)
         actual_sha, actual_md5 = file_hashes(staged)
@@ -285,7 +289,7 @@ def write_record(record: FetchRecord, out_dir: Path) -> Path:
     return path
 
 
-def _fetch(parsed: _Source, source: str, staged: Path, retry: RetryPolicy, storage: StorageConfig | None) -> None:
+def _fetch(parsed: _Source, source: str, staged: Path, retry: RetryPolicy, storage: StorageConfig) -> None:
     """Bring the source's bytes into `staged`; any failure to reach or read it is a SourceUnreachableError."""
     try:
         if parsed.scheme == "file":
@@ -295,9 +299,11 @@ def _fetch(parsed: _Source, source: str, staged: Path, retry: RetryPolicy, stora
         elif parsed.scheme == "hf":
             _hf_download(parsed, staged)
         else:
-            http_download(parsed.location, staged, retry=retry)
+            http_download(parsed.location, staged, retry=retry, timeout_s=storage.timeout_s)
     except (OSError, StorageError, http.client.HTTPException, RetriesExhausted) as exc:
-        hint = "" if parsed.scheme == "file" else f"; {MIRROR_HINT}"
+        # Access denied: the server was reached, so mirroring would not help (the message names the credentials).
+        reachability = parsed.scheme != "file" and not isinstance(exc, StorageAccessDeniedError)
+        hint = f"; {MIRROR_HINT}" if reachability else ""
         raise SourceUnreachableError(f"cannot fetch {source}: {exc}{hint}") from exc
 
 
@@ -317,7 +323,7 @@ def _hf_download(parsed: _Source, staged: Path) -> None:
         shutil.rmtree(hub_cache, ignore_errors=True)
 
 
-def http_download(url: str, dest: Path, *, retry: RetryPolicy = DEFAULT_RETRY, timeout_s: float = 60.0) -> None:
+def http_download(url: str, dest: Path, *, retry: RetryPolicy, timeout_s: float) -> None:
     """Download `url` into `dest`, resuming from `dest`'s size with a Range request after an interruption.
 
     Connection errors, timeouts, truncated bodies and 5xx/408/429 replies are retried by `retry`; other HTTP

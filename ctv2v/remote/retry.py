@@ -28,6 +28,7 @@ class RetriesExhausted(RuntimeError):
 
     def __init__(self, attempts: int, elapsed_s: float, last: BaseException):
         self.attempts = attempts
+        self.elapsed_s = elapsed_s
         self.last = last
         super().__init__(f"gave up after {attempts} attempts in {elapsed_s:.1f} s: {last}")
 
@@ -86,8 +87,9 @@ class RetryPolicy:
                 time.sleep(delay_s)
 
 
-DEFAULT_RETRY = RetryPolicy()
-"""Storage and checkpoint downloads: 4 attempts, 1 s / 2 s / 4 s apart, no retry after 30 minutes."""
+def remote_policy(deadline_s: float) -> RetryPolicy:
+    """Storage and checkpoint downloads: 4 attempts, 1 s / 2 s / 4 s apart, no retry started after `deadline_s`."""
+    return RetryPolicy(deadline_s=deadline_s)
 
 
 class RetryGate:

@@ -6,7 +6,9 @@ AWS_SECRET_ACCESS_KEY (a Kubernetes Secret in the cluster), never from a config 
 StorageError that names the s3:// URI and the endpoint. S3-compatible servers differ in how they report
 errors: MinIO sends XML bodies that minio-py parses into S3Error, `rclone serve s3` sends text/xml that minio-py
 raises as InvalidResponseError; both are translated here. Connection failures and 500/502/503/504 replies are
-retried by ctv2v.remote.retry's policy (urllib3's own retries are off, so there is one retry mechanism).
+retried by ctv2v.remote.retry's policy (urllib3's own retries are off, so there is one retry mechanism): each
+request times out after storage.timeout_s, and no retry starts after storage.deadline_s. A 403 reply is
+StorageAccessDeniedError, whose message points at the credentials rather than at reachability.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from minio.error import InvalidResponseError, MinioException, S3Error, ServerErr
 
 from ctv2v.config import StorageConfig
 from ctv2v.files import atomic_path
-from ctv2v.remote.retry import DEFAULT_RETRY, RetriesExhausted, RetryPolicy
+from ctv2v.remote.retry import RetriesExhausted, RetryPolicy, remote_policy
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,14 @@ _TRANSIENT_TRANSPORT = (
 
 class StorageError(RuntimeError):
     """An object-storage operation failed; the message names the s3:// URI and the endpoint."""
+
+
+class StorageAccessDeniedError(StorageError):
+    """The server answered 403: the credentials are wrong or lack access (the server itself is reachable)."""
+
+
+CREDENTIALS_HINT = (f"the server refused access: check {ACCESS_KEY_ENV} / {SECRET_KEY_ENV} and that they may read "
+                    "this bucket")
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -93,16 +103,16 @@ def _is_transient(exc: Exception) -> bool:
 class _Store:
     """A minio client plus the endpoint URL that every error message names."""
 
-    def __init__(self, storage: StorageConfig | None, retry: RetryPolicy):
+    def __init__(self, storage: StorageConfig | None, retry: RetryPolicy | None):
         storage = storage or StorageConfig()
-        self.retry = retry
+        self.retry = retry or remote_policy(storage.deadline_s)
         self.endpoint, host, secure = _endpoint(storage)
         missing = [name for name in (ACCESS_KEY_ENV, SECRET_KEY_ENV) if not os.environ.get(name)]
         if missing:
             raise StorageError(f"S3 credentials missing: set the {' and '.join(missing)} environment variable(s)")
         # No retries inside urllib3 (minio's default would retry for minutes): `retry` is the one policy.
         http = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=10, read=120),
+            timeout=urllib3.Timeout(connect=storage.timeout_s, read=storage.timeout_s),
             retries=urllib3.Retry(total=0, respect_retry_after_header=False),
         )
         self.client = Minio(
@@ -118,7 +128,7 @@ class _Store:
         """One StorageError naming what failed, the endpoint and the server's reason."""
         if isinstance(exc, RetriesExhausted):
             cause = self.error(action, exc.last)
-            return StorageError(f"{cause}; gave up after {exc.attempts} attempts")
+            return StorageError(f"{cause}; gave up after {exc.attempts} attempts in {exc.elapsed_s:.1f} s")
         if isinstance(exc, S3Error):
             reason = f"{exc.code}: {exc.message}"
         elif isinstance(exc, InvalidResponseError):
@@ -138,6 +148,8 @@ class _Store:
             reason = f"cannot connect: {exc.reason}"
         else:
             reason = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, MinioException) and _status(exc) == 403:
+            return StorageAccessDeniedError(f"{action} failed (endpoint {self.endpoint}): {reason}; {CREDENTIALS_HINT}")
         return StorageError(f"{action} failed (endpoint {self.endpoint}): {reason}")
 
     def get(self, uri: str, dest: Path) -> Path:
@@ -176,12 +188,12 @@ class _Store:
 
 
 def download(uri: str, dest: Path, *, storage: StorageConfig | None = None,
-             retry: RetryPolicy = DEFAULT_RETRY) -> Path:
+             retry: RetryPolicy | None = None) -> Path:
     """Download one object to `dest` atomically (the file appears only once complete)."""
     return _Store(storage, retry).get(uri, Path(dest))
 
 
-def upload(path: Path, uri: str, *, storage: StorageConfig | None = None, retry: RetryPolicy = DEFAULT_RETRY) -> str:
+def upload(path: Path, uri: str, *, storage: StorageConfig | None = None, retry: RetryPolicy | None = None) -> str:
     """Upload one file to `uri`; returns the URI."""
     path = Path(path)
     if not path.is_file():
@@ -195,7 +207,7 @@ def _prefix(key: str) -> str:
 
 
 def download_prefix(uri_prefix: str, dest_dir: Path, *, storage: StorageConfig | None = None,
-                    retry: RetryPolicy = DEFAULT_RETRY) -> list[Path]:
+                    retry: RetryPolicy | None = None) -> list[Path]:
     """Stage every object under `uri_prefix` into `dest_dir`, keeping relative paths; returns the files."""
     bucket, key = parse_s3_uri(uri_prefix)
     prefix = _prefix(key)

@@ -5,7 +5,8 @@
 - the prepared data folder named by prepare-data's artifact metadata;
 - the process runtime (rank, device, precision) and the seeds of a distributed step;
 - the step's MLflow run (on rank 0; the other ranks get a tracker that records nothing);
-- running a step on N GPUs: the same function in N processes under torchrun;
+- running a step on N GPUs: the same function in N processes under torchrun (on several nodes: a TrainJob,
+  ctv2v.steps.trainjob);
 - copying a step's final files from the workspace into its KFP artifact.
 """
 
@@ -15,17 +16,20 @@ import contextlib
 import importlib
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ctv2v.config import RunConfig, TrackingConfig
-from ctv2v.config_io import config_from_text, load_config, write_resolved
+from ctv2v.config_io import config_from_text, to_yaml
 from ctv2v.data.prepared import run_workspace
 from ctv2v.files import atomic_write_text
 from ctv2v.train.device import process_group
@@ -33,7 +37,8 @@ from ctv2v.train.loop import Runtime, runtime_from_env
 
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 TORCHRUN_CALL_FILE = "torchrun-call.json"
-"""In a multi-GPU step's output folder: which step function each torchrun process calls, with what."""
+"""In a temporary folder while a multi-GPU step runs: which step function each torchrun process calls, with what.
+Not in the output folder: a step that fails must not leave files there that look like output."""
 
 
 # ------------------------------------------------------------------------------------------ KFP side
@@ -73,22 +78,40 @@ def export_files(out_dir: Path, artifact_dir: str | Path, names: tuple[str, ...]
 
 # -------------------------------------------------------------------------------------- multi-GPU
 def run_on_gpus(step: Callable[..., Any], gpus: int, config: RunConfig, out_dir: Path, **arguments: Any) -> None:
-    """Run `step(config, out_dir=out_dir, **arguments)` here (1 GPU) or in `gpus` DDP processes under torchrun.
+    """Run `step(config, out_dir=out_dir, **arguments)` here (1 GPU), in `gpus` DDP processes under torchrun, or,
+    with cluster.nodes > 1, on that many nodes of `gpus` processes each as a Kubeflow TrainJob.
 
-    Each torchrun process calls the same function with the same arguments (read back from a JSON file in
-    `out_dir`), so nothing is re-spelled as a command line. Raises if any process fails.
+    Each torchrun process calls the same function with the same arguments (read back from a JSON file), so
+    nothing is re-spelled as a command line. Raises if any process fails.
     """
-    if gpus <= 1:
+    nodes = config.cluster.nodes
+    if gpus <= 1 and nodes == 1:
         step(config, out_dir=out_dir, **arguments)
         return
     out_dir = Path(out_dir)
-    call = {"step": f"{step.__module__}:{step.__qualname__}", "config": str(write_resolved(config, out_dir)),
-            "out_dir": str(out_dir),
+    if nodes > 1:
+        from ctv2v.steps.trainjob import launch_folder, run_trainjob, stage_inputs
+
+        # Every node must read the call file and the inputs: they go on the workspace volume, beside out_dir.
+        folder = launch_folder(config, out_dir)
+        call_file = _write_call(folder, step, config, out_dir, stage_inputs(arguments, folder, Path(config.cluster.workspace_mount)))
+        run_trainjob(config, call_file, out_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="ctv2v-torchrun-") as folder:
+        call_file = _write_call(Path(folder), step, config, out_dir, arguments)
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+                        "-m", "ctv2v.steps.context", str(call_file)], check=True,
+                       env={**os.environ, **config.cluster.nccl.environment()})
+
+
+def _write_call(folder: Path, step: Callable[..., Any], config: RunConfig, out_dir: Path,
+                arguments: Mapping[str, Any]) -> Path:
+    """The torchrun call file in `folder`: the step function, its config and arguments."""
+    call = {"step": f"{step.__module__}:{step.__qualname__}", "config": to_yaml(config), "out_dir": str(out_dir),
             "arguments": {key: str(value) if isinstance(value, Path) else value for key, value in arguments.items()}}
-    call_file = out_dir / TORCHRUN_CALL_FILE
+    call_file = folder / TORCHRUN_CALL_FILE
     atomic_write_text(call_file, json.dumps(call, indent=2) + "\n")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-                    "-m", "ctv2v.steps.context", str(call_file)], check=True)
+    return call_file
 
 
 def _call_from_file(call_file: Path) -> None:
@@ -96,7 +119,7 @@ def _call_from_file(call_file: Path) -> None:
     call = json.loads(Path(call_file).read_text())
     module, _, name = call["step"].partition(":")
     step = getattr(importlib.import_module(module), name)
-    step(load_config([call["config"]]), out_dir=Path(call["out_dir"]), **call["arguments"])
+    step(config_from_text(call["config"], str(call_file)), out_dir=Path(call["out_dir"]), **call["arguments"])
 
 
 # ------------------------------------------------------------------------------------ step runtime
@@ -104,7 +127,7 @@ def _call_from_file(call_file: Path) -> None:
 def distributed_runtime(config: RunConfig) -> Iterator[Runtime]:
     """Rank, device and precision from torchrun's environment, inside its process group; seeded for model init."""
     runtime = runtime_from_env(config)
-    with process_group(runtime.dist_info, runtime.device):
+    with process_group(runtime.dist_info, runtime.device, timedelta(seconds=config.cluster.nccl.timeout_s)):
         # Same initial weights on every rank; `seed_per_rank` then gives each rank its own noise stream.
         torch.manual_seed(config.seed)
         yield runtime
@@ -113,22 +136,6 @@ def distributed_runtime(config: RunConfig) -> Iterator[Runtime]:
 def seed_per_rank(config: RunConfig, runtime: Runtime) -> None:
     """After the model is built: a different random stream on each rank (noise, crops)."""
     torch.manual_seed(config.seed + runtime.dist_info.rank)
-
-
-class OffRankTracker:
-    """The tracker of ranks other than 0 in a DDP step: rank 0 tracks the step, these calls record nothing."""
-
-    def log_params(self, params: Mapping[str, object]) -> None:
-        """Rank 0 logs the params."""
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Rank 0 logs the metrics."""
-
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        """Rank 0 uploads the artifacts."""
-
-    def log_artifacts(self, directory: Path, artifact_path: str | None = None) -> None:
-        """Rank 0 uploads the artifacts."""
 
 
 @contextlib.contextmanager
@@ -144,10 +151,7 @@ def tracked_step(
     """The step's nested MLflow run under the pipeline run (a new pipeline run id when none is given)."""
     from ctv2v.tracking.runs import Tracker, new_pipeline_run_id
 
-    if not main:
-        yield OffRankTracker()
-        return
-    tracker = Tracker(tracking, out_dir)
+    tracker = Tracker(tracking, out_dir, enabled=main)  # other ranks of a DDP step record nothing
     with tracker.step_run(step_name, pipeline_run_id or new_pipeline_run_id(), **run_tags):
         yield tracker
 

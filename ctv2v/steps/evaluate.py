@@ -4,7 +4,9 @@ Reads a prepared data folder (manifest.json, dataset/, preprocess-cache/) and a 
 (ctv2v.models.artifacts); writes into OUT: report.json, report.html, predictions/<id>.nii.gz, panels/<id>.png
 and the resolved config (see ctv2v.evaluate.evaluate). MLflow: a nested `evaluate` run with variant / phase /
 weights tags, the test metrics of the model and of every baseline, the report and panels as artifacts, and the
-model registered with its test PSNR (alias `candidate`; `champion` only if it beats the current champion).
+model logged as an MLflow pyfunc model (ctv2v.tracking.pyfunc), registered as a version of `ctv2v-<variant>`
+tagged with its facts (alias `candidate`; `champion` only by the rules of ctv2v.tracking.registry).
+Sampling runs under fp16 autocast on CUDA and in fp32 on CPU (training.precision, ctv2v.train.device).
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ from ctv2v.evaluate.evaluate import (
     evaluate,
 )
 from ctv2v.files import atomic_write_text
-from ctv2v.models.artifacts import load_trained_model, weights_kind
+from ctv2v.models.artifacts import load_trained_model, read_model_meta, weights_kind
 from ctv2v.steps.context import tracked_step
-from ctv2v.train.device import select_device
+from ctv2v.tracking.registry import VersionFacts, sha256_json
+from ctv2v.tracking.runs import git_commit
+from ctv2v.train.device import resolve_precision, select_device
 
 REPORT_HTML = "report.html"
 REGISTERED_MODEL_PREFIX = "ctv2v-"
@@ -88,15 +92,18 @@ def evaluate_step(
     weights_label = model.vae.weights_label
     if weights_label is None:
         raise ValueError(f"{model_dir}: the trained model's VAE carries no weights label")
-    write_resolved(config, out_dir)
     generator = torch.Generator(device=device).manual_seed(config.seed)
 
+    precision = resolve_precision(config.training.precision, device)
     with tracked_step(config.tracking, out_dir, "evaluate", pipeline_run_id, variant=config.variant,
                       phase="evaluate", weights=weights_kind(weights_label)) as tracker:
         tracker.log_params(flatten(config))
         tracker.log_input_manifest(manifest_path, context="evaluation")
-        report = evaluate(model, manifest, PreprocessCache(data_dir / PREPROCESS_CACHE_DIR), data_dir / DATASET_DIR,
-                          config, out_dir, generator, weights_label=weights_label)
+        # The dataset link resolved: errors name the user's files, not <data_dir>/dataset/...
+        with precision.autocast(device):
+            report = evaluate(model, manifest, PreprocessCache(data_dir / PREPROCESS_CACHE_DIR),
+                              (data_dir / DATASET_DIR).resolve(), config, out_dir, generator,
+                              weights_label=weights_label)
         evaluation = Evaluation(report, out_dir / REPORT_FILE)
         atomic_write_text(out_dir / REPORT_HTML, to_html({config.variant: report}))
         tracker.log_metrics(metrics_for_mlflow(report.aggregate), step=0)
@@ -105,5 +112,23 @@ def evaluate_step(
         tracker.log_artifacts(out_dir / PANELS_DIR, "evaluation/panels")
         if config.tracking.register_model:
             tracker.register_model(model_dir, f"{REGISTERED_MODEL_PREFIX}{config.variant}",
-                                   test_psnr=evaluation.headline_psnr)
+                                   version_facts(evaluation, model_dir, config))
+    write_resolved(config, out_dir)  # last: a step that fails leaves no config posing as output
     return evaluation
+
+
+def version_facts(evaluation: Evaluation, model_dir: Path, config: RunConfig) -> VersionFacts:
+    """The registry tags of an evaluated model: what it is, what it was scored on, and its score.
+
+    The evaluation hash covers what defines the test set and the metric (manifest, scored volumes, thick
+    series, HU window), not the model's own inference settings (sampling steps, seed), which a better model
+    may change.
+    """
+    report = evaluation.report
+    test_set = {"manifest_sha256": report.manifest_sha256, "volume_ids": report.volume_ids,
+                "thick": report.thick, "hu_range": report.hu_range}
+    return VersionFacts(
+        weights=report.weights, smoke=config.tracking.smoke_run, manifest_sha256=report.manifest_sha256,
+        evaluation_sha256=sha256_json(test_set), config_sha256=sha256_json(read_model_meta(model_dir)["config"]),
+        git_commit=git_commit(), test_psnr=evaluation.headline_psnr,
+    )

@@ -112,8 +112,6 @@ def train_step(
     with distributed_runtime(config) as runtime:
         main = runtime.dist_info.is_main
         model = build_phase_model(config, phase, vae_dir, init_dir).to(runtime.device)
-        if main:
-            write_resolved(config, out_dir)
         seed_per_rank(config, runtime)
         intensity = Intensity.from_config(config.data.intensity)
         train_volumes = load_split_volumes(data_dir, config, "train")
@@ -143,7 +141,7 @@ def train_step(
             tracker.log_params(flatten(config))
             job = TrainJob(
                 name=phase, config=config, objective=DiffusionObjective(model), param_groups=groups,
-                train_set=train_set, epochs=settings.epochs, batch_size=settings.batch_size,
+                train_set=train_set, epochs=settings.epochs, batch_size=settings.batch_for(config.variant),
                 warmup_steps=settings.warmup_steps, states=states, out_dir=out_dir, device=runtime.device,
                 precision=runtime.precision, dist_info=runtime.dist_info, ema_of=model.denoiser,
                 validate=lambda ema: validate_diffusion(model, val_clips, ema, config, runtime.device,
@@ -159,6 +157,7 @@ def train_step(
             if main:
                 model_dir = save_trained_model(model, out_dir / MODEL_DIR, config, result.ema, phase=phase,
                                                thick_spacing_mm=thick_spacing_mm)
+                write_resolved(config, out_dir)  # last: a step that fails leaves no config posing as output
                 tracker.log_metrics({f"{phase}/clips_per_s_mean": result.clips_per_second}, result.global_step)
                 tracker.log_artifacts(model_dir, MODEL_DIR)
                 if (out_dir / BEST_MODEL_DIR).is_dir():

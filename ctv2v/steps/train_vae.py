@@ -59,8 +59,6 @@ def train_vae_step(
     with distributed_runtime(config) as runtime:
         main = runtime.dist_info.is_main
         vae = ScratchVAE.from_config(scratch).to(runtime.device)
-        if main:
-            write_resolved(config, out_dir)
         seed_per_rank(config, runtime)
         intensity = Intensity.from_config(config.data.intensity)
         train_clips = TrainClips(load_split_volumes(data_dir, config, "train"), config.data.clip, intensity,
@@ -88,6 +86,7 @@ def train_vae_step(
                                                           for i in range(count)))
                 save_vae_artifact(vae, out_dir, weights="scratch",
                                   extra={"trained_steps": result.global_step, "latent_scale_clips": count})
+                write_resolved(config, out_dir)  # last: a step that fails leaves no config posing as output
                 tracker.log_metrics({"vae/latent_scale": latent_scale}, result.global_step)
                 tracker.log_artifact(out_dir / "vae.json", "vae")
                 tracker.log_artifact(out_dir / "vae.pt", "vae")

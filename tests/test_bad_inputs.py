@@ -1,0 +1,511 @@
+"""Hostile but fair inputs to the real `ctv2v` command line: each is refused with exit code 1 (2 for a config
+error), ONE `ctv2v: error:` line naming the user's file or key, no traceback, and the user's data and the output
+folder exactly as they were (byte for byte, mode included).
+
+The commands run in-process through pipeline.cli.main (the console script's entry point): a subprocess costs
+7-20 s of imports per case on a busy 2-core machine; test_console_script_prints_one_line_and_keeps_the_data
+runs the installed `ctv2v` script itself once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+from pipeline.cli import main
+from tests.conftest import REPO, TRAINING_OVERRIDES, TRAINING_PHANTOM, prepared_phantoms, smoke_config, write_phantom
+
+SMOKE = str(REPO / "configs" / "smoke.yaml")
+PRETRAINED = str(REPO / "configs" / "pretrained.yaml")
+FAST_REMOTE = ["storage.timeout_s=0.5", "storage.deadline_s=2"]
+"""A dead server must fail an attempt in 0.5 s and the whole fetch in about 2 s (+ one attempt)."""
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every entry below `root` (links not followed): file sha256 + mode, link target, folder mode."""
+    if not root.exists() and not root.is_symlink():
+        return {}
+    entries = {}
+    for folder, subfolders, files in os.walk(root):
+        for name in [*subfolders, *files]:
+            path = Path(folder) / name
+            rel = str(path.relative_to(root))
+            if path.is_symlink():
+                entries[rel] = ("link", os.readlink(path))
+            elif path.is_dir():
+                entries[rel] = ("dir", path.stat().st_mode)
+            else:
+                entries[rel] = ("file", hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mode)
+    return entries
+
+
+class Evil:
+    """Unpickling this runs os.system: what a malicious `.pt` file does."""
+
+    def __reduce__(self):
+        return os.system, ("echo pwned",)
+
+
+class HungServer:
+    """A loopback TCP server that accepts connections and never answers (nor closes them)."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+@dataclass
+class World:
+    """What the cases build on: a user's dataset, a good prepared folder, servers, a scratch folder."""
+
+    tmp: Path
+    dataset: Path
+    """The user's dataset folder (3 small NIfTI phantoms)."""
+    prepared: Path
+    """A good prepared folder of `dataset`."""
+    s3: object
+    hung: HungServer
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Case:
+    """One bad input: how to build it, the command, what must be said, what must not change."""
+
+    name: str
+    build: Callable[[World], tuple[list[str], list[Path]]]
+    """-> (argv, the paths that must stay unchanged besides the user's dataset and the prepared folder)."""
+    code: int
+    message: str
+    """A regex the one error line must match; `{tmp}` is the case's scratch folder."""
+
+
+# ------------------------------------------------------------------------------------------- builders
+def _user_copy(world: World, name: str = "mydata") -> Path:
+    return Path(shutil.copytree(world.dataset, world.tmp / name))
+
+
+def _prepare(world: World, source: Path | str, *sets: str, out: Path | None = None) -> list[str]:
+    out = out or world.tmp / "out"
+    return ["prepare-data", "--config", SMOKE, "--set", f"data.source={source}",
+            *[a for s in sets for a in ("--set", s)], "--out", str(out)]
+
+
+def out_is_parent_of_source(world):  # item 1
+    project = world.tmp / "proj"
+    shutil.copytree(world.dataset, project / "dataset")
+    return _prepare(world, project / "dataset", out=project), [project]
+
+
+def rerun_with_bad_s3_key(world):  # item 2
+    world.env.update(world.s3.env())
+    return _prepare(world, "s3://ctv2v/no-such-prefix", f"storage.s3_endpoint={world.s3.url}",
+                    out=world.prepared), []
+
+
+def rerun_with_truncated_volume(world):  # item 2 + 11
+    folder = _user_copy(world)
+    data = (folder / "vol1.nii.gz").read_bytes()
+    (folder / "vol1.nii.gz").write_bytes(data[: len(data) // 2])
+    return _prepare(world, folder, out=world.prepared), [folder]
+
+
+def s3_dataset_with_truncated_volume(world):  # item 11: the object is named, not the staged copy
+    from minio import Minio
+
+    client = Minio(world.s3.endpoint, world.s3.access_key, world.s3.secret_key, secure=False, region="us-east-1")
+    for path in sorted(world.dataset.iterdir()):
+        data = path.read_bytes()
+        data = data[: len(data) // 2] if path.name == "vol1.nii.gz" else data
+        client.put_object("ctv2v", f"datasets/{world.tmp.name}/{path.name}", io.BytesIO(data), len(data))
+    world.env.update(world.s3.env())
+    return _prepare(world, f"s3://ctv2v/datasets/{world.tmp.name}/"), []
+
+
+def nan_block(world):  # item 5 + 11
+    folder = _user_copy(world)
+    image = nib.load(folder / "vol2.nii.gz")
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    data[4:9, 4:9, 10:12] = np.nan
+    nib.save(nib.Nifti1Image(data, image.affine), folder / "vol2.nii.gz")
+    return _prepare(world, folder), [folder]
+
+
+def all_nan(world):  # item 5
+    folder = _user_copy(world)
+    image = nib.load(folder / "vol0.nii.gz")
+    nib.save(nib.Nifti1Image(np.full(image.shape, np.inf, np.float32), image.affine), folder / "vol0.nii.gz")
+    return _prepare(world, folder), [folder]
+
+
+def _dicom_dataset(world: World, demo_dir: Path) -> Path:
+    folder = _user_copy(world, "withdicom")
+    shutil.copytree(demo_dir / "example_ct_dicom", folder / "series")
+    return folder
+
+
+def _series_file(folder: Path, index: int) -> Path:
+    return sorted((folder / "series").iterdir())[index]
+
+
+def dicom_cut_in_pixels(world, demo_dir):  # item 6
+    folder = _dicom_dataset(world, demo_dir)
+    victim = _series_file(folder, 4)
+    victim.write_bytes(victim.read_bytes()[:60_000])
+    return _prepare(world, folder), [folder]
+
+
+def dicom_random_bytes(world, demo_dir):
+    folder = _dicom_dataset(world, demo_dir)
+    (folder / "series" / "garbage.dcm").write_bytes(np.random.default_rng(0).bytes(3000))
+    return _prepare(world, folder), [folder]
+
+
+def dicom_mixed_series(world, demo_dir):
+    folder = _dicom_dataset(world, demo_dir)
+    for path in sorted((folder / "series").iterdir())[:2]:
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.7"
+        ds.save_as(path)
+    return _prepare(world, folder), [folder]
+
+
+def dicom_mr(world, demo_dir):
+    folder = _dicom_dataset(world, demo_dir)
+    ds = pydicom.dcmread(_series_file(folder, 3))
+    ds.Modality = "MR"
+    ds.save_as(_series_file(folder, 3))
+    return _prepare(world, folder), [folder]
+
+
+def dicom_missing_slice(world, demo_dir):
+    folder = _dicom_dataset(world, demo_dir)
+    by_z = sorted((folder / "series").iterdir(), key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
+    by_z[9].unlink()
+    return _prepare(world, folder), [folder]
+
+
+def empty_source(world):  # item 9
+    return ["prepare-data", "--config", SMOKE, "--set", "data.source=", "--out", str(world.tmp / "out")], []
+
+
+def empty_source_in_a_file(world):  # item 9: an empty string from a YAML file
+    overlay = _checkpoint_file(world, "empty-source.yaml", b'data: {source: ""}\n')
+    return ["prepare-data", "--config", SMOKE, "--config", str(overlay), "--out", str(world.tmp / "out")], [overlay]
+
+
+def bool_as_epochs(world):  # item 8
+    return ["prepare-data", "--config", SMOKE, "--set", "training.frozen.epochs=yes",
+            "--out", str(world.tmp / "out")], []
+
+
+def bool_as_checkpoint_every(world):  # item 8
+    return ["prepare-data", "--config", SMOKE, "--set", "training.checkpoint_every_steps=true",
+            "--out", str(world.tmp / "out")], []
+
+
+def config_typo(world):
+    return ["prepare-data", "--config", SMOKE, "--set", "data.clip.frame=8", "--out", str(world.tmp / "out")], []
+
+
+def _checkpoint_file(world: World, name: str, content: bytes) -> Path:
+    path = world.tmp / "inputs" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+def _fetch(world: World, source: str, *sets: str, sha256: str = "0" * 64) -> list[str]:
+    (world.tmp / "cache").mkdir()  # ctv2v's download cache (it keeps a staging folder): not a user's folder
+    return ["fetch-checkpoint", "--source", source, "--sha256", sha256, "--cache-dir", str(world.tmp / "cache"),
+            *[a for s in sets for a in ("--set", s)], "--out", str(world.tmp / "out")]
+
+
+def wrong_hash(world):
+    path = _checkpoint_file(world, "vae.pt", b"some weights")
+    return _fetch(world, path.as_uri()), [path]
+
+
+def dead_endpoint(world):
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        port = closed.getsockname()[1]
+    return _fetch(world, f"http://127.0.0.1:{port}/vae.pt", *FAST_REMOTE), []
+
+
+def hung_http(world):  # item 12
+    return _fetch(world, f"http://127.0.0.1:{world.hung.port}/vae.pt", *FAST_REMOTE), []
+
+
+def hung_https(world):  # item 12
+    return _fetch(world, f"https://127.0.0.1:{world.hung.port}/vae.pt", *FAST_REMOTE), []
+
+
+def hung_s3(world):  # item 12
+    world.env.update(AWS_ACCESS_KEY_ID="key", AWS_SECRET_ACCESS_KEY="secret")
+    return _fetch(world, "s3://ctv2v/vae.pt", *FAST_REMOTE,
+                  f"storage.s3_endpoint=http://127.0.0.1:{world.hung.port}"), []
+
+
+def s3_bad_key(world):
+    world.env.update(world.s3.env())
+    return _fetch(world, "s3://ctv2v/no/such/vae.pt", *FAST_REMOTE), []
+
+
+def s3_wrong_secret(world):  # item 12: a 403 hints at credentials
+    (world.s3.root / "ctv2v" / "weights").mkdir(parents=True, exist_ok=True)
+    (world.s3.root / "ctv2v" / "weights" / "vae.pt").write_bytes(b"weights")
+    world.env.update({**world.s3.env(), "AWS_SECRET_ACCESS_KEY": "not-the-secret"})
+    return _fetch(world, "s3://ctv2v/weights/vae.pt", *FAST_REMOTE), []
+
+
+def _match(world: World, checkpoint: Path) -> list[str]:
+    return ["match", "--config", PRETRAINED, "--config", SMOKE, "--checkpoint", str(checkpoint),
+            "--data", str(world.prepared), "--out", str(world.tmp / "out")]
+
+
+def match_malicious_pickle(world):  # item 10: the blocked global is named
+    path = world.tmp / "inputs" / "evil.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"encoder.weight": Evil()}, path)
+    return _match(world, path), [path]
+
+
+def match_malicious_plain_pickle(world):  # item 10: a pickle.dump file, protocol 4
+    path = _checkpoint_file(world, "evil.pkl", pickle.dumps({"w": Evil()}, protocol=4))
+    return _match(world, path), [path]
+
+
+def match_truncated_checkpoint(world):
+    saved = world.tmp / "inputs" / "whole.pt"
+    saved.parent.mkdir(parents=True)
+    torch.save({"w": torch.zeros(1000)}, saved)
+    path = _checkpoint_file(world, "cut.pt", saved.read_bytes()[:1500])
+    return _match(world, path), [path]
+
+
+def match_foreign_checkpoint(world):
+    path = world.tmp / "inputs" / "unet.pt"
+    path.parent.mkdir(parents=True)
+    torch.save(torch.nn.Conv3d(1, 4, 3).state_dict(), path)
+    return _match(world, path), [path]
+
+
+def _scratch_vae(world: World) -> Path:
+    from ctv2v.models.vae import ScratchVAE, save_vae_artifact
+
+    config = smoke_config(*TRAINING_OVERRIDES)
+    vae = ScratchVAE.from_config(config.vae.scratch)
+    save_vae_artifact(vae, world.tmp / "inputs" / "vae", weights="scratch", extra={"note": "random test weights"})
+    return world.tmp / "inputs" / "vae"
+
+
+def resume_from_random_bytes(world):  # item 10: a resume checkpoint
+    out = world.tmp / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "step-00000004.pt").write_bytes(np.random.default_rng(1).bytes(4096))
+    return ["train-vae", "--config", SMOKE, *[a for s in TRAINING_OVERRIDES for a in ("--set", s)],
+            "--data", str(world.prepared), "--out", str(out), "--resume"], []
+
+
+def resume_from_malicious_pickle(world):  # item 10
+    out = world.tmp / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    torch.save({"format": Evil()}, out / "checkpoints" / "step-00000004.pt")
+    return ["train-vae", "--config", SMOKE, *[a for s in TRAINING_OVERRIDES for a in ("--set", s)],
+            "--data", str(world.prepared), "--out", str(out), "--resume"], []
+
+
+def train_with_malicious_vae_weights(world):  # item 10: a VAE artifact whose weights are a malicious pickle
+    vae = _scratch_vae(world)
+    torch.save({"w": Evil()}, vae / "vae.pt")
+    meta = json.loads((vae / "vae.json").read_text())
+    meta["vae_pt_sha256"] = hashlib.sha256((vae / "vae.pt").read_bytes()).hexdigest()  # the hash matches
+    (vae / "vae.json").write_text(json.dumps(meta))
+    return ["train", "--phase", "frozen", "--config", SMOKE, *[a for s in TRAINING_OVERRIDES for a in ("--set", s)],
+            "--data", str(world.prepared), "--vae", str(vae), "--out", str(world.tmp / "out")], [vae]
+
+
+def step_fails_after_reading_config(world):  # item 3
+    return ["train-vae", "--config", SMOKE, "--data", str(world.tmp / "no-such-data"),
+            "--out", str(world.tmp / "out")], []
+
+
+CASES = [
+    Case("out-folder-holds-the-dataset", out_is_parent_of_source, 1,
+         r"PreparedDataError: {tmp}/proj: not empty and not a folder ctv2v prepared"),
+    Case("rerun-with-bad-s3-key", rerun_with_bad_s3_key, 1, r"StorageError: no objects under s3://ctv2v/no-such-prefix"),
+    Case("rerun-with-truncated-nifti", rerun_with_truncated_volume, 1,
+         r"VolumeError: {tmp}/mydata/vol1.nii.gz: voxel data cannot be read"),
+    Case("s3-dataset-with-truncated-nifti", s3_dataset_with_truncated_volume, 1,
+         r"VolumeError: s3://ctv2v/datasets/test_\S+/vol1.nii.gz: voxel data cannot be read"),
+    Case("nan-block", nan_block, 1,
+         r"VolumeError: {tmp}/mydata/vol2.nii.gz: 50 NaN/Inf voxel\(s\) in 2 of 36 slices"),
+    Case("all-inf", all_nan, 1, r"VolumeError: {tmp}/mydata/vol0.nii.gz: 20736 NaN/Inf voxel\(s\) in 36 of 36"),
+    Case("dicom-cut-in-pixel-data", dicom_cut_in_pixels, 1,
+         r"VolumeError: {tmp}/withdicom/series/CT\S+: truncated: the file ends inside its pixel data"),
+    Case("dicom-random-bytes", dicom_random_bytes, 1,
+         r"VolumeError: {tmp}/withdicom/series/garbage.dcm: not a readable DICOM file"),
+    Case("dicom-mixed-series", dicom_mixed_series, 1, r"VolumeError: {tmp}/withdicom/series: holds 2 series"),
+    Case("dicom-mr", dicom_mr, 1, r"VolumeError: {tmp}/withdicom/series/CT\S+: Modality is 'MR'"),
+    Case("dicom-missing-slice", dicom_missing_slice, 1,
+         r"VolumeError: {tmp}/withdicom/series/CT\S+: 1 missing slice\(s\)"),
+    Case("empty-source", empty_source, 2, r"ConfigError: --set 'data.source=': empty value for 'data.source'"),
+    Case("empty-source-in-a-file", empty_source_in_a_file, 2,
+         r"ConfigError: \S+smoke.yaml \+ {tmp}/inputs/empty-source.yaml: 'data.source': String should have at least 1 "
+         r"character$"),
+    Case("bool-as-epochs", bool_as_epochs, 2, r"'training.frozen.epochs': Input should be a valid integer"),
+    Case("bool-as-checkpoint-every", bool_as_checkpoint_every, 2,
+         r"'training.checkpoint_every_steps': Input should be a valid integer"),
+    Case("config-typo", config_typo, 2, r"unknown key 'data.clip.frame'; did you mean 'data.clip.frames'"),
+    Case("wrong-hash", wrong_hash, 1, r"HashMismatchError: file://{tmp}/inputs/vae.pt: sha256 mismatch"),
+    Case("dead-endpoint", dead_endpoint, 1, r"SourceUnreachableError: cannot fetch http://127.0.0.1:\d+/vae.pt: "
+                                            r"gave up after \d attempts"),
+    Case("hung-http-server", hung_http, 1, r"cannot fetch http://127.0.0.1:\d+/vae.pt: gave up after \d attempts"),
+    Case("hung-https-server", hung_https, 1, r"cannot fetch https://127.0.0.1:\d+/vae.pt: gave up after \d attempts"),
+    Case("hung-s3-server", hung_s3, 1, r"cannot fetch s3://ctv2v/vae.pt: download of s3://ctv2v/vae.pt failed .*"
+                                       r"gave up after \d attempts"),
+    Case("s3-bad-key", s3_bad_key, 1, r"cannot fetch s3://ctv2v/no/such/vae.pt: .*NoSuchKey"),
+    Case("s3-wrong-secret", s3_wrong_secret, 1,
+         r"cannot fetch s3://ctv2v/weights/vae.pt: .*HTTP 403.*check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"),
+    Case("match-malicious-pickle", match_malicious_pickle, 1,
+         r"CheckpointFormatError: {tmp}/inputs/evil.pt: refused as VAE checkpoint: unpickling it would import "
+         r"posix.system"),
+    Case("match-malicious-plain-pickle", match_malicious_plain_pickle, 1,
+         r"{tmp}/inputs/evil.pkl: refused as VAE checkpoint: unpickling it would import posix.system"),
+    Case("match-truncated-checkpoint", match_truncated_checkpoint, 1,
+         r"{tmp}/inputs/cut.pt: not a readable VAE checkpoint \(truncated"),
+    Case("match-foreign-checkpoint", match_foreign_checkpoint, 1, r"{tmp}/inputs/unet.pt: not an AutoencoderKlMaisi"),
+    Case("resume-from-random-bytes", resume_from_random_bytes, 1,
+         r"{tmp}/out/checkpoints/step-00000004.pt: not a readable training checkpoint"),
+    Case("resume-from-malicious-pickle", resume_from_malicious_pickle, 1,
+         r"{tmp}/out/checkpoints/step-00000004.pt: refused as training checkpoint: unpickling it would import "
+         r"posix.system"),
+    Case("train-with-malicious-vae-weights", train_with_malicious_vae_weights, 1,
+         r"{tmp}/inputs/vae/vae.pt: refused as VAE weights: unpickling it would import posix.system"),
+    Case("step-fails-after-reading-config", step_fails_after_reading_config, 1,
+         r"ManifestError: {tmp}/no-such-data/manifest.json: cannot read manifest"),
+]
+NEEDS_DEMO = {dicom_cut_in_pixels, dicom_random_bytes, dicom_mixed_series, dicom_mr, dicom_missing_slice}
+
+
+# ------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, s3_server):
+    root = tmp_path_factory.mktemp("bad-inputs")
+    for index in range(3):
+        write_phantom(root / "dataset" / f"vol{index}.nii.gz", seed=index, shape=TRAINING_PHANTOM)
+    prepared = prepared_phantoms(root / "good", smoke_config(*TRAINING_OVERRIDES), volumes=3, shape=TRAINING_PHANTOM)
+    hung = HungServer()
+    yield root / "dataset", prepared, s3_server, hung
+    hung.close()
+
+
+@pytest.fixture()
+def world(base, tmp_path):
+    dataset, prepared, s3, hung = base
+    return World(tmp_path, dataset, prepared, s3, hung)
+
+
+@pytest.fixture(autouse=True)
+def _no_remote_settings_from_the_environment(monkeypatch):
+    for name in ("MLFLOW_TRACKING_URI", "S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+# ---------------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_bad_input_is_refused_with_one_line_and_nothing_changes(case, world, demo_dir, capsys, caplog, monkeypatch):
+    argv, kept = case.build(world, demo_dir) if case.build in NEEDS_DEMO else case.build(world)
+    for key, value in world.env.items():
+        monkeypatch.setenv(key, value)
+    watched = [world.dataset, world.prepared, world.tmp / "out", *kept]
+    before = {path: snapshot(path) for path in watched}
+    scratch_before = sorted(p.name for p in world.tmp.iterdir())
+    started = time.monotonic()
+    code = main(argv)
+    elapsed_s = time.monotonic() - started
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("ctv2v: error:")]
+    assert code == case.code, err[-3000:]
+    assert len(errors) == 1, err[-3000:]
+    assert "Traceback" not in err and "weights_only" not in err
+    assert re.search(case.message.format(tmp=re.escape(str(world.tmp))), errors[0]), errors[0]
+    assert {path: snapshot(path) for path in watched} == before
+    # Nothing new beside the user's folders either (no half-prepared sibling, no resolved-config.yaml).
+    assert sorted(p.name for p in world.tmp.iterdir()) == scratch_before
+    assert sorted(p.name for p in world.prepared.parent.iterdir()) == ["phantoms", "prepared"]
+    if case.build in (hung_http, hung_https, hung_s3, dead_endpoint):
+        assert elapsed_s < 10, f"a dead server held the fetch for {elapsed_s:.1f} s"
+        assert "retrying in 1.0 s" in caplog.text  # each retry is logged (pytest's handler holds the log)
+
+
+def test_console_script_prints_one_line_and_keeps_the_data(base, tmp_path):
+    """The installed `ctv2v` script, item 1's reproduction: the dataset inside --out survives, one error line."""
+    dataset, *_ = base
+    project = tmp_path / "proj"
+    shutil.copytree(dataset, project / "dataset")
+    before = snapshot(project)
+    result = subprocess.run([str(REPO / ".venv" / "bin" / "ctv2v"), "prepare-data", "--config", SMOKE, "--set",
+                             f"data.source={project / 'dataset'}", "--out", str(project)],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 1
+    assert [line for line in result.stderr.splitlines() if "error" in line] == [
+        f"ctv2v: error: PreparedDataError: {project}: not empty and not a folder ctv2v prepared (no .ctv2v-prepared); "
+        "nothing in it was changed: choose a new or empty output folder"]
+    assert snapshot(project) == before
+
+
+def test_rerun_into_a_prepared_folder_replaces_it_whole(base, tmp_path, capsys):
+    """A good re-run swaps the new folder in: new manifest, the user's data untouched, the old cache reused."""
+    dataset, *_ = base
+    out = tmp_path / "prepared"
+    assert main(_prepare_args(dataset, out)) == 0
+    first = snapshot(out)
+    cache_inodes = {p.name: p.stat().st_ino for p in (out / "preprocess-cache").iterdir()}
+    user_before = snapshot(dataset)
+    assert main(_prepare_args(dataset, out, "data.split.seed=5")) == 0
+    assert snapshot(dataset) == user_before
+    assert snapshot(out)["manifest.json"] != first["manifest.json"]
+    assert {p.name: p.stat().st_ino for p in (out / "preprocess-cache").iterdir()} == cache_inodes  # hard links
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]  # no sibling left behind
+    capsys.readouterr()
+
+
+def _prepare_args(dataset: Path, out: Path, *sets: str) -> list[str]:
+    return ["prepare-data", "--config", SMOKE, "--set", f"data.source={dataset}",
+            *[a for s in sets for a in ("--set", s)], "--out", str(out)]

@@ -1,17 +1,34 @@
-"""Compile the DAG to KFP IR YAML and validate it strictly against the KFP protobufs."""
+"""Compile the DAG to KFP IR YAML and validate it strictly against the KFP protobufs; pin the step images from
+scripts/build-images.sh's lock file; state the oldest KFP backend that runs the result."""
 
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from packaging.version import Version
 from google.protobuf import json_format
 from kfp import compiler
 from kfp.kubernetes import kubernetes_executor_config_pb2
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from ctv2v.config import RunConfig
+from ctv2v.config import ClusterConfig, RunConfig
 from ctv2v.files import atomic_path
+from ctv2v.tracking.runs import git_commit
+
+BACKEND_FEATURES: dict[str, str] = {
+    # What the compiled pipeline uses -> the first KFP release whose backend applies it (KFP's CHANGELOG).
+    "pod labels and annotations, image pull secrets, step timeouts (kfp-kubernetes)": "2.1.0",
+    "memory-backed /dev/shm (kfp-kubernetes empty_dir_mount)": "2.3.0",
+    "run-id placeholder (dsl.PIPELINE_JOB_ID_PLACEHOLDER) and step retries": "2.5.0",
+    "node affinity over the GPU product list (kfp-kubernetes add_node_affinity)": "2.14.0",
+}
+RUN_TTL_FEATURE = ("run TTL (dsl.PipelineConfig ttl_seconds_after_finished, cluster.run_ttl_s)", "2.17.0")
+"""Older backends accept the field and ignore it: their finished runs would never be deleted."""
+LOCK_REF = re.compile(r"^(?P<repository>[^@\s]+)@(?P<digest>sha256:[0-9a-f]{64})$")
 
 
 class PipelineSpecError(ValueError):
@@ -41,11 +58,74 @@ def validate_pipeline_yaml(path: Path) -> tuple[pipeline_spec_pb2.PipelineSpec, 
     return pipeline_spec, platform_spec
 
 
-def compile_pipeline(config: RunConfig, out: Path) -> Path:
-    """Compile the ctv2v DAG for `config` (its cluster section and the config text as the default) to `out`."""
+def backend_requirements(cluster: ClusterConfig) -> dict[str, Version]:
+    """What the pipeline compiled from `cluster` needs of the KFP backend: feature -> oldest KFP version."""
+    features = dict(BACKEND_FEATURES)
+    if cluster.run_ttl_s is not None:
+        features[RUN_TTL_FEATURE[0]] = RUN_TTL_FEATURE[1]
+    return {feature: Version(version) for feature, version in features.items()}
+
+
+def required_backend_version(cluster: ClusterConfig) -> Version:
+    """The oldest KFP backend that runs the pipeline compiled from `cluster` as written."""
+    return max(backend_requirements(cluster).values())
+
+
+class ImagesLockError(ValueError):
+    """The images lock file is missing, malformed, or from another commit than the code being compiled."""
+
+
+@dataclass(frozen=True)
+class ImagesLock:
+    """scripts/build-images.sh's lock file: the commit the images were built from and each image's pushed digest."""
+
+    commit: str
+    refs: dict[str, tuple[str, str]]
+    """Image name (cpu, trainer, ...) -> (repository, sha256 digest)."""
+
+
+def read_images_lock(path: Path) -> ImagesLock:
+    """Parse and check an images lock file (written by `scripts/build-images.sh --push`)."""
+    try:
+        data = json.loads(Path(path).read_text())
+        commit, images = data["commit"], data["images"]
+        refs = {}
+        for name, entry in images.items():
+            match = LOCK_REF.match(entry["ref"])
+            if match is None:
+                raise ImagesLockError(f"{path}: images.{name}.ref {entry['ref']!r} is not REPOSITORY@sha256:<64 hex>")
+            refs[name] = (match["repository"], match["digest"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise ImagesLockError(f"{path}: not an images lock file of scripts/build-images.sh ({exc!r})") from exc
+    missing = {"cpu", "trainer"} - set(refs)
+    if missing:
+        raise ImagesLockError(f"{path}: no {', '.join(sorted(missing))} image (build and push it too)")
+    return ImagesLock(commit, refs)
+
+
+def pin_images(config: RunConfig, lock: ImagesLock, source_commit: str) -> RunConfig:
+    """`config` with the step images pinned to the lock's digests; refuses a lock built from other code."""
+    built_from = lock.commit.removesuffix("-dirty")
+    if source_commit != "unknown" and built_from != source_commit:
+        raise ImagesLockError(f"the images were built from commit {lock.commit}, the pipeline is compiled from "
+                              f"{source_commit}: rebuild the images, or compile from their commit")
+    cluster = config.cluster.model_copy(update={
+        "cpu_image": lock.refs["cpu"][0], "cpu_image_digest": lock.refs["cpu"][1],
+        "trainer_image": lock.refs["trainer"][0], "trainer_image_digest": lock.refs["trainer"][1]})
+    return config.model_copy(update={"cluster": ClusterConfig.model_validate(cluster.model_dump())})
+
+
+def compile_pipeline(config: RunConfig, out: Path, images_lock: Path | None = None) -> Path:
+    """Compile the ctv2v DAG for `config` (its cluster section and the config text as the default) to `out`,
+    with the step images pinned to the digests of `images_lock` when given. The pipeline records the commit."""
     from pipeline.dag import build_pipeline
 
-    pipeline_func = build_pipeline(config)
+    commit = git_commit()
+    if images_lock is not None:
+        lock = read_images_lock(images_lock)
+        config = pin_images(config, lock, commit)
+        commit = lock.commit
+    pipeline_func = build_pipeline(config, commit)
     out = Path(out)
     with atomic_path(out) as tmp:
         tmp_yaml = tmp.with_suffix(".yaml")

@@ -22,7 +22,10 @@ def run_local(config: RunConfig, branches: str, out_dir: Path) -> dict:
     """Run the DAG under kfp.local into `out_dir`; returns paths of its outputs and the wall time.
 
     Components run in this interpreter's environment (use_venv=False): the project is already installed, and
-    the components are built with install_kfp_package=False, so nothing is pip-installed at run time.
+    the components are built with install_kfp_package=False, so nothing is pip-installed at run time. Everything
+    the run writes lands under `out_dir`: KFP's outputs, kfp.local's workspace, and the steps' workspace folder
+    (out_dir/workspace, where the cluster mounts its PVC at cluster.workspace_mount), which is kept for
+    inspection. Only downloads go to the shared cache (CTV2V_CACHE, default ~/.cache/ctv2v).
     """
     from pipeline.dag import build_pipeline, config_argument
 
@@ -32,9 +35,10 @@ def run_local(config: RunConfig, branches: str, out_dir: Path) -> dict:
     outputs = out_dir / "kfp-outputs"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(outputs),
                workspace_root=str(out_dir / "kfp-workspace"), raise_on_error=True)
-    pipeline_func = build_pipeline(config)
+    kept = config.cluster.model_copy(update={"scratch_cleanup": "never"})
+    pipeline_func = build_pipeline(config.model_copy(update={"cluster": kept}))
     started = time.monotonic()
-    pipeline_func(config=config_argument(config), branches=branches)
+    pipeline_func(config=config_argument(config), branches=branches, workspace_root=str(out_dir / "workspace"))
     wall_s = time.monotonic() - started
     runs = sorted(outputs.glob("ctv2v-*"), key=lambda p: p.stat().st_mtime)
     if not runs:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -23,9 +24,18 @@ class RecordedRequest:
 @dataclass
 class KfpStub:
     run_state: str = "SUCCEEDED"
+    """State every poll of a run reports, after the states in `run_states_before` are used up."""
+    run_states_before: list[str] = field(default_factory=list)
+    """States the first polls report, in order (e.g. RUNNING while a test renews a token)."""
+    on_run_poll: Callable[[int], None] | None = None
+    """Called with the poll's number (1, 2, ...) before each answer to GET /runs/<id>."""
+    server_version: str = "2.17.0"
+    """The `tag_name` healthz reports: the KFP release of the server."""
     requests: list[RecordedRequest] = field(default_factory=list)
     experiments: dict[str, dict] = field(default_factory=dict)
     runs: dict[str, dict] = field(default_factory=dict)
+
+    polls: int = 0
 
     def start(self) -> str:
         stub = self
@@ -53,7 +63,7 @@ class KfpStub:
                 request = self._record()
                 path = request.path.split("?")[0]
                 if path == "/apis/v2beta1/healthz":
-                    self._reply(200, {"commit_sha": "stub", "tag_name": "2.17.0", "multi_user": False})
+                    self._reply(200, {"commit_sha": "stub", "tag_name": stub.server_version, "multi_user": False})
                 elif path == "/apis/v2beta1/experiments":
                     self._reply(200, {"experiments": list(stub.experiments.values()),
                                       "total_size": len(stub.experiments)})
@@ -62,7 +72,11 @@ class KfpStub:
                     if run is None:
                         self._reply(404, {"error": "run not found"})
                     else:
-                        self._reply(200, dict(run, state=stub.run_state))
+                        stub.polls += 1
+                        if stub.on_run_poll is not None:
+                            stub.on_run_poll(stub.polls)
+                        state = stub.run_states_before.pop(0) if stub.run_states_before else stub.run_state
+                        self._reply(200, dict(run, state=state))
                 else:
                     self._reply(404, {"error": f"stub has no GET {path}"})
 

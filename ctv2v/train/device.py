@@ -13,6 +13,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Iterator
 
 import torch
@@ -170,13 +171,17 @@ def distributed_from_env() -> Distributed:
 
 
 @contextlib.contextmanager
-def process_group(dist_info: Distributed, device: torch.device) -> Iterator[None]:
-    """Initialise torch.distributed for a multi-process launch (nccl on CUDA, gloo on CPU) and tear it down."""
+def process_group(dist_info: Distributed, device: torch.device,
+                  timeout: timedelta | None = None) -> Iterator[None]:
+    """Initialise torch.distributed for a multi-process launch (nccl on CUDA, gloo on CPU) and tear it down.
+
+    `timeout`: how long a collective may wait (None: torch's default).
+    """
     if not dist_info.enabled or dist.is_initialized():
         yield
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, rank=dist_info.rank, world_size=dist_info.world_size)
+    dist.init_process_group(backend=backend, rank=dist_info.rank, world_size=dist_info.world_size, timeout=timeout)
     log.info("process group %s: rank %d of %d", backend, dist_info.rank, dist_info.world_size)
     try:
         yield

@@ -148,10 +148,21 @@ def train_loop(job: TrainJob) -> TrainResult:
     if not trainable:
         raise TrainingError(f"{job.name}: no trainable parameters")
     optimizer = torch.optim.AdamW(job.param_groups, weight_decay=settings.weight_decay)
-    sampler = ShardSampler(len(job.train_set), seed=job.config.seed, rank=rank, world_size=job.dist_info.world_size)
+    world_size = job.dist_info.world_size
+    if len(job.train_set) < world_size:
+        raise TrainingError(f"{job.name}: {len(job.train_set)} training clips for {world_size} processes (nodes x GPUs "
+                            "per node): some processes would only repeat the others' clips; use fewer")
+    sampler = ShardSampler(len(job.train_set), seed=job.config.seed, rank=rank, world_size=world_size)
     batches_per_epoch = math.ceil(sampler.per_rank / job.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / settings.grad_accum_steps)
     total_steps = job.epochs * steps_per_epoch
+    if main:
+        # The global batch grows with nodes and GPUs while the learning rate stays as configured (PhaseConfig.lr
+        # says how to rescale it); stating both lets runs on different node counts be compared.
+        log.info("%s: global batch %d = micro-batch %d x accumulation %d x %d processes; %d clips, each process "
+                 "reads its own 1/%d shard; lr as configured", job.name,
+                 job.batch_size * settings.grad_accum_steps * world_size, job.batch_size, settings.grad_accum_steps,
+                 world_size, len(job.train_set), world_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(job.warmup_steps, total_steps))
     scaler = job.precision.scaler(job.device)
     ema = None

@@ -24,12 +24,12 @@ from ctv2v.tracking.runs import (
     PENDING_PREFIX,
     TAG_PIPELINE_RUN_ID,
     TAG_RUN_ROLE,
-    TAG_TEST_PSNR,
     Tracker,
     new_pipeline_run_id,
 )
 from tests.conftest import REPO
 from tests.servers import free_port
+from tests.tiny_model import FACTS, tiny_model
 
 CALL_BOUND_S = 2 * 2 + 1.0
 """(max_retries + 1) x request timeout, plus slack for a loaded machine."""
@@ -133,39 +133,14 @@ def test_failing_step_ends_its_run_failed(mlflow_server, tmp_path):
     assert run.data.metrics["loss"] == 0.5
 
 
-def test_model_registry_moves_champion_only_on_better_psnr(mlflow_server, tmp_path):
-    name = f"ctv2v-test-{uuid.uuid4().hex[:6]}"
-    tracker = Tracker(tracking_config(mlflow_server.uri), tmp_path)
-    registrations = []
-    with tracker.step_run("evaluate", new_pipeline_run_id(), variant="main"):
-        for index, psnr in enumerate([20.0, 25.0, 22.0]):
-            model_dir = tmp_path / f"model-{index}"
-            model_dir.mkdir()
-            (model_dir / "denoiser.pt").write_bytes(f"weights {index}".encode())
-            (model_dir / "config.yaml").write_text(f"index: {index}\n")
-            registration = tracker.register_model(model_dir, name, test_psnr=psnr, artifact_path=f"model-{index}")
-            registrations.append(registration)
-
-    assert [(r.test_psnr, r.champion) for r in registrations] == [(20.0, True), (25.0, True), (22.0, False)]
-    client = MlflowClient(mlflow_server.uri)
-    assert client.get_model_version_by_alias(name, "candidate").version == registrations[2].version
-    champion = client.get_model_version_by_alias(name, "champion")
-    assert champion.version == registrations[1].version
-    assert float(champion.tags[TAG_TEST_PSNR]) == 25.0
-    assert champion.source == f"runs:/{tracker.run_id}/model-1"
-    files = client.download_artifacts(tracker.run_id, "model-1", str(tmp_path / "dl"))
-    assert (Path(files) / "denoiser.pt").read_bytes() == b"weights 1"
-
-
 def test_server_away_mid_run_and_at_start_then_back(mlflow_server, tmp_path):
     config = tracking_config(mlflow_server.uri)
     pipeline_run_id = new_pipeline_run_id()
     client = MlflowClient(mlflow_server.uri)
     checkpoint = tmp_path / "ckpt.pt"
     checkpoint.write_bytes(b"checkpoint bytes")
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    (model_dir / "denoiser.pt").write_bytes(b"model weights")
+    model_dir = tiny_model(tmp_path / "model")
+    model_name = f"ctv2v-away-{uuid.uuid4().hex[:6]}"
 
     train = Tracker(config, tmp_path / "train-out")
     with train.step_run("train", pipeline_run_id, variant="pretrained", weights="stand-in"):
@@ -179,10 +154,10 @@ def test_server_away_mid_run_and_at_start_then_back(mlflow_server, tmp_path):
             assert time.monotonic() - started < CALL_BOUND_S
             started = time.monotonic()
             train.log_artifact(checkpoint, "checkpoints")
-            assert train.register_model(model_dir, f"ctv2v-away-{uuid.uuid4().hex[:6]}", test_psnr=28.0) is None
+            assert train.register_model(model_dir, model_name, FACTS) is None
             assert time.monotonic() - started < 0.5  # offline back-off: no network call at all
             pending = json.loads(train.pending_file.read_text())
-            assert [a["artifact_path"] for a in pending["artifacts"]] == ["checkpoints", "model"]
+            assert [a["artifact_path"] for a in pending["artifacts"]] == ["checkpoints"]
             assert [row[:2] + row[3:] for row in pending["metrics"]] == [["loss", 0.5, 1]]
             assert len(pending["registrations"]) == 1
 
@@ -203,6 +178,7 @@ def test_server_away_mid_run_and_at_start_then_back(mlflow_server, tmp_path):
     assert read_artifact(client, train.run_id, "checkpoints/ckpt.pt", tmp_path / "dl") == b"checkpoint bytes"
     run = client.get_run(train.run_id)
     assert run.info.status == "FINISHED"
+    assert client.get_model_version_by_alias(model_name, "candidate").run_id == train.run_id
     assert sorted((m.step, m.value) for m in client.get_metric_history(train.run_id, "loss")) == [(0, 1.0), (1, 0.5)]
 
     compare = Tracker(config, tmp_path / "compare-out")  # the step after: uploads what `evaluate` left behind

@@ -5,7 +5,7 @@ the run's end) and is removed only once the server accepted it. `send_entries` s
 stops at the first call the server does not answer. The file is self-contained (tracking URI, experiment,
 pipeline run id, tags, original timestamps), so any later process can finish the upload. Replays are
 idempotent where it matters: the run id is saved as soon as the run exists, artifacts overwrite their path,
-a model version already registered from the same run and path is reused.
+a model version already registered from the same run is reused (its model is not logged again).
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ import requests
 from mlflow import MlflowClient
 from mlflow.data.dataset_source_registry import get_dataset_source_from_json
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import DatasetInput, InputTag, Metric, Param
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
 from ctv2v.files import atomic_write_text
-from ctv2v.tracking.registry import ModelRegistration, register_version
+from ctv2v.tracking.registry import ModelRegistration, VersionFacts, register_version
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +75,13 @@ class DatasetEntry:
 
 @dataclass
 class RegistrationEntry:
-    """A model registration from an uploaded artifact folder; `id` finds its result after a sync."""
+    """A trained-model folder to log as a pyfunc model and register with its facts; `id` finds the result."""
 
     id: str
     name: str
-    artifact_path: str
-    test_psnr: float
+    model_dir: str
+    facts: dict
+    """ctv2v.tracking.registry.VersionFacts as a dict."""
 
 
 @dataclass
@@ -105,12 +106,31 @@ class Journal:
     end_time_ms: int | None = None
     closed: bool = False
     """Set once the owning step finished: only closed journals are replayed by other processes."""
+    kfp_managed: bool = False
+    """The run is one KFP's MLflow integration made (MLFLOW_RUN_ID): logged into, never ended by ctv2v."""
+    reopen: bool = False
+    """The run exists from an earlier attempt of this step (a retry): set RUNNING again and tag it at next sync."""
 
     def synced(self) -> bool:
         """Nothing is left to send."""
         return self.run_id is not None and not (
             self.params or self.metrics or self.inputs or self.artifacts or self.registrations or self.end_status
+            or self.reopen
         )
+
+    def counts(self) -> dict[str, int]:
+        """How many entries of each kind are left to send."""
+        return {"params": len(self.params), "metrics": len(self.metrics), "inputs": len(self.inputs),
+                "artifacts": len(self.artifacts), "registrations": len(self.registrations)}
+
+    def take_over(self, earlier: Journal) -> None:
+        """Make this journal send what an earlier attempt of the same step left, first, into the same run."""
+        self.run_id = self.run_id or earlier.run_id
+        self.params = {**earlier.params, **self.params}
+        self.metrics[:0] = earlier.metrics
+        self.inputs[:0] = earlier.inputs
+        self.artifacts[:0] = earlier.artifacts
+        self.registrations[:0] = earlier.registrations
 
     def save(self, path: Path) -> None:
         """Write the journal to `path` atomically, or remove `path` once nothing is left to send."""
@@ -144,6 +164,11 @@ def send_entries(client: MlflowClient, journal: Journal, registered: dict[str, M
     run_id = journal.run_id
     if run_id is None:
         raise RuntimeError(f"the journal of step {journal.step_name!r} has no run to send to yet")
+    if journal.reopen:
+        if not journal.kfp_managed:
+            client.update_run(run_id, status="RUNNING")
+        client.log_batch(run_id, tags=[RunTag(key, value) for key, value in journal.tags.items()])
+        journal.reopen = False
     while journal.params:
         chunk = dict(list(journal.params.items())[:MAX_PARAMS_TAGS_PER_BATCH])
         _send(partial(client.log_batch, run_id, params=[Param(k, v) for k, v in chunk.items()]),
@@ -178,9 +203,12 @@ def _send(call: Callable[[], object], remove: Callable[[], object]) -> None:
 
 def _register(client: MlflowClient, journal: Journal, entry: RegistrationEntry,
               registered: dict[str, ModelRegistration]) -> None:
+    from ctv2v.tracking.pyfunc import log_pyfunc_model
+
     registered[entry.id] = register_version(
-        client, name=entry.name, run_id=journal.run_id, artifact_path=entry.artifact_path,
-        test_psnr=float(entry.test_psnr), pipeline_run_id=journal.pipeline_run_id, step_name=journal.step_name,
+        client, name=entry.name, run_id=journal.run_id, facts=VersionFacts(**entry.facts),
+        log_model=lambda: log_pyfunc_model(journal.tracking_uri, journal.run_id, Path(entry.model_dir)),
+        pipeline_run_id=journal.pipeline_run_id, step_name=journal.step_name,
     )
 
 

@@ -11,8 +11,8 @@ Off, on, unreachable:
 
 What a step logs goes into its pending journal (ctv2v.tracking.journal) and leaves it once the server accepted
 it. A sync creates the step's run if needed and sends the journal; what is left is written atomically to
-`<output_dir>/mlflow-pending-<step>-<id>.json`, which the same step uploads at `close()`, or the next step via
-`Tracker.flush_pending(upstream_output_dir, ...)`.
+`<output_dir>/mlflow-pending-<step>-<id>.json`, which the same step uploads at `close()`, a next step via
+`Tracker.flush_pending(upstream_output_dir, ...)`, the pipeline's exit handler, or `ctv2v tracking sync DIR`.
 
 Bounded cost while the server is away: HTTP timeout and retries come from the config (MLflow's own defaults
 retry for ~4 minutes per call); after one unanswered call a RetryGate (ctv2v.remote.retry) keeps every call
@@ -21,11 +21,20 @@ most one (retries + 1) x timeout stall per interval. Metrics are buffered in mem
 `flush_interval_s`; while offline the journal is rewritten at those ticks, so a hard crash loses at most one
 interval of metrics.
 
-Runs: one experiment (`tracking.experiment`), one parent run per pipeline run found or created by the tag
-`ctv2v.pipeline_run_id` (steps run in separate pods), one nested child run per step. Parallel steps may both
-create the parent; every creator then keeps the oldest and deletes its own duplicate. Params longer than
-MLflow's limit are truncated, their full values uploaded as `params/mlflow-long-params.json`. The model
-registry lives in ctv2v.tracking.registry, system metrics in ctv2v.tracking.system_metrics.
+Runs, two modes:
+- ctv2v's own (default): one experiment (`tracking.experiment`), one parent run per pipeline run found or
+  created by the tag `ctv2v.pipeline_run_id` (steps run in separate pods), one nested child run per step.
+  Parallel steps may both create the parent; every creator then keeps the oldest and deletes its own
+  duplicate. The pipeline's exit-handler step (ctv2v.steps.finish_run) ends the parent FINISHED or FAILED
+  (`end_pipeline_run`) after uploading every pending journal left in the run's workspace (`upload_pending`).
+  A step writes its run id to `<output_dir>/mlflow-run-<step>.json`; a retry of the step in the same folder
+  takes over the earlier attempt's pending journal and logs into the same run, set RUNNING again.
+- KFP's MLflow integration: when KFP injects MLFLOW_RUN_ID (with MLFLOW_TRACKING_URI and
+  MLFLOW_EXPERIMENT_ID) into the step's container, KFP made the parent run and a nested run per task; the step
+  logs into that run (adding ctv2v's tags) and never creates or ends runs: KFP ends them.
+Params longer than MLflow's limit are truncated, their full values uploaded as
+`params/mlflow-long-params.json`. The model registry lives in ctv2v.tracking.registry (models logged as pyfunc
+by ctv2v.tracking.pyfunc), system metrics in ctv2v.tracking.system_metrics.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -64,7 +74,7 @@ from ctv2v.tracking.journal import (
     is_server_unreachable,
     send_entries,
 )
-from ctv2v.tracking.registry import ModelRegistration
+from ctv2v.tracking.registry import ModelRegistration, VersionFacts
 from ctv2v.tracking.system_metrics import SystemMetricsSampler
 from ctv2v.tracking.tags import (
     TAG_IMAGE,
@@ -84,6 +94,7 @@ __all__ = [
     # prefix and the registration result are re-exported beside what is defined here.
     "LONG_PARAMS_FILE",
     "PENDING_PREFIX",
+    "RUN_FILE_PREFIX",
     "TAG_IMAGE",
     "TAG_KFP_RUN_ID",
     "TAG_PHASE",
@@ -95,14 +106,22 @@ __all__ = [
     "TAG_WEIGHTS",
     "TAG_WEIGHTS_LABEL",
     "ModelRegistration",
+    "PendingUpload",
     "Tracker",
+    "VersionFacts",
     "configure_client_http",
+    "end_pipeline_run",
     "git_commit",
     "new_pipeline_run_id",
+    "replay_journal",
+    "tracking_uri",
+    "upload_pending",
 ]
 
 log = logging.getLogger(__name__)
 
+RUN_FILE_PREFIX = "mlflow-run-"
+"""`<output_dir>/mlflow-run-<step>.json`: the step's run id, so that a retried step logs into the same run."""
 LONG_PARAMS_FILE = "mlflow-long-params.json"
 """Full values of params longer than MLflow's limit, uploaded as an artifact beside the truncated params."""
 
@@ -146,10 +165,11 @@ def new_pipeline_run_id() -> str:
 class Tracker:
     """MLflow tracking of one pipeline step; see the module docstring for what happens when the server is away."""
 
-    def __init__(self, config: TrackingConfig, output_dir: Path):
+    def __init__(self, config: TrackingConfig, output_dir: Path, *, enabled: bool = True):
+        """`enabled=False`: this process records nothing (the ranks other than 0 of a DDP step)."""
         self.config = config
         self.output_dir = Path(output_dir)
-        self.tracking_uri: str | None = config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+        self.tracking_uri: str | None = tracking_uri(config) if enabled else None
         self._client: MlflowClient | None = None
         self._lock = threading.RLock()
         self._journal: Journal | None = None
@@ -161,6 +181,8 @@ class Tracker:
         self._last_flush = time.monotonic()
         self._offline = RetryGate(Backoff(first_s=config.retry_interval_s,
                                           max_s=config.retry_interval_s * _MAX_BACKOFF_FACTOR))
+        if not enabled:
+            return
         if self.tracking_uri is None:
             log.info("MLflow tracking is off: neither tracking.tracking_uri nor MLFLOW_TRACKING_URI is set")
             return
@@ -240,13 +262,7 @@ class Tracker:
         kind = None if weights is None else weights_kind(weights)
         if self._journal is not None:
             raise RuntimeError(f"this Tracker already tracks step {self._journal.step_name!r}; use one Tracker per step")
-        common = {
-            TAG_PIPELINE_RUN_ID: pipeline_run_id,
-            MLFLOW_GIT_COMMIT: git_commit(),
-            TAG_IMAGE: os.environ.get("CTV2V_IMAGE", "unknown"),
-        }
-        if kfp_run_id is not None:
-            common[TAG_KFP_RUN_ID] = kfp_run_id
+        common = _common_tags(pipeline_run_id, kfp_run_id)
         step_tags = {**common, TAG_RUN_ROLE: "step", TAG_STEP: step_name}
         for key, value in ((TAG_VARIANT, variant), (TAG_PHASE, phase), (TAG_WEIGHTS, kind)):
             if value is not None:
@@ -265,6 +281,7 @@ class Tracker:
         )
         self._journal_path = self.output_dir / f"{PENDING_PREFIX}{step_name}-{uuid.uuid4().hex[:8]}.json"
         if self.enabled:
+            self._continue_run(self._journal)
             self.flush()
             if self.config.system_metrics_interval_s is not None:
                 self._sampler = SystemMetricsSampler(self.config.system_metrics_interval_s, self._record_metrics)
@@ -290,7 +307,9 @@ class Tracker:
             return True
         with self._lock:
             if not state.closed:
-                state.end_status, state.end_time_ms, state.closed = status, _now_ms(), True
+                state.closed = True
+                if not state.kfp_managed:  # KFP's MLflow integration ends the runs it made
+                    state.end_status, state.end_time_ms = status, _now_ms()
             try:
                 done = self.flush(force=True)
             except REMOTE_ERRORS:
@@ -387,25 +406,22 @@ class Tracker:
             state.artifacts.append(ArtifactEntry(str(path.resolve()), "inputs", is_dir=False))
             self.flush()
 
-    def register_model(
-        self, model_dir: Path, name: str, test_psnr: float, artifact_path: str = "model"
-    ) -> ModelRegistration | None:
-        """Upload `model_dir` (state dict + config files) and register it as a version of `name` with alias
-        `candidate`; `champion` moves to it only if its test PSNR beats the champion's. None while the server
-        is away (the registration is pending and done at a later sync)."""
+    def register_model(self, model_dir: Path, name: str, facts: VersionFacts) -> ModelRegistration | None:
+        """Log the trained-model folder `model_dir` as an MLflow pyfunc model of this run and register it as a
+        version of `name` tagged with `facts` (alias `candidate`; `champion` by the rules of
+        ctv2v.tracking.registry). None while the server is away: the registration is pending, done at a later sync."""
         state = self._active_journal("register_model")
         model_dir = Path(model_dir)
-        if not model_dir.is_dir() or not any(model_dir.iterdir()):
-            raise FileNotFoundError(f"register_model: {model_dir} is not a folder with model files")
+        if not (model_dir / "model.json").is_file():
+            raise FileNotFoundError(f"register_model: {model_dir} is not a trained-model folder (no model.json)")
         if not name:
             raise ValueError("register_model: name must not be empty")
-        psnr = float(test_psnr)
         if not self.enabled:
             return None
         registration_id = uuid.uuid4().hex
         with self._lock:
-            state.artifacts.append(ArtifactEntry(str(model_dir.resolve()), artifact_path, is_dir=True))
-            state.registrations.append(RegistrationEntry(registration_id, name, artifact_path, psnr))
+            state.registrations.append(RegistrationEntry(registration_id, name, str(model_dir.resolve()),
+                                                         asdict(facts)))
             self.flush()
         return self._registered.get(registration_id)
 
@@ -431,7 +447,49 @@ class Tracker:
                 raise
             self._went_offline(exc)
             return
+        finally:
+            self._save_run_file()
         self._came_back()
+
+    # ------------------------------------------------------------------------------------------ retries
+    def _run_file(self, step_name: str) -> Path:
+        return self.output_dir / f"{RUN_FILE_PREFIX}{step_name}.json"
+
+    def _save_run_file(self) -> None:
+        """Beside the step's checkpoints: the run id, so that a retry of the step logs into the same run."""
+        state = self._journal
+        if state.run_id is None or state.kfp_managed:
+            return
+        path = self._run_file(state.step_name)
+        record = {"tracking_uri": self.tracking_uri, "pipeline_run_id": state.pipeline_run_id,
+                  "step_name": state.step_name, "run_id": state.run_id}
+        if not path.is_file() or json.loads(path.read_text()) != record:
+            atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+
+    def _continue_run(self, state: Journal) -> None:
+        """Pick the run this step logs into: KFP's (MLFLOW_RUN_ID), or an earlier attempt's in the same folder
+        (its pending journals are taken over, its run reopened), or none yet (created at the first sync)."""
+        kfp_run_id = os.environ.get("MLFLOW_RUN_ID")
+        if kfp_run_id:
+            state.run_id, state.kfp_managed, state.reopen = kfp_run_id, True, True
+            log.info("MLflow: KFP's MLflow integration made run %s for this task; step %r logs into it",
+                     kfp_run_id, state.step_name)
+            return
+        for path in sorted(self.output_dir.glob(f"{PENDING_PREFIX}{state.step_name}-*.json")):
+            earlier = Journal.load(path)
+            if earlier.pipeline_run_id == state.pipeline_run_id and earlier.tracking_uri == state.tracking_uri:
+                state.take_over(earlier)
+                path.unlink()
+                log.info("MLflow: step %r takes over what its earlier attempt left pending in %s",
+                         state.step_name, path)
+        run_file = self._run_file(state.step_name)
+        if state.run_id is None and run_file.is_file():
+            record = json.loads(run_file.read_text())
+            if (record["pipeline_run_id"], record["tracking_uri"]) == (state.pipeline_run_id, self.tracking_uri):
+                state.run_id = record["run_id"]
+        if state.run_id is not None:
+            state.reopen = True
+            log.info("MLflow: step %r continues its earlier attempt's run %s", state.step_name, state.run_id)
 
     def flush_pending(self, *other_output_dirs: Path) -> bool:
         """Retry now, ignoring the offline back-off: this step's pending data, then closed pending journals that
@@ -442,34 +500,8 @@ class Tracker:
         for folder in other_output_dirs:
             for journal in sorted(Path(folder).glob(f"{PENDING_PREFIX}*.json")):
                 if journal != self._journal_path:
-                    done = self._replay_journal(journal) and done
+                    done = replay_journal(journal, steps_ended=False).complete and done
         return done
-
-    def _replay_journal(self, journal: Path) -> bool:
-        # Renaming is the claim: of two processes replaying the same journal, one gets it, the other skips it.
-        claimed = journal.with_name(f"{journal.name}.claimed-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        try:
-            if not Journal.load(journal).closed:
-                log.info("MLflow: %s belongs to a step that has not ended; left for that step to upload", journal)
-                return False
-            os.rename(journal, claimed)
-        except FileNotFoundError:
-            log.info("MLflow: %s was taken by another process", journal)
-            return True
-        state = Journal.load(claimed)
-        client = self._client if state.tracking_uri == self.tracking_uri else MlflowClient(state.tracking_uri)
-        try:
-            _sync(client, state, {})
-        except REMOTE_ERRORS as exc:
-            if not is_server_unreachable(exc):
-                raise
-            log.warning("MLflow: %s not uploaded, server %s unreachable (%s)", journal, state.tracking_uri, exc)
-        finally:
-            state.save(journal)
-            claimed.unlink()
-        if state.synced():
-            log.info("MLflow: uploaded what step %r left pending in %s", state.step_name, journal)
-        return state.synced()
 
     def _active_journal(self, what: str) -> Journal:
         if self._journal is None:
@@ -488,7 +520,7 @@ def _sync(client: MlflowClient, journal: Journal, registered: dict[str, ModelReg
 
 def _create_step_run(client: MlflowClient, journal: Journal) -> str:
     experiment_id = _experiment_id(client, journal.experiment)
-    parent_id = _pipeline_run(client, experiment_id, journal)
+    parent_id = _pipeline_run(client, experiment_id, journal.pipeline_run_id, journal.parent_tags)
     run = client.create_run(
         experiment_id,
         start_time=journal.start_time_ms,
@@ -512,9 +544,9 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
     return client.get_experiment_by_name(name).experiment_id
 
 
-def _pipeline_run(client: MlflowClient, experiment_id: str, journal: Journal) -> str:
+def _pipeline_run(client: MlflowClient, experiment_id: str, pipeline_run_id: str, parent_tags: dict[str, str]) -> str:
     """The parent run tagged with the pipeline run id, created if missing (the oldest wins a creation race)."""
-    query = f"tags.`{TAG_PIPELINE_RUN_ID}` = '{journal.pipeline_run_id}' and tags.`{TAG_RUN_ROLE}` = 'pipeline'"
+    query = f"tags.`{TAG_PIPELINE_RUN_ID}` = '{pipeline_run_id}' and tags.`{TAG_RUN_ROLE}` = 'pipeline'"
 
     def oldest() -> str | None:
         runs = client.search_runs([experiment_id], filter_string=query, max_results=100)
@@ -523,7 +555,7 @@ def _pipeline_run(client: MlflowClient, experiment_id: str, journal: Journal) ->
     existing = oldest()
     if existing is not None:
         return existing
-    mine = client.create_run(experiment_id, tags=journal.parent_tags, run_name=f"pipeline-{journal.pipeline_run_id}")
+    mine = client.create_run(experiment_id, tags=parent_tags, run_name=f"pipeline-{pipeline_run_id}")
     winner = oldest()
     if winner != mine.info.run_id:
         client.delete_run(mine.info.run_id)
@@ -532,3 +564,108 @@ def _pipeline_run(client: MlflowClient, experiment_id: str, journal: Journal) ->
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def tracking_uri(config: TrackingConfig) -> str | None:
+    """The tracking URI: tracking.tracking_uri, else MLFLOW_TRACKING_URI; None means tracking is off."""
+    return config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+def _common_tags(pipeline_run_id: str, kfp_run_id: str | None) -> dict[str, str]:
+    tags = {TAG_PIPELINE_RUN_ID: pipeline_run_id, MLFLOW_GIT_COMMIT: git_commit(),
+            TAG_IMAGE: os.environ.get("CTV2V_IMAGE", "unknown")}
+    if kfp_run_id is not None:
+        tags[TAG_KFP_RUN_ID] = kfp_run_id
+    return tags
+
+
+# ------------------------------------------------------------------------------- pending journals, run end
+@dataclass(frozen=True)
+class PendingUpload:
+    """What one pending journal held and how much of it the server accepted."""
+
+    journal: Path
+    step_name: str
+    run_id: str | None
+    sent: dict[str, int]
+    """Entries accepted by the server, by kind (params, metrics, inputs, artifacts, registrations)."""
+    complete: bool
+    """Nothing is left: the journal file is gone."""
+    skipped: str | None = None
+    """Why the journal was not touched (its step still runs, another process took it)."""
+
+
+def replay_journal(journal: Path, *, steps_ended: bool) -> PendingUpload:
+    """Upload what a pending journal holds, into the run and tracking server it names.
+
+    A journal whose step has not closed it is left alone unless `steps_ended` (the pipeline is over, so its
+    step died before closing): then its run is ended FAILED. Renaming is the claim: of two processes
+    replaying the same journal, one gets it, the other skips it.
+    """
+    claimed = journal.with_name(f"{journal.name}.claimed-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        state = Journal.load(journal)
+        if not state.closed and not steps_ended:
+            log.info("MLflow: %s belongs to a step that has not ended; left for that step to upload", journal)
+            return PendingUpload(journal, state.step_name, state.run_id, {}, False, "its step has not ended")
+        os.rename(journal, claimed)
+    except FileNotFoundError:
+        log.info("MLflow: %s was taken by another process", journal)
+        return PendingUpload(journal, "", None, {}, True, "taken by another process")
+    state = Journal.load(claimed)
+    if not state.closed:
+        state.closed = True
+        if not state.kfp_managed:
+            state.end_status, state.end_time_ms = RunStatus.to_string(RunStatus.FAILED), _now_ms()
+        log.warning("MLflow: step %r ended without closing its run (killed?); its run ends FAILED", state.step_name)
+    before = state.counts()
+    try:
+        _sync(MlflowClient(state.tracking_uri), state, {})
+    except REMOTE_ERRORS as exc:
+        if not is_server_unreachable(exc):
+            raise
+        log.warning("MLflow: %s not uploaded, server %s unreachable (%s)", journal, state.tracking_uri, exc)
+    finally:
+        state.save(journal)
+        claimed.unlink()
+    after = state.counts()
+    sent = {kind: before[kind] - after[kind] for kind in before}
+    if state.synced():
+        log.info("MLflow: uploaded what step %r left pending in %s", state.step_name, journal)
+    return PendingUpload(journal, state.step_name, state.run_id, sent, state.synced())
+
+
+def upload_pending(folders: list[Path], config: TrackingConfig, *, steps_ended: bool) -> list[PendingUpload]:
+    """Upload every pending journal under `folders` (searched recursively) to the server each names, with the
+    HTTP timeout and retries of `config`; one result per journal found."""
+    configure_client_http(config)
+    results = []
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise NotADirectoryError(f"{folder}: not a folder")
+        for journal in sorted(folder.rglob(f"{PENDING_PREFIX}*.json")):
+            results.append(replay_journal(journal, steps_ended=steps_ended))
+    return results
+
+
+def end_pipeline_run(config: TrackingConfig, pipeline_run_id: str, status: str,
+                     kfp_run_id: str | None = None) -> str | None:
+    """End the pipeline run's parent MLflow run with `status` (created first if no step made it); its id.
+
+    None when tracking is off, or when KFP's MLflow integration made the runs (MLFLOW_RUN_ID is set): KFP ends
+    its own parent run.
+    """
+    if status not in ("FINISHED", "FAILED", "KILLED"):
+        raise ValueError(f"status={status!r}: expected FINISHED, FAILED or KILLED")
+    uri = tracking_uri(config)
+    if uri is None or os.environ.get("MLFLOW_RUN_ID"):
+        return None
+    configure_client_http(config)
+    client = MlflowClient(uri)
+    experiment_id = _experiment_id(client, config.experiment)
+    parent_tags = {**_common_tags(pipeline_run_id, kfp_run_id), TAG_RUN_ROLE: "pipeline"}
+    parent_id = _pipeline_run(client, experiment_id, pipeline_run_id, parent_tags)
+    client.set_terminated(parent_id, status=status)
+    log.info("MLflow: pipeline run %s (MLflow run %s) ended %s", pipeline_run_id, parent_id, status)
+    return parent_id

@@ -1,0 +1,220 @@
+"""Apply a trained model to a new thick CT series: the thin series as NIfTI (and optionally as a DICOM series).
+
+The whole volume goes through the same tiled sampler as evaluation (ctv2v.evaluate.evaluate.predict_volume):
+overlapping tiles, blended with smooth weights, every thin slice from the first to the last thick slice
+interpolated. Sampling runs under fp16 autocast on CUDA and in fp32 on CPU (ctv2v.train.device.Precision).
+
+Geometry: the input is read by ctv2v.data.readers (slice axis first, RAS+ affine). Thin slice 0 lies on thick
+slice 0, so the output keeps the input's origin and orientation; only the slice step shrinks by the factor k:
+thin affine column 0 = thick affine column 0 / k. The output has (n_thick - 1) * k + 1 slices.
+
+What the model accepts: a CT in HU (a DICOM series whose Modality is not CT is refused by the reader; a NIfTI
+whose values hold no air, i.e. nothing at or below AIR_MAX_HU, is not a CT in HU) with a slice spacing that fits
+the thick spacing the model was trained on (model.json `thick_spacing_mm`, within THICK_SPACING_TOLERANCE).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import torch
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from ctv2v.config import RunConfig
+from ctv2v.data.cache import Preprocessed
+from ctv2v.data.readers import Volume, dicom_series_files, read_volume
+from ctv2v.data.thick import ThickSeries
+from ctv2v.evaluate.evaluate import predict_volume, write_prediction_nifti
+from ctv2v.models.artifacts import CheckpointError, load_trained_model, read_model_meta
+from ctv2v.train.device import Precision, resolve_precision, select_device
+
+log = logging.getLogger(__name__)
+
+THICK_SPACING_TOLERANCE = 0.25
+"""How far (relative) an input's slice spacing may lie outside the training range: protocols round spacings
+(2.5 vs 3 mm), but a model trained on 5 mm slabs asked to fill 1 mm gaps would invent structure."""
+AIR_MAX_HU = -500.0
+"""A CT in HU holds air (about -1000 HU) around the body or in the lungs; a volume without any value at or
+below this is not a CT in HU (MR, a label map, or CT stored without its rescale)."""
+SERIES_DESCRIPTION = "ctv2v synthesized thin slices"
+
+
+class PredictionError(ValueError):
+    """The input cannot be turned into thin slices by this model; the message names the file and the value."""
+
+
+@dataclass(frozen=True)
+class ThinSeries:
+    """A predicted thin series: (slice, row, col) HU and the affine of its voxel grid (RAS+ mm)."""
+
+    hu: np.ndarray
+    affine: np.ndarray
+    spacing: tuple[float, float, float]
+    factor: int
+
+
+class Predictor:
+    """A trained model ready to turn thick series into thin ones (sampling seeded with the model's config seed)."""
+
+    def __init__(self, model_dir: Path, device: str = "auto"):
+        model_dir = Path(model_dir)
+        meta = read_model_meta(model_dir)
+        self.config = RunConfig.model_validate(meta["config"])
+        if "thick_spacing_mm" not in meta:
+            raise CheckpointError(f"{model_dir}/model.json records no thick_spacing_mm (the thick slice spacings "
+                                  "the model was trained on); it was saved before they were recorded: retrain it")
+        self.thick_spacing_mm = tuple(float(value) for value in meta["thick_spacing_mm"])
+        self.model_dir = model_dir
+        self.device = select_device(device)
+        self.precision: Precision = resolve_precision(self.config.training.precision, self.device)
+        self.model = load_trained_model(model_dir, self.config).to(self.device).eval()
+        self.weights_label: str = self.model.vae.weights_label
+
+    @property
+    def factor(self) -> int:
+        """Thin slices per thick slice, as trained."""
+        return self.config.data.thick.factor
+
+    def check_input(self, hu: np.ndarray, spacing: tuple[float, float, float], source: str,
+                    factor: int | None = None) -> int:
+        """The factor to use; PredictionError naming `source` if the series does not fit the model."""
+        factor = self.factor if factor is None else factor
+        if factor != self.factor:
+            raise PredictionError(f"--factor {factor}: this model was trained to put {self.factor} thin slices on "
+                                  f"each thick slice; it cannot do x{factor}")
+        if hu.ndim != 3 or hu.shape[0] < 2:
+            raise PredictionError(f"{source}: expected a (slice, row, col) volume with at least 2 slices, "
+                                  f"got shape {hu.shape}")
+        if not np.isfinite(hu).all():
+            raise PredictionError(f"{source}: {int((~np.isfinite(hu)).sum())} voxels are NaN or infinite")
+        if hu.min() > AIR_MAX_HU:
+            raise PredictionError(f"{source}: lowest value {hu.min():g}; a CT in HU holds air (about -1000 HU) at "
+                                  f"or below {AIR_MAX_HU:g}: this is not a CT in HU")
+        low, high = self.thick_spacing_mm
+        spacing_mm = float(spacing[0])
+        if not low / (1 + THICK_SPACING_TOLERANCE) <= spacing_mm <= high * (1 + THICK_SPACING_TOLERANCE):
+            raise PredictionError(
+                f"{source}: slice spacing {spacing_mm:g} mm does not fit this model, trained on thick slices "
+                f"{low:g}-{high:g} mm apart (x{self.factor} of the thin spacing; tolerance "
+                f"{THICK_SPACING_TOLERANCE:.0%})")
+        return factor
+
+    def predict(self, hu: np.ndarray, spacing: tuple[float, float, float], affine: np.ndarray | None = None,
+                source: str = "input", factor: int | None = None) -> ThinSeries:
+        """The thin series of a thick (slice, row, col) HU volume with (slice, row, col) `spacing` in mm."""
+        hu = np.ascontiguousarray(hu, dtype=np.float32)
+        factor = self.check_input(hu, spacing, source, factor)
+        if affine is None:
+            affine = np.diag([*(float(s) for s in spacing), 1.0])
+        n_thick, rows, cols = hu.shape
+        covered = (n_thick - 1) * factor + 1
+        thick = ThickSeries(hu, factor, float(spacing[0]), float(spacing[0]), "input series")
+        thin_affine = np.asarray(affine, dtype=np.float64).copy()
+        thin_affine[:3, 0] /= factor
+        thin_spacing = (float(spacing[0]) / factor, float(spacing[1]), float(spacing[2]))
+        # predict_volume reads only the thin grid's shape and the thick series: no thin truth exists here, so a
+        # broadcast array (no memory) stands for the thin grid.
+        grid = np.broadcast_to(np.float32(self.config.data.intensity.hu_min), (covered, rows, cols))
+        volume = Preprocessed(Path(source).name, grid, thick, thin_spacing, thin_affine)
+        generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        with self.precision.autocast(self.device):
+            thin = predict_volume(self.model, volume, self.config, generator)
+        return ThinSeries(thin.astype(np.float32), thin_affine, thin_spacing, factor)
+
+
+def predict_file(predictor: Predictor, input_path: Path, out: Path, out_dicom: Path | None = None,
+                 factor: int | None = None) -> dict:
+    """Read a thick NIfTI file or DICOM series folder, write the thin NIfTI (and DICOM series); a summary dict."""
+    input_path, out = Path(input_path), Path(out)
+    if not out.name.endswith((".nii", ".nii.gz")):
+        raise PredictionError(f"--out {out}: expected a .nii or .nii.gz file name")
+    if out_dicom is not None and Path(out_dicom).exists() and any(Path(out_dicom).iterdir()):
+        raise PredictionError(f"--out-dicom {out_dicom}: folder exists and is not empty; give a new folder")
+    volume = read_volume(input_path)
+    thin = predictor.predict(volume.array, volume.spacing, volume.affine, source=str(input_path), factor=factor)
+    write_prediction_nifti(out, thin.hu, thin.affine)
+    summary = {"input": str(input_path), "input_shape": list(volume.array.shape),
+               "input_spacing_mm": list(volume.spacing), "factor": thin.factor,
+               "output": str(out), "output_shape": list(thin.hu.shape), "output_spacing_mm": list(thin.spacing),
+               "weights": predictor.weights_label, "sample_steps": predictor.config.evaluation.sample_steps}
+    if out_dicom is not None:
+        series_uid = write_dicom_series(Path(out_dicom), thin, volume)
+        summary.update({"output_dicom": str(out_dicom), "series_instance_uid": series_uid})
+    log.info("thin series %s -> %s", volume.array.shape, thin.hu.shape)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ DICOM
+def _template(volume: Volume) -> pydicom.Dataset | None:
+    """The first file of a DICOM input, whose patient and study the new series joins; None for NIfTI."""
+    if not Path(volume.source).is_dir():
+        return None
+    return pydicom.dcmread(dicom_series_files(Path(volume.source))[0], stop_before_pixels=True)
+
+
+def write_dicom_series(out_dir: Path, thin: ThinSeries, source: Volume) -> str:
+    """Write `thin` as a new CT series (one file per slice) in the source's study; returns its SeriesInstanceUID.
+
+    Positions follow the thin affine: slice s lies at ImagePositionPatient = affine @ (s, 0, 0) (in LPS), rows
+    and columns run along affine columns 1 and 2. The folder appears only once every file is written.
+    """
+    template = _template(source)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ thin.affine
+    row_spacing, col_spacing = (float(np.linalg.norm(lps[:3, axis])) for axis in (1, 2))
+    # DICOM's ImageOrientationPatient: the direction along a row (increasing column) first, then down a column.
+    orientation = [*(lps[:3, 2] / col_spacing), *(lps[:3, 1] / row_spacing)]
+    series_uid = generate_uid()
+    now = datetime.datetime.now(datetime.UTC)
+    study_uid = template.StudyInstanceUID if template is not None else generate_uid()
+    frame_uid = template.get("FrameOfReferenceUID", None) if template is not None else None
+    frame_uid = frame_uid or generate_uid()
+    pixels = np.clip(np.rint(thin.hu), np.iinfo(np.int16).min, np.iinfo(np.int16).max).astype(np.int16)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Written into a new hidden folder beside `out_dir`, renamed into place when complete; removed on failure.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        for index in range(pixels.shape[0]):
+            ds = pydicom.Dataset()
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+            ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                            "StudyID", "AccessionNumber", "ReferringPhysicianName"):
+                if template is not None and keyword in template:
+                    setattr(ds, keyword, template.get(keyword))
+            ds.SOPClassUID = CTImageStorage
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+            ds.Modality = "CT"
+            ds.ImageType = ["DERIVED", "SECONDARY"]
+            ds.SeriesDescription = f"{SERIES_DESCRIPTION} x{thin.factor}"
+            ds.SeriesNumber = 9000 + thin.factor
+            ds.SeriesDate, ds.SeriesTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+            ds.InstanceNumber = index + 1
+            ds.ImagePositionPatient = [float(v) for v in lps[:3, :3] @ [index, 0, 0] + lps[:3, 3]]
+            ds.ImageOrientationPatient = [float(v) for v in orientation]
+            ds.PixelSpacing = [row_spacing, col_spacing]
+            ds.SliceThickness = thin.spacing[0]
+            ds.SpacingBetweenSlices = thin.spacing[0]
+            ds.Rows, ds.Columns = int(pixels.shape[1]), int(pixels.shape[2])
+            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+            ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "HU"
+            ds.PixelData = pixels[index].tobytes()
+            ds.save_as(tmp / f"CT.{series_uid}.{index + 1:04d}.dcm", enforce_file_format=True)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp)
+        raise
+    return series_uid

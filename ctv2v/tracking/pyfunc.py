@@ -1,0 +1,115 @@
+"""The trained model as an MLflow pyfunc model: `mlflow.pyfunc.load_model(uri).predict(...)` gives thin slices.
+
+The MLflow model wraps a trained-model folder (ctv2v.models.artifacts: VAE, denoiser, model.json with the
+config), copied in as the artifact `trained_model`, together with the ctv2v code that loads it (code_paths).
+Input: {"hu": float32 (slice, row, col) thick series in HU, "spacing_mm": float64 (3,) slice/row/col spacing};
+output: the float32 thin series in HU, (n_thick - 1) * k + 1 slices, through ctv2v.evaluate.predict.Predictor
+(the same tiled sampler as `evaluate` and `ctv2v predict`, same seed, so the results are equal).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.entities import LoggedModelOutput
+from mlflow.models import Model
+from mlflow.models.signature import ModelSignature
+from mlflow.types.schema import Schema, TensorSpec
+
+import ctv2v
+from ctv2v.models.artifacts import read_model_meta
+
+TRAINED_MODEL_ARTIFACT = "trained_model"
+MLFLOW_MODEL_NAME = "model"
+"""The logged model's name (MLflow 3 `name=`)."""
+REQUIREMENTS = ("torch", "monai", "numpy", "nibabel", "pydicom", "pydantic", "pyyaml", "tqdm", "scipy")
+"""What ctv2v's prediction imports; pinned to the versions of the logging environment."""
+SIGNATURE = ModelSignature(
+    inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1), "hu"),
+                   TensorSpec(np.dtype(np.float64), (3,), "spacing_mm")]),
+    outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1))]),
+)
+
+
+class ThinSliceModel(mlflow.pyfunc.PythonModel):
+    """pyfunc: {"hu": thick HU (slice, row, col), "spacing_mm": (3,)} -> thin HU (slice, row, col)."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        """Load the trained model (on CUDA when available) from the logged folder."""
+        from ctv2v.evaluate.predict import Predictor
+
+        self.predictor = Predictor(Path(context.artifacts[TRAINED_MODEL_ARTIFACT]))
+
+    # No type hints on predict: MLflow would derive a schema of its own from them (SIGNATURE is the schema); it
+    # warns once, at import, that they are missing.
+    def predict(self, context, model_input, params=None):
+        """The thin series (float32 HU) of one thick series."""
+        spacing = tuple(float(value) for value in np.asarray(model_input["spacing_mm"]).reshape(-1))
+        return self.predictor.predict(np.asarray(model_input["hu"]), spacing, source="pyfunc input").hu
+
+
+def input_example(model_dir: Path) -> dict[str, np.ndarray]:
+    """A small valid input: 2 thick slices (air, then water) at the model's smallest training thick spacing."""
+    spacing = float(read_model_meta(model_dir)["thick_spacing_mm"][0])
+    hu = np.stack([np.full((8, 8), -1000.0), np.zeros((8, 8))]).astype(np.float32)
+    return {"hu": hu, "spacing_mm": np.array([spacing, 1.0, 1.0])}
+
+
+def model_metadata(model_dir: Path) -> dict[str, Any]:
+    """What the MLmodel file says about the model (the full config is trained_model/resolved-config.yaml)."""
+    meta = read_model_meta(model_dir)
+    return {"ctv2v_variant": meta["variant"], "ctv2v_vae_weights": meta["vae_weights"],
+            "ctv2v_thick_factor": meta["config"]["data"]["thick"]["factor"],
+            "ctv2v_thick_spacing_mm": meta["thick_spacing_mm"], "ctv2v_phase": meta["phase"]}
+
+
+@contextmanager
+def _tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (log_model) under `uri`, restored afterwards."""
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def log_pyfunc_model(tracking_uri: str, run_id: str, model_dir: Path) -> str:
+    """Log the trained-model folder as a pyfunc model of run `run_id`; returns the logged model's id.
+
+    The logged model is created for the run explicitly, so no fluent active run is needed (the step's run is
+    managed by ctv2v.tracking.runs and must not be ended by MLflow's fluent API).
+    """
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    logged = client.create_logged_model(run.info.experiment_id, name=MLFLOW_MODEL_NAME, source_run_id=run_id)
+    versions = [f"{name}=={importlib.metadata.version(name)}" for name in REQUIREMENTS]
+    with _tracking_uri(tracking_uri):
+        mlflow.pyfunc.log_model(
+            name=MLFLOW_MODEL_NAME, model_id=logged.model_id, python_model=ThinSliceModel(),
+            artifacts={TRAINED_MODEL_ARTIFACT: str(model_dir)}, code_paths=[str(Path(ctv2v.__file__).parent)],
+            signature=SIGNATURE, input_example=input_example(model_dir), pip_requirements=versions,
+            metadata=model_metadata(model_dir),
+        )
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    return logged.model_id
+
+
+def download_trained_model(model_uri: str, tracking_uri: str | None, dst: Path) -> Path:
+    """The trained-model folder inside the MLflow model at `model_uri` (e.g. models:/ctv2v-main@champion),
+    downloaded into `dst`."""
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst),
+                                                     tracking_uri=tracking_uri))
+    flavor = Model.load(local).flavors.get("python_function", {})
+    artifact = flavor.get("artifacts", {}).get(TRAINED_MODEL_ARTIFACT)
+    if artifact is None or not (local / artifact["path"] / "model.json").is_file():
+        raise FileNotFoundError(f"{model_uri}: not a ctv2v MLflow model (no pyfunc artifact "
+                                f"{TRAINED_MODEL_ARTIFACT!r} holding model.json)")
+    return local / artifact["path"]

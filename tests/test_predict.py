@@ -1,0 +1,119 @@
+"""`ctv2v predict`: a trained model on a new thick series (real demo CT), NIfTI and DICOM out, clear refusals."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+
+from ctv2v.data.readers import dicom_series_files, read_volume
+from pipeline.cli import main as cli_main
+from tests.tiny_model import SMALL_SERIES_SLICES, small_demo_series, tiny_model
+
+FACTOR = 4
+"""configs/smoke.yaml's thick factor, the tiny model's."""
+
+
+@pytest.fixture(scope="module")
+def predicted(tmp_path_factory, demo_dir):
+    """`ctv2v predict` of the small demo DICOM series with the tiny model, NIfTI and DICOM out."""
+    root = tmp_path_factory.mktemp("predict")
+    model_dir = tiny_model(root / "model")
+    series = small_demo_series(demo_dir, root / "thick-dicom")
+    command = ["predict", "--model", str(model_dir), "--input", str(series), "--out", str(root / "thin.nii.gz"),
+               "--out-dicom", str(root / "thin-dicom"), "--device", "cpu"]
+    assert cli_main(command) == 0
+    return root, model_dir, series
+
+
+def test_thin_nifti_keeps_the_input_origin_and_orientation_with_the_thin_spacing(predicted):
+    root, _, series = predicted
+    thick = read_volume(series)
+    thin = read_volume(root / "thin.nii.gz")
+    expected_slices = (SMALL_SERIES_SLICES - 1) * FACTOR + 1
+    assert thin.array.shape == (expected_slices, *thick.array.shape[1:])
+    assert thin.spacing == pytest.approx((thick.spacing[0] / FACTOR, *thick.spacing[1:]))
+    assert np.allclose(thin.affine[:3, 3], thick.affine[:3, 3])  # thin slice 0 lies on thick slice 0
+    assert np.allclose(thin.affine[:3, 0] * FACTOR, thick.affine[:3, 0])
+    assert np.allclose(thin.affine[:3, 1:3], thick.affine[:3, 1:3])
+    assert nib.load(root / "thin.nii.gz").header.get_zooms() == pytest.approx(
+        (thick.spacing[0] / FACTOR, *thick.spacing[1:]))
+    assert np.isfinite(thin.array).all()
+
+
+def test_out_dicom_is_a_new_thin_series_read_back_with_the_same_shape_and_spacing(predicted):
+    root, _, series = predicted
+    nifti = read_volume(root / "thin.nii.gz")
+    dicom = read_volume(root / "thin-dicom")
+    assert dicom.array.shape == nifti.array.shape
+    assert dicom.spacing == pytest.approx(nifti.spacing)
+    assert np.allclose(dicom.affine, nifti.affine, atol=1e-4)
+    assert np.abs(dicom.array - nifti.array).max() <= 0.5  # stored as whole HU
+    source = pydicom.dcmread(dicom_series_files(series)[0], stop_before_pixels=True)
+    written = [pydicom.dcmread(path, stop_before_pixels=True) for path in dicom_series_files(root / "thin-dicom")]
+    assert len({ds.SeriesInstanceUID for ds in written}) == 1
+    assert written[0].SeriesInstanceUID != source.SeriesInstanceUID
+    assert written[0].StudyInstanceUID == source.StudyInstanceUID
+    assert written[0].PatientID == source.PatientID
+    assert float(written[0].SliceThickness) == pytest.approx(nifti.spacing[0])
+    assert written[0].Modality == "CT"
+
+
+def test_predict_equals_the_same_call_again(predicted, tmp_path):
+    root, model_dir, series = predicted
+    assert cli_main(["predict", "--model", str(model_dir), "--input", str(series), "--out",
+                     str(tmp_path / "again.nii.gz"), "--device", "cpu"]) == 0
+    assert np.array_equal(read_volume(tmp_path / "again.nii.gz").array, read_volume(root / "thin.nii.gz").array)
+
+
+def _nifti(path, hu: np.ndarray, slice_spacing: float) -> None:
+    # NIfTI axes (x, y, z): slices along z.
+    nib.save(nib.Nifti1Image(hu.astype(np.float32), np.diag([1.0, 1.0, slice_spacing, 1.0])), path)
+
+
+@pytest.mark.parametrize(("values", "slice_spacing", "arguments", "message"), [
+    ("ct", 5.0, [], "input.nii.gz: slice spacing 5 mm does not fit this model, trained on thick slices 2-2 mm apart"),
+    ("mr", 2.0, [], "input.nii.gz: lowest value"),
+    ("ct", 2.0, ["--factor", "2"], "--factor 2: this model was trained to put 4 thin slices on each thick slice"),
+])
+def test_inputs_the_model_cannot_take_are_one_clear_error_and_write_nothing(predicted, tmp_path, capsys, values,
+                                                                           slice_spacing, arguments, message):
+    _, model_dir, _ = predicted
+    rng = np.random.default_rng(0)
+    hu = rng.uniform(-1000, 400, (16, 16, 4)) if values == "ct" else rng.uniform(0, 800, (16, 16, 4))
+    _nifti(tmp_path / "input.nii.gz", hu, slice_spacing)
+    out = tmp_path / "thin.nii.gz"
+    code = cli_main(["predict", "--model", str(model_dir), "--input", str(tmp_path / "input.nii.gz"),
+                     "--out", str(out), "--device", "cpu", *arguments])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert message in err
+    assert err.count("ctv2v: error:") == 1
+    assert not out.exists()
+
+
+def test_existing_dicom_folder_is_refused_and_left_as_it_was(predicted, tmp_path, capsys):
+    _, model_dir, series = predicted
+    existing = tmp_path / "viewer-folder"
+    existing.mkdir()
+    (existing / "mine.dcm").write_bytes(b"user data")
+    code = cli_main(["predict", "--model", str(model_dir), "--input", str(series), "--out",
+                     str(tmp_path / "thin.nii.gz"), "--out-dicom", str(existing), "--device", "cpu"])
+    assert code == 1
+    assert "is not empty; give a new folder" in capsys.readouterr().err
+    assert [p.name for p in existing.iterdir()] == ["mine.dcm"]
+    assert (existing / "mine.dcm").read_bytes() == b"user data"
+
+
+def test_a_model_folder_without_its_training_spacing_is_refused(tmp_path, capsys, demo_dir):
+    model_dir = tiny_model(tmp_path / "model")
+    meta = json.loads((model_dir / "model.json").read_text())
+    del meta["thick_spacing_mm"]
+    (model_dir / "model.json").write_text(json.dumps(meta))
+    code = cli_main(["predict", "--model", str(model_dir), "--input", str(demo_dir / "example_ct_sm.nii.gz"),
+                     "--out", str(tmp_path / "thin.nii.gz")])
+    assert code == 1
+    assert "records no thick_spacing_mm" in capsys.readouterr().err

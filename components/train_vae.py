@@ -7,10 +7,11 @@ from components.base import step_component
 
 @step_component
 def train_vae_op(config_json: str, workspace_root: str, pipeline_run_id: str, data: Input[Dataset],
-                 vae: Output[Model]):
+                 vae: Output[Model], gpus: int):
     """Train the scratch VAE on the workspace volume (retries resume there); `vae` receives the VAE artifact.
 
-    `data` is prepare-data's manifest artifact; its metadata `data_dir` names the prepared data folder.
+    `data` is prepare-data's manifest artifact; its metadata `data_dir` names the prepared data folder. `gpus` is
+    compiled into the pipeline next to the pod's GPU limit and replaces cluster.gpus_per_step of the runtime config.
     """
     import json
 
@@ -19,8 +20,9 @@ def train_vae_op(config_json: str, workspace_root: str, pipeline_run_id: str, da
 
     data_dir = prepared_data_dir(data.metadata, data.uri)
     config = component_config(config_json, "main")
+    config.cluster.gpus_per_step = gpus
     out_dir = workspace_dir(workspace_root, pipeline_run_id, "train-vae-main")
-    run_on_gpus(train_vae_step, config.cluster.gpus_per_step, config, out_dir, data_dir=data_dir, resume=True,
+    run_on_gpus(train_vae_step, gpus, config, out_dir, data_dir=data_dir, resume=True,
                 pipeline_run_id=pipeline_run_id)
     export_files(out_dir, vae.path, VAE_FILES)
     written = json.loads((out_dir / "vae.json").read_text())

@@ -52,6 +52,19 @@ class ThickConfig(_Section):
     thickness_mm: float | None = Field(None, gt=0)
 
 
+class ResampleConfig(_Section):
+    """A common voxel spacing for every volume, applied before thick slices are simulated.
+
+    The thick spacing is `thick.factor` x the thin slice spacing, so volumes of different thin spacings give
+    different physical gaps (the demo's 1.5 mm training CT at x4 has 6 mm gaps, its 3 mm test CTs 12 mm).
+    Resampling (partial-volume box weights: exact averages when coarsening, identity at the same spacing)
+    makes the gap `factor x slice_mm` everywhere. None leaves that axis at each volume's own spacing.
+    """
+
+    slice_mm: float | None = Field(None, gt=0)
+    pixel_mm: float | None = Field(None, gt=0)
+
+
 class SplitConfig(_Section):
     """Patient-level split fractions; the assignment is a deterministic function of patient id and seed."""
 
@@ -88,6 +101,7 @@ class DataConfig(_Section):
     """Relative tolerance on the gap between consecutive DICOM slices before a series counts as irregular."""
     intensity: IntensityConfig = IntensityConfig()
     thick: ThickConfig = ThickConfig()
+    resample: ResampleConfig = ResampleConfig()
     split: SplitConfig = SplitConfig()
     clip: ClipConfig = ClipConfig()
     num_workers: int = Field(0, ge=0)
@@ -192,6 +206,22 @@ class DenoiserConfig(_Section):
         return self
 
 
+class V2VConfig(_Section):
+    """How the video-to-video model uses the image-space interpolation of the thick series on the thin grid."""
+
+    interpolation: Literal["linear", "cubic"] = "cubic"
+    """The interpolation along z (ctv2v.baselines) whose latent conditions the denoiser and starts sampling."""
+    consistent_interpolation: bool = False
+    """Project the interpolation onto the measured thick series first (ctv2v.data.thick.project_to_thick), so
+    the model starts from the best non-learned reference (e.g. cubic+dc) and learns only what that misses."""
+    condition: Literal["thick", "interpolation"] = "thick"
+    """What the denoiser sees beside its input: the thick clip's latent resampled to the thin depth, or the
+    latent of the interpolation (same shape as the thin latent)."""
+    residual_decoding: bool = False
+    """Output = interpolation + decode(predicted latent) - decode(latent of the interpolation): the VAE's own
+    reconstruction error cancels to first order, and a latent equal to the interpolation's returns it exactly."""
+
+
 class DiffusionConfig(_Section):
     scheduler: Literal["ddpm", "rflow"] = "ddpm"
     num_train_timesteps: int = Field(1000, ge=2)
@@ -200,6 +230,10 @@ class DiffusionConfig(_Section):
     sample_steps: int = Field(50, ge=1)
     min_snr_gamma: float | None = Field(None, gt=0)
     """Min-SNR-gamma loss weighting (Hang et al. 2023), DDPM only; None weights every timestep equally."""
+    source: Literal["noise", "interpolation"] = "noise"
+    """Where sampling starts. `interpolation` (rflow only): a flow from the interpolation's latent to the thin
+    latent, the velocity being their difference; with the denoiser's zero-initialised output layer an untrained
+    model returns the interpolation's latent."""
 
     @model_validator(mode="after")
     def _rflow_predicts_velocity(self) -> "DiffusionConfig":
@@ -209,6 +243,8 @@ class DiffusionConfig(_Section):
             )
         if self.scheduler == "rflow" and self.min_snr_gamma is not None:
             raise ValueError("min_snr_gamma weights DDPM timesteps by SNR; it is not defined for scheduler 'rflow'")
+        if self.source == "interpolation" and self.scheduler != "rflow":
+            raise ValueError("source 'interpolation' is a flow from the interpolation's latent: set scheduler: rflow")
         return self
 
 
@@ -270,6 +306,10 @@ class EvaluationConfig(_Section):
     """Only these test-split volumes (by manifest id); None: the whole test split."""
     tile_batch_size: int = Field(1, ge=1)
     """Tiles sampled together in one model.sample call (throughput on a GPU; memory grows with it)."""
+    data_consistency: bool = False
+    """Make the blended prediction agree with the measured thick series (ctv2v.data.thick.project_to_thick):
+    `subsample` puts the thick slices back; `slab_average` projects so that every slab average equals its
+    thick slice. The baselines are then also scored with the same projection (`<method>+dc`)."""
 
 
 class TrackingConfig(_Section):
@@ -335,21 +375,46 @@ class NcclConfig(_Section):
         return {**env, **self.extra_env}
 
 
+V100_16GB_PRODUCTS: tuple[str, ...] = ("Tesla-V100-SXM2-16GB", "Tesla-V100-PCIE-16GB")
+V100_32GB_PRODUCTS: tuple[str, ...] = ("Tesla-V100-SXM2-32GB", "Tesla-V100-PCIE-32GB", "Tesla-V100S-PCIE-32GB",
+                                       "Tesla-V100-SXM3-32GB")
+"""Values of the node label `nvidia.com/gpu.product` (NVIDIA GPU feature discovery: the driver's product name,
+spaces as hyphens) of V100 cards by memory: SXM2 (DGX-1, AWS p3), PCIe, V100S PCIe, SXM3 (DGX-2)."""
+IMAGE_DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
+
+
 class ClusterConfig(_Section):
     """How the KFP DAG is scheduled on the cluster (compile-time settings; ignored by kfp.local)."""
 
+    cpu_image: str = "ctv2v/cpu:0.1.0"
+    """Image of the CPU steps: prepare-data, fetch-checkpoint, compare and the exit handler (finish-run)."""
     trainer_image: str = "ctv2v/trainer:0.1.0"
+    """Image of the GPU steps (PyTorch's CUDA 12.6 build, with V100 kernels)."""
+    cpu_image_digest: str | None = Field(None, pattern=IMAGE_DIGEST_PATTERN)
+    trainer_image_digest: str | None = Field(None, pattern=IMAGE_DIGEST_PATTERN)
+    """`sha256:<64 hex>`: the steps run `<image without its tag>@<digest>`, so the pipeline and the image cannot
+    drift apart (`ctv2v pipeline compile --images-lock` fills both from scripts/build-images.sh's lock file)."""
+    image_pull_secrets: list[str] = []
+    """Secrets (type kubernetes.io/dockerconfigjson) in the run's namespace for pulling from a private registry."""
     gpu_resource: str = "nvidia.com/gpu"
-    gpu_product: str = "Tesla-V100-SXM2-32GB"
-    """Node selector value for the `nvidia.com/gpu.product` label (NVIDIA GPU feature discovery)."""
-    gpus_per_step: int = Field(1, ge=1)
-    """GPUs for each training step; more than one runs the step under `torchrun --nproc_per_node`."""
-    cpu_request: str = "8"
-    memory_request: str = "48Gi"
-    memory_limit: str = "64Gi"
-    shm_size: str = "16Gi"
+    gpu_products: list[str] = Field(default_factory=lambda: list(V100_32GB_PRODUCTS), min_length=1)
+    """GPU steps run on nodes whose `nvidia.com/gpu.product` label is one of these (node affinity `In`)."""
+    gpus_per_step: int = Field(1, ge=1, le=8)
+    """GPUs for each training step, fixed when the pipeline is compiled (the steps take it from the compiled
+    pipeline, not from the runtime config); more than one runs the step under `torchrun --nproc_per_node`."""
+    cpu_per_gpu: int = Field(6, ge=1)
+    memory_per_gpu_gib: int = Field(52, ge=1)
+    shm_per_gpu_gib: int = Field(8, ge=1)
+    """A GPU step requests, and is limited to, these per GPU (requests = limits: the kubelet evicts it last).
+    The memory-backed /dev/shm is charged to the same memory limit. The defaults fit common V100 machines with
+    room for the node's own daemons: 1 GPU / 8 vCPU / 61 GiB, 4 / 32 / 244, 8 / 64 / 488 (README)."""
     step_timeout_s: int = Field(172800, ge=60)
     train_retries: int = Field(2, ge=0)
+    run_ttl_s: int | None = Field(7 * 24 * 3600, ge=60)
+    """Seconds KFP keeps a finished run's pods and workflow before deleting them (needs KFP >= 2.17); None: kept."""
+    scratch_cleanup: Literal["never", "on_success", "always"] = "on_success"
+    """When the exit handler deletes the run's folder <workspace_mount>/runs/<run id> (checkpoints, step folders):
+    on_success keeps a failed run's checkpoints, so that retrying the run resumes from them."""
     workspace_pvc: str = "ctv2v-workspace"
     """PVC mounted in every step: prepared data, preprocessing cache and checkpoints (manifests/base)."""
     workspace_mount: str = "/workspace"
@@ -375,6 +440,49 @@ class ClusterConfig(_Section):
     """How long one watch request on the TrainJob stays open before the step asks again."""
     nccl: NcclConfig = NcclConfig()
 
+    @model_validator(mode="after")
+    def _shm_inside_memory(self) -> "ClusterConfig":
+        if not self.shm_per_gpu_gib * 2 <= self.memory_per_gpu_gib:
+            raise ValueError(f"shm_per_gpu_gib ({self.shm_per_gpu_gib}) counts against the memory limit: keep it at "
+                             f"most half of memory_per_gpu_gib ({self.memory_per_gpu_gib})")
+        return self
+
+    def step_image(self, kind: Literal["cpu", "trainer"]) -> str:
+        """The image of a `cpu` or `trainer` step: `<image>` or, with a digest configured, `<repository>@<digest>`."""
+        image, digest = {"cpu": (self.cpu_image, self.cpu_image_digest),
+                         "trainer": (self.trainer_image, self.trainer_image_digest)}[kind]
+        if digest is None:
+            return image
+        name, _, tag = image.rpartition(":")
+        # A colon after the last slash separates the tag; one before it is a registry's port (registry:5000/x).
+        repository = name if name and "/" not in tag else image
+        return f"{repository}@{digest}"
+
+    def gpu_step_resources(self, gpus: int) -> tuple[str, str, str]:
+        """(CPU, memory, /dev/shm size) of a step with `gpus` GPUs, as Kubernetes quantities; CPU and memory are
+        both its request and its limit, and the memory includes /dev/shm."""
+        return (str(self.cpu_per_gpu * gpus), f"{self.memory_per_gpu_gib * gpus}Gi", f"{self.shm_per_gpu_gib * gpus}Gi")
+
+    @property
+    def cpu_request(self) -> str:
+        """CPU request (= limit) of a training step (gpus_per_step GPUs)."""
+        return self.gpu_step_resources(self.gpus_per_step)[0]
+
+    @property
+    def memory_request(self) -> str:
+        """Memory request (= limit) of a training step, /dev/shm included."""
+        return self.gpu_step_resources(self.gpus_per_step)[1]
+
+    @property
+    def memory_limit(self) -> str:
+        """Memory limit of a training step: its request (Guaranteed QoS)."""
+        return self.memory_request
+
+    @property
+    def shm_size(self) -> str:
+        """Size of a training step's memory-backed /dev/shm."""
+        return self.gpu_step_resources(self.gpus_per_step)[2]
+
 
 class RunConfig(_Section):
     """The whole run. `variant` picks the VAE: `main` trains one from scratch, `pretrained` loads MAISI's."""
@@ -386,8 +494,21 @@ class RunConfig(_Section):
     vae: VAEConfig = VAEConfig()
     denoiser: DenoiserConfig = DenoiserConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
+    v2v: V2VConfig = V2VConfig()
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     tracking: TrackingConfig = TrackingConfig()
     storage: StorageConfig = StorageConfig()
     cluster: ClusterConfig = ClusterConfig()
+
+    @model_validator(mode="after")
+    def _latent_cache_without_interpolation(self) -> "RunConfig":
+        # The cache holds whole-volume latents of the thin and thick series; the interpolation's latent is encoded
+        # per clip, as sampling encodes it (one encoding path for training and sampling).
+        v2v = self.v2v
+        uses = v2v.condition == "interpolation" or self.diffusion.source == "interpolation" or v2v.residual_decoding
+        if uses and self.training.latent_cache:
+            raise ValueError("training.latent_cache caches thin and thick latents only; a model that uses the "
+                             "interpolation (v2v.condition, diffusion.source, v2v.residual_decoding) needs "
+                             "training.latent_cache: false")
+        return self

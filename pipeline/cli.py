@@ -202,37 +202,57 @@ def _pipeline_config(args: argparse.Namespace) -> RunConfig:
     return load_config(args.config or [], [*args.overrides, *([f"vae.maisi.weights={weights}"] if weights else [])])
 
 
+def _images_lock_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images-lock", type=Path, default=None, metavar="FILE",
+                        help="pin the step images to the digests in this lock file of "
+                             "`scripts/build-images.sh --push` (e.g. build/images.lock.json)")
+
+
 def _compile_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, required=False)
     parser.add_argument("-o", "--output", required=True, type=Path)
+    _images_lock_argument(parser)
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from pipeline.compile import compile_pipeline
+    from pipeline.compile import compile_pipeline, required_backend_version
 
-    print(compile_pipeline(_pipeline_config(args), args.output))
+    config = _pipeline_config(args)
+    print(compile_pipeline(config, args.output, images_lock=args.images_lock))
+    print(f"needs Kubeflow Pipelines >= {required_backend_version(config.cluster)}", file=sys.stderr)
     return 0
 
 
 def _submit_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kubeflow.example/pipeline")
+    parser.add_argument("--host", default=None,
+                        help="KFP API endpoint, e.g. https://kubeflow.example/pipeline; default inside a cluster: "
+                             "$KF_PIPELINES_ENDPOINT, else KFP's in-cluster address")
     parser.add_argument("--namespace", default=None, help="profile namespace (multi-user Kubeflow)")
     parser.add_argument("--experiment", default="ctv2v", help="KFP experiment name (default: ctv2v)")
     parser.add_argument("--branches", choices=BRANCHES, default="both")
     parser.add_argument("--run-name", default=None)
+    # Never a token itself as an argument: other users see arguments in `ps`, shells keep them in history.
     auth = parser.add_mutually_exclusive_group()
-    auth.add_argument("--token", default=None, help="bearer token for the KFP API")
-    auth.add_argument("--cookie", default=None, help="session cookie, e.g. 'authservice_session=...'")
+    auth.add_argument("--token-file", type=Path, default=None, metavar="FILE",
+                      help="bearer token in this file, read again before every request (default inside a cluster: "
+                           "$KF_PIPELINES_SA_TOKEN_PATH)")
+    auth.add_argument("--token-env", default=None, metavar="NAME",
+                      help="bearer token in this environment variable, e.g. KFP_TOKEN")
+    auth.add_argument("--cookie-env", default=None, metavar="NAME",
+                      help="old Kubeflow installs (oidc-authservice, <= 1.8): a session cookie "
+                           "'authservice_session=...' in this environment variable")
     parser.add_argument("--wait", action="store_true", help="follow the run; exit non-zero unless it succeeds")
+    _images_lock_argument(parser)
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from pipeline.submit import submit
+    from pipeline.submit import resolve_connection, submit
 
-    print(submit(_pipeline_config(args), host=args.host, namespace=args.namespace, experiment=args.experiment,
-                 branches=args.branches, token=args.token, cookie=args.cookie, run_name=args.run_name,
-                 wait=args.wait))
+    config = _pipeline_config(args)
+    connection = resolve_connection(args.host, args.token_file, args.token_env, args.cookie_env)
+    print(submit(config, connection=connection, namespace=args.namespace, experiment=args.experiment,
+                 branches=args.branches, run_name=args.run_name, wait=args.wait, images_lock=args.images_lock))
     return 0
 
 
@@ -317,6 +337,35 @@ def _model_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_fit_arguments(parser: argparse.ArgumentParser) -> None:
+    from ctv2v.train.estimate import CARDS, DEFAULT_SHARE
+
+    add_config_arguments(parser)
+    parser.add_argument("--card", required=True, choices=tuple(CARDS), help="the GPU to fill")
+    parser.add_argument("--share", type=float, default=DEFAULT_SHARE,
+                        help="keep the estimated peak under this share of the card (default %(default)s)")
+    parser.add_argument("--write", type=Path, default=None, metavar="FILE",
+                        help="write the preset overlay there (e.g. configs/v100-32gb.yaml); default: print it")
+
+
+def _model_fit(args: argparse.Namespace) -> int:
+    from ctv2v.files import atomic_write_text
+    from ctv2v.train.estimate import fit, format_fit_table, preset_text
+
+    card_fit = fit(config_from_args(args), args.card, args.share, progress=logging.getLogger("ctv2v.fit").info)
+    command = " ".join(["ctv2v model fit", *(f"--config {path}" for path in args.config),
+                        *(f"--set {override}" for override in args.overrides), f"--card {args.card}",
+                        f"--share {args.share:g}", *([f"--write {args.write}"] if args.write else [])])
+    text = preset_text(card_fit, command)
+    print(format_fit_table([card_fit]))
+    if args.write is None:
+        print(text, end="")
+    else:
+        atomic_write_text(args.write, text)
+        print(f"wrote {args.write}")
+    return 0
+
+
 def _mirror_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, required=False)
     parser.add_argument("file", type=Path, help="local checkpoint file")
@@ -331,6 +380,63 @@ def _mirror(args: argparse.Namespace) -> int:
     print(f"sha256: {digest}")
     print("put in the config:")
     print(f"  vae:\n    maisi:\n      checkpoint: {args.s3_uri}\n      sha256: {digest}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ tracking, predict
+def _tracking_sync_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, required=False)
+    parser.add_argument("folders", nargs="+", type=Path, metavar="DIR",
+                        help="folders searched recursively for pending MLflow journals (mlflow-pending-*.json)")
+    parser.add_argument("--ended", action="store_true",
+                        help="the steps are over: also upload journals their step never closed (killed steps), "
+                             "ending those runs FAILED")
+
+
+def _tracking_sync(args: argparse.Namespace) -> int:
+    from ctv2v.tracking.runs import upload_pending
+
+    uploads = upload_pending(args.folders, config_from_args(args).tracking, steps_ended=args.ended)
+    if not uploads:
+        print(f"nothing pending under {', '.join(str(folder) for folder in args.folders)}")
+    for upload in uploads:
+        if upload.skipped:
+            print(f"skipped {upload.journal}: {upload.skipped}")
+            continue
+        sent = ", ".join(f"{count} {kind}" for kind, count in upload.sent.items() if count) or "run state only"
+        state = "done" if upload.complete else "incomplete (server unreachable), kept"
+        print(f"uploaded {upload.journal}: step {upload.step_name}, run {upload.run_id}: {sent}; {state}")
+    return 0 if all(upload.complete or upload.skipped for upload in uploads) else 1
+
+
+def _predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR|models:/NAME@ALIAS",
+                        help="a trained-model folder (holds model.json), or a registered model URI")
+    parser.add_argument("--input", required=True, type=Path, help="the thick series: a NIfTI file or DICOM folder")
+    parser.add_argument("--out", required=True, type=Path, help="the thin series as a .nii.gz file")
+    parser.add_argument("--out-dicom", type=Path, default=None, metavar="DIR",
+                        help="also write the thin series as a new DICOM CT series into this new folder")
+    parser.add_argument("--factor", type=int, default=None,
+                        help="thin slices per thick slice (default and only accepted value: the model's)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow server for models:/ URIs (default: MLFLOW_TRACKING_URI)")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from ctv2v.evaluate.predict import Predictor, predict_file
+
+    if args.model.startswith("models:/"):
+        from ctv2v.tracking.pyfunc import download_trained_model
+
+        # The model is loaded into memory; its downloaded files are not kept.
+        with tempfile.TemporaryDirectory(prefix="ctv2v-model-") as tmp:
+            predictor = Predictor(download_trained_model(args.model, args.tracking_uri, Path(tmp)), args.device)
+    else:
+        predictor = Predictor(Path(args.model), args.device)
+    _print_json(predict_file(predictor, args.input, args.out, args.out_dicom, args.factor))
     return 0
 
 
@@ -350,6 +456,7 @@ GROUPS = {
     "data": "demo data and preprocessing",
     "model": "inspect the configured model",
     "checkpoint": "checkpoint utilities",
+    "tracking": "MLflow tracking utilities",
 }
 """Subcommands with subcommands of their own, e.g. `ctv2v pipeline submit`."""
 
@@ -371,6 +478,10 @@ COMMANDS = {
     "pipeline submit": Command("compile and submit one run through kfp.Client", _submit_arguments, _submit),
     "pipeline run-local": Command("run the DAG on this machine under kfp.local (CPU)",
                                   _run_local_arguments, _run_local),
+    "predict": Command("turn a thick CT series (NIfTI or DICOM folder) into thin slices with a trained model",
+                       _predict_arguments, _predict),
+    "tracking sync": Command("upload pending MLflow journals found under folders (idempotent)",
+                             _tracking_sync_arguments, _tracking_sync),
     "config show": Command("print the resolved config (fails on an unknown key)", add_config_arguments,
                            _config_show),
     "data fetch-demo": Command("download + verify the demo CT volumes; print the dataset folder",
@@ -379,6 +490,8 @@ COMMANDS = {
                               _baselines_arguments, _baselines),
     "model summary": Command("parameter counts, latent shapes and FLOPs per training step",
                              _model_summary_arguments, _model_summary),
+    "model fit": Command("largest micro-batch per variant and phase that fills a V100 (estimated peak memory); "
+                         "writes the card preset", _model_fit_arguments, _model_fit),
     "checkpoint mirror": Command("upload a local checkpoint to the cluster's object store; print its sha256 for "
                                  "the config", _mirror_arguments, _mirror),
 }

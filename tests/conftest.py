@@ -139,6 +139,9 @@ class LinearInterpolationSampler(torch.nn.Module):
         super().__init__()
         self.factor = factor
 
+    interpolation = None
+    """Samples from the thick clip alone (no interpolated clip needed)."""
+
     def sample(self, thick: torch.Tensor, steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
         k = self.factor
         frames = []

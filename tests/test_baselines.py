@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ctv2v.evaluate.baselines import METHODS, covered_slices, interpolate
+from ctv2v.data.interpolation import METHODS, covered_slices, interpolate
 from ctv2v.config import ThickConfig
 from ctv2v.data.thick import simulate_thick
 

@@ -25,6 +25,9 @@ STAND_IN = "stand-in (random MAISI-layout weights)"
 class NearestSliceSampler(LinearInterpolationSampler):
     """TEST-ONLY stand-in model that repeats each thick frame k times (a worse model than linear)."""
 
+    interpolation = None
+    """Samples from the thick clip alone (no interpolated clip needed)."""
+
     def sample(self, thick: torch.Tensor, steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return thick.repeat_interleave(self.factor, dim=2)
 

@@ -83,10 +83,10 @@ def test_set_overrides_parse_yaml_values_and_apply_last():
     config = load_config([CONFIGS / "main.yaml"],
                          ["training.frozen.epochs=2", "denoiser.channels=[8, 16]",
                           "denoiser.attention_levels=[false, true]", "denoiser.norm_num_groups=8",
-                          "diffusion.min_snr_gamma=5"])
+                          "diffusion.sample_steps=7"])
     assert config.training.frozen.epochs == 2
     assert config.denoiser.channels == [8, 16]
-    assert config.diffusion.min_snr_gamma == 5.0
+    assert config.diffusion.sample_steps == 7
 
 
 def test_malformed_override_is_an_error():

@@ -37,7 +37,7 @@ def test_input_channels_are_noisy_plus_thick_latent():
 
 
 def test_mismatched_thick_latent_is_rejected():
-    with pytest.raises(ValueError, match=r"noisy latent \(1, 4, 4, 8, 8\) and thick latent \(1, 4, 1, 4, 4\)"):
+    with pytest.raises(ValueError, match=r"noisy latent \(1, 4, 4, 8, 8\) and condition latent \(1, 4, 1, 4, 4\)"):
         tiny_denoiser()(torch.randn(1, 4, 4, 8, 8), torch.randn(1, 4, 1, 4, 4), torch.tensor([1]))
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ctv2v.evaluate.baselines import interpolate
+from ctv2v.data.interpolation import interpolate
 from ctv2v.models.artifacts import save_trained_model
 from ctv2v.data.cache import PreprocessCache
 from ctv2v.data.clips import Tile, eval_tiles
@@ -31,6 +31,9 @@ from tests.conftest import (EVALUATION_OVERRIDES, EVALUATION_PHANTOM, REPO, Line
 
 class NaNSampler(LinearInterpolationSampler):
     """TEST-ONLY: a model whose samples contain a NaN (as a diverged fp16 sampler would produce)."""
+
+    interpolation = None
+    """Samples from the thick clip alone (no interpolated clip needed)."""
 
     def sample(self, thick: torch.Tensor, steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
         out = super().sample(thick, steps, generator)
@@ -212,7 +215,9 @@ def untrained_model(tmp_path_factory):
     vae = build_untrained_vae(config)
     # A random-initialised scratch VAE stands in for a trained one: these tests check plumbing, not quality.
     vae.weights_label = "scratch"
-    save_trained_model(build_model(config, vae), root / "train" / "model", config, None, phase="frozen")
+    # Phantom slices are 1.25 mm apart, x4: thick slices 5 mm apart.
+    save_trained_model(build_model(config, vae), root / "train" / "model", config, None, phase="frozen",
+                       thick_spacing_mm=(5.0, 5.0))
     return data_dir, root / "train"
 
 

@@ -18,6 +18,9 @@ TINY = [
     "vae.scratch.channels=[8,16]", "vae.scratch.norm_num_groups=4",
     "denoiser.channels=[8,16]", "denoiser.norm_num_groups=4", "denoiser.num_head_channels=8",
     "training.frozen.batch_size=1", "training.full.batch_size=1",
+    # The model's mechanics on the thick-conditioned path from noise (the one the latent cache serves);
+    # tests/test_quality.py covers main.yaml's flow from the interpolation.
+    "diffusion.scheduler=ddpm", "diffusion.source=noise", "v2v.condition=thick", "v2v.residual_decoding=false",
 ]
 CONFIGS = ["configs/main.yaml", "configs/smoke.yaml"]
 

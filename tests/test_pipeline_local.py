@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from ctv2v.config import ClusterConfig
 from pipeline.cli import main as cli_main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -17,9 +18,17 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def test_run_local_runs_both_branches_to_the_compare_table(mlflow_server, demo_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     monkeypatch.chdir(tmp_path)
+    # The cluster's workspace mount: a local run must not write there (nor anywhere else outside --out).
+    cluster_workspace = Path(ClusterConfig().workspace_mount) / "runs"
+    before = sorted(cluster_workspace.iterdir()) if cluster_workspace.is_dir() else None
     code = cli_main(["pipeline", "run-local", "--config", str(CONFIGS / "smoke.yaml"), "--weights", "stand-in",
                      "--set", "tracking.experiment=ctv2v-e2e", "--out", str(tmp_path / "run")])
     assert code == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["run"], "the run wrote next to --out"
+    after = sorted(cluster_workspace.iterdir()) if cluster_workspace.is_dir() else None
+    assert after == before, f"the local run wrote into {cluster_workspace}"
+    [run_folder] = (tmp_path / "run" / "workspace" / "runs").iterdir()
+    assert any(run_folder.iterdir()), "the steps work under --out/workspace"
     printed = capsys.readouterr().out
     result = json.loads(printed[printed.rindex("{\n"):])
     table = Path(result["compare_markdown"]).read_text()
@@ -35,6 +44,7 @@ def test_run_local_runs_both_branches_to_the_compare_table(mlflow_server, demo_d
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     steps = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1, [(r.info.run_name, r.data.tags) for r in runs]
+    assert parents[0].info.status == "FINISHED"  # ended by the exit handler, finish-run
     assert {r.data.tags["mlflow.parentRunId"] for r in steps} == {parents[0].info.run_id}
     steps_by_variant = {}
     for run in steps:

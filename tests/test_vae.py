@@ -99,7 +99,7 @@ def test_scratch_vae_objective_lowers_reconstruction_error():
     for _ in range(5):
         for clip in clips:
             loss, parts = objective({"thin": clip})
-            assert set(parts) == {"l1", "kl"}
+            assert set(parts) == {"l1", "kl", "posterior_std"}
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

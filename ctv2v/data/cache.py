@@ -22,12 +22,12 @@ import numpy as np
 from ctv2v.config import DataConfig
 from ctv2v.data.manifest import volume_sha256
 from ctv2v.data.readers import READER_VERSION, read_volume
-from ctv2v.data.thick import ThickSeries, simulate_thick
+from ctv2v.data.thick import ThickSeries, resample_spacing, simulate_thick
 from ctv2v.files import atomic_path, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 class CacheError(RuntimeError):
@@ -62,6 +62,7 @@ def cache_key(entry: dict, data: DataConfig) -> str:
         "reader": READER_VERSION,
         "content": entry["sha256"],
         "slice_spacing_tolerance": data.slice_spacing_tolerance,
+        "resample": data.resample.model_dump(),
         "thick": ({"paired": entry["thick"]["sha256"], "thin_offset": entry["thick"]["thin_offset"],
                    "factor": data.thick.factor} if paired else data.thick.model_dump()),
     }
@@ -81,8 +82,11 @@ def preprocess(dataset_dir: Path, entry: dict, data: DataConfig) -> Preprocessed
     """Read a manifest entry's volume from the dataset folder and make its thick series (no cache)."""
     dataset_dir = Path(dataset_dir)
     volume = _read_checked(dataset_dir, entry["path"], entry["sha256"], data.slice_spacing_tolerance)
-    thin, affine = volume.array, volume.affine
+    thin, affine, spacing = volume.array, volume.affine, volume.spacing
     if entry["thick_method"] == "paired":
+        if data.resample.slice_mm is not None or data.resample.pixel_mm is not None:
+            raise CacheError(f"{entry['path']}: data.resample would break the pairing with its real thick series "
+                             f"{entry['thick']['path']}; leave data.resample unset for paired datasets")
         pair = entry["thick"]
         thick_volume = _read_checked(dataset_dir, pair["path"], pair["sha256"], data.slice_spacing_tolerance)
         offset, k = pair["thin_offset"], data.thick.factor
@@ -90,11 +94,12 @@ def preprocess(dataset_dir: Path, entry: dict, data: DataConfig) -> Preprocessed
         thin = thin[offset:]
         affine = affine.copy()
         affine[:3, 3] = affine[:3, :3] @ [offset, 0, 0] + affine[:3, 3]
-        spacing = k * volume.spacing[0]
-        thick = ThickSeries(thick_volume.array, k, spacing, spacing, "paired")
+        thick_mm = k * volume.spacing[0]
+        thick = ThickSeries(thick_volume.array, k, thick_mm, thick_mm, "paired")
     else:
-        thick = simulate_thick(thin, volume.spacing[0], data.thick)
-    return Preprocessed(entry["id"], np.ascontiguousarray(thin), thick, volume.spacing, affine)
+        thin, spacing, affine = resample_spacing(thin, spacing, affine, data.resample)
+        thick = simulate_thick(thin, spacing[0], data.thick)
+    return Preprocessed(entry["id"], np.ascontiguousarray(thin), thick, spacing, affine)
 
 
 def _compact(hu: np.ndarray) -> np.ndarray:

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from ctv2v.config import ClipConfig
 from ctv2v.data.cache import Preprocessed
+from ctv2v.data.interpolation import Interpolation
 from ctv2v.intensity import Intensity
 
 
@@ -58,8 +59,10 @@ def _crop(array: np.ndarray, starts: tuple[int, ...], sizes: tuple[int, ...], fi
     return out
 
 
-def extract_clip(volume: Preprocessed, tile: Tile, intensity: Intensity) -> dict[str, np.ndarray]:
-    """The thin (T, H, W) and thick (T/k, H, W) clip at `tile`, scaled to [0, 1]."""
+def extract_clip(volume: Preprocessed, tile: Tile, intensity: Intensity,
+                 interpolated: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The thin (T, H, W) and thick (T/k, H, W) clip at `tile`, scaled to [0, 1]; also the interpolated one
+    (`interp`, T x H x W) when the volume's interpolation (Interpolation.of) is given."""
     if tile.factor != volume.thick.factor:
         raise ValueError(f"tile factor {tile.factor} differs from volume {volume.volume_id}'s thick factor "
                          f"{volume.thick.factor}")
@@ -67,7 +70,14 @@ def extract_clip(volume: Preprocessed, tile: Tile, intensity: Intensity) -> dict
                  intensity.hu_min)
     thick = _crop(volume.thick.array, (tile.thick_start, tile.y0, tile.x0),
                   (tile.thick_frames, tile.height, tile.width), intensity.hu_min)
-    return {"thin": intensity.to_unit(thin), "thick": intensity.to_unit(thick)}
+    clip = {"thin": intensity.to_unit(thin), "thick": intensity.to_unit(thick)}
+    if interpolated is not None:
+        if interpolated.shape != volume.thin.shape:
+            raise ValueError(f"interpolated volume {interpolated.shape} differs from volume {volume.volume_id}'s "
+                             f"thin shape {volume.thin.shape}")
+        clip["interp"] = intensity.to_unit(_crop(interpolated, (tile.z0, tile.y0, tile.x0),
+                                                 (tile.frames, tile.height, tile.width), intensity.hu_min))
+    return clip
 
 
 def _starts(extent: int, size: int, stride: int) -> list[int]:
@@ -100,11 +110,14 @@ def eval_tiles(shape: tuple[int, int, int], clip: ClipConfig, factor: int, n_thi
 class TrainClips(Dataset):
     """Random training clips: `clip.clips_per_volume` per volume, random crop and in-plane flips.
 
+    With `interpolation`, items also hold the clip of the volume's interpolation (`interp`, flipped alike).
+
     Item i of epoch e depends only on (seed, e, i), so a resumed run sees exactly the clips it would have
     seen. Call set_epoch(e) before iterating (before a DataLoader creates its worker processes).
     """
 
-    def __init__(self, volumes: list[Preprocessed], clip: ClipConfig, intensity: Intensity, seed: int):
+    def __init__(self, volumes: list[Preprocessed], clip: ClipConfig, intensity: Intensity, seed: int,
+                 interpolation: Interpolation | None = None):
         if not volumes:
             raise ValueError("TrainClips needs at least one volume")
         for volume in volumes:
@@ -113,6 +126,8 @@ class TrainClips(Dataset):
         self.clip = clip
         self.intensity = intensity
         self.seed = seed
+        self.interpolated = ([interpolation.of(volume) for volume in volumes]
+                             if interpolation is not None else None)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -141,8 +156,10 @@ class TrainClips(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         tile, flip_rows, flip_cols = self.tile(index)
-        volume = self.volumes[index // self.clip.clips_per_volume]
-        arrays = extract_clip(volume, tile, self.intensity)
+        volume_index = index // self.clip.clips_per_volume
+        volume = self.volumes[volume_index]
+        arrays = extract_clip(volume, tile, self.intensity,
+                              self.interpolated[volume_index] if self.interpolated is not None else None)
         axes = [axis for axis, flip in ((1, flip_rows), (2, flip_cols)) if flip]
         item = {name: torch.from_numpy(np.ascontiguousarray(np.flip(a, axes) if axes else a))[None]
                 for name, a in arrays.items()}

@@ -2,7 +2,7 @@
 
 Each volume of a dataset folder is read and its thick series made at each factor k by the data package
 (ctv2v.data.cache: simulated per data.thick, or a real paired thick series), rebuilt by nearest / linear /
-cubic interpolation along z (ctv2v.evaluate.baselines) and scored against the thin series (ctv2v.evaluate.metrics). Only
+cubic interpolation along z (ctv2v.data.interpolation) and scored against the thin series (ctv2v.evaluate.metrics). Only
 the covered range, thin slices 0..(n_thick-1)*k, is scored: the few slices after the last thick position
 would need extrapolation. The HU window and how the thick slices were made move the numbers by several dB,
 so both are written into every JSON file and into the table's title and rows.
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ctv2v.evaluate.baselines import METHODS, Method, covered_slices, interpolate
+from ctv2v.data.interpolation import METHODS, Method, covered_slices, interpolate
 from ctv2v.config import DataConfig, ThickConfig
 from ctv2v.data.cache import PreprocessCache, preprocess
 from ctv2v.data.manifest import build_manifest

@@ -6,7 +6,7 @@ highest in a tile's centre, so no seam shows where tiles meet). Along z a tile's
 real thick slice: those frames would be extrapolated from one side only, and the tile that holds the next
 thick slice interpolates them instead. Every thin slice from the first to the last thick position is
 therefore covered by interpolating tiles only; the slices after the last thick position are not predicted
-and not scored (the baselines are scored on the same covered range, ctv2v.evaluate.baselines). The model sees the
+and not scored (the baselines are scored on the same covered range, ctv2v.data.interpolation). The model sees the
 thick series clipped to its input window (data.intensity, ctv2v.intensity) while the baselines interpolate
 raw HU; both are clipped to the evaluation window before scoring.
 
@@ -31,10 +31,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ctv2v.evaluate.baselines import covered_slices, interpolate
 from ctv2v.config import RunConfig
 from ctv2v.data.cache import Preprocessed, PreprocessCache
+from ctv2v.data.interpolation import Interpolation, covered_slices, interpolate
 from ctv2v.data.clips import Tile, eval_tiles, extract_clip
+from ctv2v.data.thick import project_to_thick
 from ctv2v.files import atomic_path, atomic_write_text
 from ctv2v.intensity import Intensity
 from ctv2v.evaluate.metrics import METRIC_NAMES, SLICE_SETS, from_json, glossary, score_volume, to_json
@@ -59,11 +60,17 @@ class EvaluationError(ValueError):
 
 
 class ClipSampler(Protocol):
-    """What evaluation needs of a model: thick clip (B, 1, T/k, H, W) in [0, 1] -> thin clip (B, 1, T, H, W)."""
+    """What evaluation needs of a model: thick clip (B, 1, T/k, H, W) in [0, 1] -> thin clip (B, 1, T, H, W).
+
+    `interpolation` is the interpolation whose clips `sample` needs as `interp` (None: unused).
+    """
+
+    interpolation: Interpolation | None
 
     def eval(self) -> Any: ...
 
-    def sample(self, thick: torch.Tensor, steps: int, generator: torch.Generator | None = None) -> torch.Tensor: ...
+    def sample(self, thick: torch.Tensor, steps: int, generator: torch.Generator | None = None,
+               interp: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 Scores = dict[str, dict[str, dict[str, float]]]
@@ -122,6 +129,8 @@ class EvaluationReport:
     aggregate: Scores
     """The mean over volumes of each volume's scores."""
     volumes: list[VolumeResult] = field(default_factory=list)
+    model_settings: dict[str, Any] = field(default_factory=dict)
+    """What else moves the model's numbers: data.resample, diffusion, v2v, evaluation.data_consistency."""
     split: str = "test"
     schema: str = REPORT_SCHEMA
 
@@ -156,7 +165,8 @@ class EvaluationReport:
             "test_volumes_in_split": self.test_volumes_in_split, "n_volumes": self.n_volumes,
             "volume_ids": self.volume_ids, "baselines": self.baselines, "scored_range": self.scored_range,
             "slice_sets": self.slice_sets, "metrics": self.metrics, "aggregate_over": self.aggregate_over,
-            "aggregate": self.aggregate, "volumes": [volume.to_dict() for volume in self.volumes],
+            "aggregate": self.aggregate, "model_settings": self.model_settings,
+            "volumes": [volume.to_dict() for volume in self.volumes],
         }
         if self.warning is not None:
             data["warning"] = self.warning
@@ -255,13 +265,17 @@ def predict_volume(
     weight_sum = np.zeros_like(total)
     batch_size = config.evaluation.tile_batch_size
     device = generator.device
+    interpolated = model.interpolation.of(volume) if model.interpolation is not None else None
     for start in tqdm(range(0, len(tiles), batch_size), desc=f"evaluate {volume.volume_id}", unit="batch",
                       leave=False):
         batch = tiles[start:start + batch_size]
-        clips = np.stack([extract_clip(volume, tile, intensity)["thick"] for tile in batch])[:, None]
+        arrays = [extract_clip(volume, tile, intensity, interpolated) for tile in batch]
+        clips = np.stack([a["thick"] for a in arrays])[:, None]
+        inputs = {"interp": torch.from_numpy(np.stack([a["interp"] for a in arrays])[:, None]).to(device)
+                  } if interpolated is not None else {}
         with torch.inference_mode():
             thin = model.sample(torch.from_numpy(clips).to(device), steps=config.evaluation.sample_steps,
-                                generator=generator)
+                                generator=generator, **inputs)
         expected = (len(batch), 1, config.data.clip.frames, config.data.clip.height, config.data.clip.width)
         if tuple(thin.shape) != expected:
             raise EvaluationError(f"volume {volume.volume_id}: model.sample returned shape {tuple(thin.shape)} for "
@@ -331,9 +345,15 @@ def evaluate_volume(
                               f"covers {covered}")
     truth = volume.thin[:covered]
     prediction = predict_volume(model, volume, config, generator)
+    if settings.data_consistency:
+        prediction = project_to_thick(prediction, thick, volume.thin.shape[0])
     scores = {MODEL: score_volume(prediction, truth, thick.factor, settings.hu_min, settings.hu_max)}
     for result in score_baselines(volume.thin, thick, settings.hu_min, settings.hu_max, settings.baselines):
         scores[result.method] = result.scores
+    if settings.data_consistency:
+        for method in settings.baselines:
+            projected = project_to_thick(interpolate(thick, covered, method), thick, volume.thin.shape[0])
+            scores[f"{method}+dc"] = score_volume(projected, truth, thick.factor, settings.hu_min, settings.hu_max)
 
     record = VolumeResult(id=volume.volume_id, thin_shape=list(volume.thin.shape), spacing_mm=list(volume.spacing),
                           thick_description=thick.describe(), n_thick=int(thick.array.shape[0]),
@@ -368,6 +388,14 @@ def evaluate_volume(
     return record
 
 
+def model_settings(config: RunConfig) -> dict[str, Any]:
+    """The settings besides data.thick, the HU window and the steps that move the model's scores (for report.json)."""
+    dc = ("the model and the `<method>+dc` baselines projected onto the measured thick series "
+          "(ctv2v.data.thick.project_to_thick)" if config.evaluation.data_consistency else "off")
+    return {"resample": config.data.resample.model_dump(), "diffusion": config.diffusion.model_dump(),
+            "v2v": config.v2v.model_dump(), "data_consistency": dc}
+
+
 def evaluate(
     model: ClipSampler,
     manifest: dict,
@@ -397,6 +425,8 @@ def evaluate(
         volume = cache.load(Path(dataset_dir), entry, config.data)
         volumes.append(evaluate_volume(model, volume, config, out_dir, generator, weights_label))
     thick = config.data.thick
+    methods = [MODEL, *settings.baselines,
+               *([f"{method}+dc" for method in settings.baselines] if settings.data_consistency else [])]
     report = EvaluationReport(
         variant=config.variant,
         weights_label=weights_label,
@@ -411,8 +441,9 @@ def evaluate(
         test_volumes_in_split=len(all_test),
         baselines=list(settings.baselines),
         **glossary(settings.hu_min, settings.hu_max),
-        aggregate=_mean_scores(volumes, [MODEL, *settings.baselines]),
+        aggregate=_mean_scores(volumes, methods),
         volumes=volumes,
+        model_settings=model_settings(config),
     )
     report.write(out_dir / REPORT_FILE)
     return report

@@ -172,6 +172,11 @@ def load_trained_model(model_dir: Path, config: RunConfig):
                 f"{model_dir}/model.json: trained with {section}={getattr(saved, section)!r}, "
                 f"but the config has {getattr(config, section)!r}"
             )
+    # residual_decoding only changes how a sampled latent becomes an image: it may differ from training.
+    for key in ("condition", "interpolation", "consistent_interpolation"):
+        if getattr(saved.v2v, key) != getattr(config.v2v, key):
+            raise CheckpointError(f"{model_dir}/model.json: trained with v2v.{key}={getattr(saved.v2v, key)!r}, "
+                                  f"but the config has {getattr(config.v2v, key)!r}")
     vae = load_vae_artifact(model_dir / "vae", config.vae.maisi)
     vae.weights_label = meta["vae_weights"]
     model = build_model(config, vae)

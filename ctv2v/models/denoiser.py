@@ -1,4 +1,9 @@
-"""The denoiser: MONAI's 3D DiffusionModelUNet on [noisy thin latent, thick latent resampled to the thin depth]."""
+"""The denoiser: MONAI's 3D DiffusionModelUNet on [noisy thin latent, condition latent at the thin depth].
+
+The condition is the thick clip's latent (resampled along depth) or the latent of the interpolated clip
+(already at the thin depth). MONAI zero-initialises the UNet's output convolution, so an untrained denoiser
+outputs zero: a flow from the interpolation's latent then stays there.
+"""
 
 from __future__ import annotations
 
@@ -66,14 +71,16 @@ class Denoiser(nn.Module):
             config.gradient_checkpointing,
         )
 
-    def forward(self, noisy: torch.Tensor, thick_latent: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Model output for `noisy` (B, C, D, h, w) at `timesteps` (B,), given the thick latent (B, C, d, h, w)."""
-        if noisy.shape[:2] != thick_latent.shape[:2] or noisy.shape[3:] != thick_latent.shape[3:]:
+    def forward(self, noisy: torch.Tensor, condition: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Model output for `noisy` (B, C, D, h, w) at `timesteps` (B,), given a condition latent (B, C, d, h, w)."""
+        if noisy.shape[:2] != condition.shape[:2] or noisy.shape[3:] != condition.shape[3:]:
             raise ValueError(
-                f"noisy latent {tuple(noisy.shape)} and thick latent {tuple(thick_latent.shape)} must agree in "
+                f"noisy latent {tuple(noisy.shape)} and condition latent {tuple(condition.shape)} must agree in "
                 "batch, channels, height and width"
             )
         size = tuple(noisy.shape[2:])
-        condition = resample_depth(thick_latent.to(noisy.dtype), size[0])
+        if condition.shape[2] != size[0]:
+            condition = resample_depth(condition, size[0])
+        condition = condition.to(noisy.dtype)
         x = pad_to_multiple(torch.cat([noisy, condition], dim=1), (self.size_multiple,) * 3)
         return crop_to(self.unet(x, timesteps), size)

@@ -64,7 +64,10 @@ class Diffusion:
         return table[timesteps]
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """What the model learns to predict: epsilon, v = sqrt(ab) eps - sqrt(1 - ab) x0, or the flow x0 - noise."""
+        """What the model learns to predict: epsilon, v = sqrt(ab) eps - sqrt(1 - ab) x0, or the flow x0 - noise.
+
+        `noise` is the chain's source sample: Gaussian noise, or for diffusion.source 'interpolation' the
+        interpolation's latent (the flow then carries it to x0 along a straight line)."""
         x0, noise = x0.float(), noise.float()
         if self.config.scheduler == "rflow":
             return x0 - noise
@@ -94,9 +97,21 @@ class Diffusion:
     # ------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
     def sample(self, denoise: DenoiseFn, shape: tuple[int, ...], steps: int, device: torch.device,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """Clean latents of `shape` from pure noise at t = T in `steps` steps (DDIM, or rectified-flow Euler)."""
-        x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+               generator: torch.Generator | None = None, source: torch.Tensor | None = None) -> torch.Tensor:
+        """Clean latents of `shape` from t = T in `steps` steps (DDIM, or rectified-flow Euler).
+
+        The chain starts from pure noise, or from `source` (the flow's source sample, e.g. the interpolation's
+        latent; rectified flow only), as diffusion.source says.
+        """
+        if (source is not None) != (self.config.source != "noise"):
+            raise ValueError(f"diffusion.source is {self.config.source!r}: sample() needs "
+                             f"{'no' if self.config.source == 'noise' else 'a'} source latent")
+        if source is not None:
+            if tuple(source.shape) != tuple(shape):
+                raise ValueError(f"source latent {tuple(source.shape)} does not have the sample shape {tuple(shape)}")
+            x = source.float().clone()
+        else:
+            x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
         if self.config.scheduler == "rflow":
             self.sampler.set_timesteps(steps, device=device)
             timesteps = self.sampler.timesteps.tolist()

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctv2v.config import RunConfig
+from ctv2v.data.interpolation import Interpolation
 from ctv2v.models.artifacts import VAE_KIND_OF_VARIANT
 from ctv2v.models.denoiser import Denoiser
 from ctv2v.models.diffusion import Diffusion
@@ -19,10 +20,15 @@ class VideoToVideoDiffusion(nn.Module):
     Training has two phases. Frozen: the VAE is fixed (eval mode, no gradients, not in the optimizer) and the
     denoiser learns on (possibly cached) latents. Full: the VAE is fine-tuned too, and an L1 reconstruction
     term on the VAE keeps its latent space from collapsing under the diffusion loss alone.
+
+    The image-space interpolation of the thick clip on the thin grid (`interp`, same shape as the thin clip)
+    can condition the denoiser (`condition='interpolation'`), be the flow's source (diffusion.source) and
+    anchor the output (`residual_decoding`); see ctv2v.config.V2VConfig.
     """
 
     def __init__(self, vae: ClipVAE, denoiser: Denoiser, diffusion: Diffusion, thick_factor: int,
-                 recon_weight: float, sample_steps: int):
+                 recon_weight: float, sample_steps: int, condition: str = "thick", residual_decoding: bool = False,
+                 interpolation: Interpolation = Interpolation("cubic")):
         super().__init__()
         if denoiser.latent_channels != vae.latent_channels:
             raise ValueError(f"denoiser works on {denoiser.latent_channels} latent channels, "
@@ -33,6 +39,9 @@ class VideoToVideoDiffusion(nn.Module):
         self.thick_factor = thick_factor
         self.recon_weight = recon_weight
         self.sample_steps = sample_steps
+        self.condition = condition
+        self.residual_decoding = residual_decoding
+        self.interpolation_spec = interpolation
         self.vae_frozen = False
         self.freeze_vae()
 
@@ -82,14 +91,38 @@ class VideoToVideoDiffusion(nn.Module):
                 f"({b}, 1, {n * self.thick_factor}, {h}, {w}) for thick factor {self.thick_factor}"
             )
 
-    def loss(self, thick: torch.Tensor, thin: torch.Tensor, generator: torch.Generator | None = None
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    @property
+    def interpolation(self) -> Interpolation | None:
+        """The interpolation whose clips training and sampling need (`interp`), or None if unused."""
+        uses = self.condition == "interpolation" or self.diffusion.config.source == "interpolation" \
+            or self.residual_decoding
+        return self.interpolation_spec if uses else None
+
+    def input_latents(self, thick: torch.Tensor, interp: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(condition latent, flow source latent or None, interpolation latent or None) of a clip's inputs."""
+        if self.interpolation is not None:
+            if interp is None:
+                raise ValueError("this model uses the interpolated clip (v2v.condition, diffusion.source or "
+                                 "v2v.residual_decoding): pass `interp`")
+            check_clip("interp", interp)
+            interp_latent = self.vae.encode(interp)
+        else:
+            interp_latent = None
+        condition = interp_latent if self.condition == "interpolation" else self.vae.encode(thick)
+        source = interp_latent if self.diffusion.config.source == "interpolation" else None
+        return condition, source, interp_latent
+
+    def loss(self, thick: torch.Tensor, thin: torch.Tensor, generator: torch.Generator | None = None, *,
+             interp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Training loss on a clip pair: diffusion loss, plus recon_weight * L1 reconstruction when unfrozen."""
         self.check_pair(thick, thin)
+        if interp is not None and interp.shape != thin.shape:
+            raise ValueError(f"interpolated clip {tuple(interp.shape)} differs from the thin clip {tuple(thin.shape)}")
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.vae_frozen):
             thin_latent = self.vae.encode(thin)
-            thick_latent = self.vae.encode(thick)
-        loss, parts = self.loss_from_latents(thick_latent, thin_latent, generator)
+            condition, source, _ = self.input_latents(thick, interp)
+        loss, parts = self.loss_from_latents(condition, thin_latent, generator, source_latent=source)
         if not self.vae_frozen and self.recon_weight > 0:
             recon = self.vae.decode(thin_latent, size=tuple(thin.shape[2:]))
             recon_l1 = F.l1_loss(recon.float(), thin.float())
@@ -98,36 +131,53 @@ class VideoToVideoDiffusion(nn.Module):
         parts["loss"] = loss.detach()
         return loss, parts
 
-    def loss_from_latents(self, thick_latent: torch.Tensor, thin_latent: torch.Tensor,
-                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Diffusion loss on (scaled) latents, e.g. cached ones in the frozen phase."""
+    def loss_from_latents(self, condition_latent: torch.Tensor, thin_latent: torch.Tensor,
+                          generator: torch.Generator | None = None, *, source_latent: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Diffusion loss on (scaled) latents, e.g. cached ones in the frozen phase.
+
+        `source_latent` is the flow's source (diffusion.source 'interpolation'); None draws Gaussian noise.
+        """
         check_clip("thin_latent", thin_latent, channels=self.vae.latent_channels, min_frames=1)
-        check_clip("thick_latent", thick_latent, channels=self.vae.latent_channels, min_frames=1)
+        check_clip("condition_latent", condition_latent, channels=self.vae.latent_channels, min_frames=1)
         x0 = thin_latent.float()
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
+        if source_latent is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
+        else:
+            noise = source_latent.float()
         timesteps = self.diffusion.sample_timesteps(x0.shape[0], x0.device, generator)
         noisy = self.diffusion.add_noise(x0, noise, timesteps)
-        prediction = self.denoiser(noisy, thick_latent, timesteps)
+        prediction = self.denoiser(noisy, condition_latent, timesteps)
         loss = self.diffusion.loss(prediction, x0, noise, timesteps)
         return loss, {"diffusion": loss.detach()}
 
     # ----------------------------------------------------------------------------------------- inference
     @torch.no_grad()
-    def sample(self, thick: torch.Tensor, steps: int | None = None, generator: torch.Generator | None = None
-               ) -> torch.Tensor:
-        """The thin clip (B, 1, T * thick_factor, H, W) in [0, 1] for a thick clip, by `steps` sampling steps."""
+    def sample(self, thick: torch.Tensor, steps: int | None = None, generator: torch.Generator | None = None,
+               interp: torch.Tensor | None = None) -> torch.Tensor:
+        """The thin clip (B, 1, T * thick_factor, H, W) in [0, 1] for a thick clip, by `steps` sampling steps.
+
+        `interp` is the thick clip's interpolation on the thin grid, needed when the model uses it.
+        """
         check_clip("thick", thick)
         b, _, n, h, w = thick.shape
         size = (n * self.thick_factor, h, w)
-        thick_latent = self.vae.encode(thick)
+        if interp is not None and tuple(interp.shape) != (b, 1, *size):
+            raise ValueError(f"interpolated clip {tuple(interp.shape)} does not match thick clip {tuple(thick.shape)}: "
+                             f"expected {(b, 1, *size)}")
+        condition, source, interp_latent = self.input_latents(thick, interp)
         latent = self.diffusion.sample(
-            lambda x, t: self.denoiser(x, thick_latent, t),
+            lambda x, t: self.denoiser(x, condition, t),
             self.vae.latent_shape((b, 1, *size)),
             steps if steps is not None else self.sample_steps,
             thick.device,
             generator,
+            source,
         )
-        return self.vae.decode(latent, size=size).float().clamp(0.0, 1.0)
+        decoded = self.vae.decode(latent, size=size).float()
+        if self.residual_decoding:
+            decoded = interp.float() + (decoded - self.vae.decode(interp_latent, size=size).float())
+        return decoded.clamp(0.0, 1.0)
 
 
 def build_model(config: RunConfig, vae: ClipVAE) -> VideoToVideoDiffusion:
@@ -142,4 +192,7 @@ def build_model(config: RunConfig, vae: ClipVAE) -> VideoToVideoDiffusion:
         thick_factor=config.data.thick.factor,
         recon_weight=config.training.full.recon_weight,
         sample_steps=config.diffusion.sample_steps,
+        condition=config.v2v.condition,
+        residual_decoding=config.v2v.residual_decoding,
+        interpolation=Interpolation(config.v2v.interpolation, config.v2v.consistent_interpolation),
     )

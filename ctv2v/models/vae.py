@@ -145,6 +145,10 @@ class ClipVAE(nn.Module, ABC):
 
 
 # ------------------------------------------------------------------------------------------ scratch VAE
+INITIAL_LOGVAR = -8.0
+"""The scratch VAE's initial posterior log-variance (see ScratchAutoencoder)."""
+
+
 class ScratchAutoencoder(nn.Module):
     """Residual KL autoencoder whose 3D convolutions downsample in-plane only (stride (1, 2, 2)).
 
@@ -183,6 +187,10 @@ class ScratchAutoencoder(nn.Module):
                 enc.append(conv(ch, ch, strides=(1, 2, 2)))
         enc += [res(prev, prev), *norm_act(prev), conv(prev, 2 * latent_channels)]
         self.encoder = nn.Sequential(*enc)
+        # The log-variance half starts at exp(-8) (posterior std 0.018): the decoder learns from (almost) the
+        # posterior mean that every later use decodes, instead of from unit-variance noise around it.
+        with torch.no_grad():
+            self.encoder[-1].conv.bias[latent_channels:].fill_(INITIAL_LOGVAR)
 
         rev = list(reversed(channels))
         dec: list[nn.Module] = [conv(latent_channels, rev[0]), res(rev[0], rev[0])]
@@ -367,9 +375,8 @@ def compute_latent_scale(vae: ClipVAE, clips: Iterable[torch.Tensor]) -> float:
 
 # ----------------------------------------------------------------------------------- scratch VAE training
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, 1)), summed over latent voxels, averaged over the batch."""
-    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
-    return kl.flatten(1).sum(1).mean()
+    """KL(N(mu, exp(logvar)) || N(0, 1)) per latent value: the mean over latent values and the batch."""
+    return (0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)).mean()
 
 
 # -------------------------------------------------------------------------------------------- artifacts

@@ -116,7 +116,7 @@ def train_step(
         intensity = Intensity.from_config(config.data.intensity)
         train_volumes = load_split_volumes(data_dir, config, "train")
         val_clips = fixed_val_clips(load_split_volumes(data_dir, config, "val"), config.data.clip, intensity,
-                                    config.training.val_clips)
+                                    config.training.val_clips, model.interpolation)
         thick_spacings = [volume.thick.spacing_mm for volume in train_volumes]
         thick_spacing_mm = (min(thick_spacings), max(thick_spacings))
         settings = config.training.frozen if phase == "frozen" else config.training.full
@@ -124,7 +124,7 @@ def train_step(
             latents = encode_training_volumes(model.vae, train_volumes, config.data.clip, intensity, runtime.device)
             train_set = LatentClips(latents, config.data.clip, model.vae.factors, config.data.thick.factor, config.seed)
         else:
-            train_set = TrainClips(train_volumes, config.data.clip, intensity, config.seed)
+            train_set = TrainClips(train_volumes, config.data.clip, intensity, config.seed, model.interpolation)
         multiplier = config.training.full.vae_lr_multiplier if phase == "full" else 0.0
         groups = model.param_groups(settings.lr, multiplier, config.training.weight_decay)
         vae_params = {id(p) for p in model.vae.parameters()}

@@ -24,11 +24,16 @@ class DiffusionObjective(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if "thin_latent" in batch:
             return self.model.loss_from_latents(batch["thick_latent"], batch["thin_latent"])
-        return self.model.loss(batch["thick"], batch["thin"])
+        return self.model.loss(batch["thick"], batch["thin"], interp=batch.get("interp"))
 
 
 class ScratchVAEObjective(nn.Module):
-    """L1 reconstruction of a sampled latent plus kl_weight x KL, on thin clips (the scratch VAE's training)."""
+    """L1 reconstruction of a posterior sample plus kl_weight x KL per latent value, on thin clips.
+
+    The KL is a mean over latent values (not a sum: summed over as many values as voxels, it held the
+    posterior std near 1, so the decoder trained on noise while every later use decodes the mean), and the
+    log-variance starts small (ScratchAutoencoder), so the deterministic path encode() -> decode() is what trains.
+    """
 
     def __init__(self, vae: ClipVAE, kl_weight: float):
         super().__init__()
@@ -42,4 +47,5 @@ class ScratchVAEObjective(nn.Module):
         recon = self.vae.decode(z * self.vae.latent_scale, tuple(clip.shape[2:]))
         l1 = F.l1_loss(recon.float(), clip.float())
         kl = kl_divergence(mu.float(), logvar.float())
-        return l1 + self.kl_weight * kl, {"l1": l1.detach(), "kl": kl.detach()}
+        return l1 + self.kl_weight * kl, {"l1": l1.detach(), "kl": kl.detach(),
+                                          "posterior_std": torch.exp(0.5 * logvar.detach()).mean()}

@@ -1,4 +1,5 @@
-"""Interpolation baselines: rebuild the thin series from the thick one along z, with no learning.
+"""Interpolation along z: the baselines (the thin series rebuilt from the thick one with no learning) and the
+interpolation a model starts from (`Interpolation`, v2v.interpolation).
 
 Thick slice j sits on thin slice j*k (ctv2v.data.thick), so the thick series covers thin indices
 0..(n_thick-1)*k: the "covered range". Thin slices after the last thick position would need extrapolation,
@@ -8,12 +9,14 @@ the output keeps the thin series' length, and they are left out of every score (
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 from scipy.interpolate import make_interp_spline
 
-from ctv2v.data.thick import ThickSeries
+from ctv2v.data.cache import Preprocessed
+from ctv2v.data.thick import ThickSeries, project_to_thick
 
 Method = Literal["nearest", "linear", "cubic"]
 METHODS: tuple[Method, ...] = ("nearest", "linear", "cubic")
@@ -55,3 +58,20 @@ def interpolate(thick: ThickSeries, n_thin: int, method: Method) -> np.ndarray:
         thin[thick.thin_indices] = thick.array
     thin[covered:] = thick.array[-1]
     return thin
+
+
+@dataclass(frozen=True)
+class Interpolation:
+    """The image-space interpolation of a volume's thick series on its thin grid that a model uses (v2v)."""
+
+    method: Method
+    consistent: bool = False
+    """Covered slices projected onto the measured thick series (ctv2v.data.thick.project_to_thick)."""
+
+    def of(self, volume: Preprocessed) -> np.ndarray:
+        """The interpolated volume in HU, same shape as `volume.thin`."""
+        interpolated = interpolate(volume.thick, volume.thin.shape[0], self.method)
+        if self.consistent:
+            covered = covered_slices(volume.thick)
+            interpolated[:covered] = project_to_thick(interpolated[:covered], volume.thick, volume.thin.shape[0])
+        return interpolated

@@ -117,9 +117,10 @@ def vae_rows(out: Path) -> dict[str, dict[str, dict]]:
         interp = np.clip(Interpolation(config.v2v.interpolation, config.v2v.consistent_interpolation).of(volume),
                          *window)
         thin_recon, interp_recon = reconstruct(volume.thin), reconstruct(interp)
+        start = config.v2v.interpolation + ("+dc" if config.v2v.consistent_interpolation else "")
         rows[volume.volume_id] = {
             "VAE ceiling dec(enc(thin))": score_volume(thin_recon[:covered], truth, k, *window)["synthesized"],
-            f"oracle {config.v2v.interpolation} + dec(enc(thin)) - dec(enc({config.v2v.interpolation}))":
+            f"oracle {start} + dec(enc(thin)) - dec(enc({start}))":
                 score_volume((interp + thin_recon - interp_recon)[:covered], truth, k, *window)["synthesized"],
         }
     return rows
@@ -135,7 +136,8 @@ def curves(out: Path) -> dict[str, list[str]]:
             if match and match.group(1) == phase:
                 values = dict(item.rsplit(" ", 1) for item in match.group(3).split(", "))
                 points.append(f"epoch {match.group(2)}: {float(values['val_psnr_db_synthesized']):.2f} dB "
-                              f"(val_loss {float(values['val_loss']):.4f})")
+                              f"(start {float(values['val_interp_psnr_db_synthesized']):.2f}, "
+                              f"val_loss {float(values['val_loss']):.4f})")
         if not points:
             raise SystemExit(f"{out}/train-{phase}.log holds no validation line of phase {phase}")
         found[phase] = points

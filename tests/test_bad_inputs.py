@@ -18,6 +18,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -31,7 +32,14 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from tests.conftest import REPO, TRAINING_OVERRIDES, TRAINING_PHANTOM, prepared_phantoms, smoke_config, write_phantom
+from tests.conftest import (
+    REPO,
+    TRAINING_OVERRIDES,
+    TRAINING_PHANTOM,
+    prepared_phantoms,
+    smoke_config,
+    write_phantom,
+)
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 PRETRAINED = str(REPO / "configs" / "pretrained.yaml")
@@ -480,7 +488,7 @@ def test_console_script_prints_one_line_and_keeps_the_data(base, tmp_path):
     project = tmp_path / "proj"
     shutil.copytree(dataset, project / "dataset")
     before = snapshot(project)
-    result = subprocess.run([str(REPO / ".venv" / "bin" / "ctv2v"), "prepare-data", "--config", SMOKE, "--set",
+    result = subprocess.run([str(Path(sys.executable).parent / "ctv2v"), "prepare-data", "--config", SMOKE, "--set",
                              f"data.source={project / 'dataset'}", "--out", str(project)],
                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 1

@@ -234,6 +234,10 @@ class DiffusionConfig(_Section):
     """Where sampling starts. `interpolation` (rflow only): a flow from the interpolation's latent to the thin
     latent, the velocity being their difference; with the denoiser's zero-initialised output layer an untrained
     model returns the interpolation's latent."""
+    train_timesteps: Literal["uniform", "sampled"] = "uniform"
+    """Which timesteps training draws. `uniform`: all of [0, T). `sampled` (rflow only): only those sampling
+    visits with sample_steps; with one step that is t = T alone, so the denoiser learns exactly the one map it
+    is used for (source latent -> velocity) instead of spreading its training over blends it never sees."""
 
     @model_validator(mode="after")
     def _rflow_predicts_velocity(self) -> "DiffusionConfig":
@@ -243,6 +247,9 @@ class DiffusionConfig(_Section):
             )
         if self.scheduler == "rflow" and self.min_snr_gamma is not None:
             raise ValueError("min_snr_gamma weights DDPM timesteps by SNR; it is not defined for scheduler 'rflow'")
+        if self.train_timesteps == "sampled" and self.scheduler != "rflow":
+            raise ValueError("train_timesteps 'sampled' draws the rectified-flow sampler's timesteps: set "
+                             "scheduler: rflow")
         if self.source == "interpolation" and self.scheduler != "rflow":
             raise ValueError("source 'interpolation' is a flow from the interpolation's latent: set scheduler: rflow")
         return self

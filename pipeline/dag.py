@@ -36,6 +36,8 @@ COMMIT_ANNOTATION = "ctv2v.io/git-commit"
 SIDECAR_ANNOTATION = "sidecar.istio.io/inject"
 SAFE_TO_EVICT_ANNOTATION = "cluster-autoscaler.kubernetes.io/safe-to-evict"
 """Set to "false" on GPU pods: a scale-down would otherwise evict a training step hours into its work."""
+LAUNCHER_CPU, LAUNCHER_MEMORY = "1", "2Gi"
+"""A multi-node training step's own pod: it stages inputs, creates the TrainJob and streams its log."""
 S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
 ENV_CONFIG_MAP_KEYS = {key: key for key in (
     "MLFLOW_TRACKING_URI", "S3_ENDPOINT", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
@@ -93,10 +95,26 @@ def _on_v100(task: dsl.PipelineTask, cluster: ClusterConfig, name: str, gpus: in
     task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
     kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=shm)
     kubernetes.add_pod_annotation(task, SAFE_TO_EVICT_ANNOTATION, "false")
+    _timeout_and_retries(task, cluster, retries)
+    return task.set_caching_options(cache)
+
+
+def _timeout_and_retries(task: dsl.PipelineTask, cluster: ClusterConfig, retries: int) -> None:
     kubernetes.set_timeout(task, cluster.step_timeout_s)
     if retries:
         task.set_retry(num_retries=retries, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration="3600s")
-    return task.set_caching_options(cache)
+
+
+def _training(task: dsl.PipelineTask, cluster: ClusterConfig, name: str, gpus: int, retries: int,
+              commit: str) -> dsl.PipelineTask:
+    """A training step. On one node it trains in its own V100 pod. With cluster.nodes > 1 its pod only launches
+    and follows the TrainJob whose nodes hold the GPUs (ctv2v.steps.trainjob): a small CPU pod on the cpu image,
+    with the step's timeout and retries (a retry replaces its own stale TrainJob)."""
+    if cluster.nodes == 1:
+        return _on_v100(task, cluster, name, gpus, retries, commit)
+    _on_cpu(task, cluster, name, LAUNCHER_CPU, LAUNCHER_MEMORY, commit)
+    _timeout_and_retries(task, cluster, retries)
+    return task
 
 
 def build_pipeline(config: RunConfig, commit: str | None = None):
@@ -119,14 +137,14 @@ def build_pipeline(config: RunConfig, commit: str | None = None):
                            cluster, "match-architecture", 1, 0, commit, cache=True)
         else:
             # `gpus` is a constant of the compiled pipeline, beside the pod's GPU limit: never read at run time.
-            vae = _on_v100(train_vae_op(config_json=config_json, data=data, gpus=gpus, **workspace),
-                           cluster, "train-vae", gpus, retries, commit)
-        frozen = _on_v100(train_op(config_json=config_json, variant=variant, phase="frozen", data=data,
-                                   vae=vae.outputs["vae"], gpus=gpus, **workspace),
-                          cluster, f"train-frozen-{variant}", gpus, retries, commit)
-        full = _on_v100(train_op(config_json=config_json, variant=variant, phase="full", data=data,
-                                 vae=vae.outputs["vae"], init=frozen.outputs["model"], gpus=gpus, **workspace),
-                        cluster, f"train-full-{variant}", gpus, retries, commit)
+            vae = _training(train_vae_op(config_json=config_json, data=data, gpus=gpus, **workspace),
+                            cluster, "train-vae", gpus, retries, commit)
+        frozen = _training(train_op(config_json=config_json, variant=variant, phase="frozen", data=data,
+                                    vae=vae.outputs["vae"], gpus=gpus, **workspace),
+                           cluster, f"train-frozen-{variant}", gpus, retries, commit)
+        full = _training(train_op(config_json=config_json, variant=variant, phase="full", data=data,
+                                  vae=vae.outputs["vae"], init=frozen.outputs["model"], gpus=gpus, **workspace),
+                         cluster, f"train-full-{variant}", gpus, retries, commit)
         return _on_v100(evaluate_op(config_json=config_json, variant=variant, pipeline_run_id=run_id, data=data,
                                     model=full.outputs["model"]),
                         cluster, f"evaluate-{variant}", 1, 0, commit)

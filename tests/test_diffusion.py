@@ -84,6 +84,20 @@ class HalfOracle(torch.nn.Module):
         return self.diffusion.target(self.x0, noise, t).half()
 
 
+@pytest.mark.parametrize("sample_steps, visited", [(1, {1000}), (4, {1000, 750, 500, 250})])
+def test_sampled_training_timesteps_are_exactly_those_sampling_visits(sample_steps, visited):
+    """One-step sampling starts at t = T, a timestep uniform training ([0, T)) never draws: `sampled` trains there."""
+    config = DiffusionConfig(scheduler="rflow", prediction_type="v_prediction", source="interpolation",
+                             sample_steps=sample_steps, train_timesteps="sampled")
+    drawn = Diffusion(config).sample_timesteps(400, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert set(drawn.tolist()) == visited
+    x0, source = torch.randn(2, 4, 2, 4, 4), torch.randn(2, 4, 2, 4, 4)
+    at_start = Diffusion(config).add_noise(x0, source, torch.full((2,), 1000))
+    torch.testing.assert_close(at_start, source)  # at t = T the denoiser sees the source latent alone
+    with pytest.raises(ConfigError, match="train_timesteps"):
+        validate({"diffusion": {"train_timesteps": "sampled"}}, "test.yaml")
+
+
 @pytest.mark.parametrize("scheduler, prediction_type", [
     ("ddpm", "epsilon"), ("ddpm", "v_prediction"), ("rflow", "v_prediction")])
 def test_sampling_from_t_max_with_fp16_outputs_is_finite_and_lands_on_x0(scheduler, prediction_type):

@@ -122,9 +122,11 @@ def test_a_retry_takes_over_what_a_killed_attempt_left_pending(mlflow_server, tm
     pipeline_run_id = new_pipeline_run_id()
     out_dir = tmp_path / "train-vae"
     killed = Tracker(config, out_dir)
-    # The pod dies inside the step: nothing closes the run (the reference keeps the generator from closing it).
+    # The pod dies inside the step: nothing closes the run. Its exit code never runs, and must not run later
+    # either, when garbage collection closes the abandoned context manager during another test.
     killed_step = killed.step_run("train-vae", pipeline_run_id)
     killed_step.__enter__()
+    killed.close = lambda status="FINISHED": False
     killed.log_metrics({"loss": 2.0}, step=0)
     mlflow_server.stop()
     try:

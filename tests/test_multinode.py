@@ -81,7 +81,10 @@ def test_two_nodes_train_like_one_node_with_two_processes(tmp_path, monkeypatch)
         (job,) = stub.jobs.values()
         trainer = job["spec"]["trainer"]
         assert trainer["numNodes"] == 2 and trainer["numProcPerNode"] == 1
-        node_env = {**env, **{item["name"]: item["value"] for item in trainer["env"] if "value" in item}}
+        # torchrun gave the reference's two processes OMP_NUM_THREADS=1 (it does so only for nproc_per_node > 1):
+        # the nodes get the same, since bitwise-equal weights need the same intra-op reduction order.
+        node_env = {**env, **{item["name"]: item["value"] for item in trainer["env"] if "value" in item},
+                    "OMP_NUM_THREADS": "1"}
         port = _free_port()
         nodes = [subprocess.Popen(trainer["command"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True, env={**node_env, "PET_NNODES": "2", "PET_NPROC_PER_NODE": "1",

@@ -152,6 +152,28 @@ def test_gpu_step_resources_scale_with_gpus_and_fit_common_v100_machines(gpus, t
     assert 2 * shm <= memory
 
 
+def test_with_several_nodes_training_steps_are_small_cpu_launchers_and_the_gpus_go_to_the_trainjob(tmp_path):
+    """A multi-node step's pod only creates and follows its TrainJob: holding a V100 there would idle a card for
+    the whole run. Its retries and timeout stay; evaluate and match still run on a GPU pod."""
+    config = load_config([CONFIGS / "main.yaml"], ["cluster.nodes=2", "cluster.gpus_per_step=4"])
+    out = compile_pipeline(config, tmp_path / "p.yaml")
+    pipeline_doc, platform_doc = list(yaml.safe_load_all(out.read_text()))
+    launchers = [step for prefix in ("train-op", "train-vae-op")
+                 for step in _executor_for(pipeline_doc, platform_doc, prefix)]
+    assert {_component_of(label) for label, _, _ in launchers} == {"train-op", "train-vae-op"}
+    for label, container, cfg in launchers:
+        assert "accelerator" not in container["resources"], label
+        assert "nodeAffinity" not in cfg and "tolerations" not in cfg, label
+        assert container["image"] == "ctv2v/cpu:0.1.0", label
+        assert parse_quantity(container["resources"]["resourceCpuLimit"]) == 1, label
+        assert cfg["pvcMount"][0]["mountPath"] == config.cluster.workspace_mount, label
+        assert int(cfg["activeDeadlineSeconds"]) == config.cluster.step_timeout_s, label
+    train = [t for name, t in _all_tasks(pipeline_doc).items() if name.startswith(("train-op", "train-vae-op"))]
+    assert train and all(task["retryPolicy"]["maxRetryCount"] == config.cluster.train_retries for task in train)
+    (_, evaluate, _), *_ = _executor_for(pipeline_doc, platform_doc, "evaluate-op")
+    assert evaluate["resources"]["accelerator"]["resourceCount"] == "1"
+
+
 def test_shm_larger_than_half_the_memory_is_refused():
     with pytest.raises(ValueError, match="counts against the memory limit"):
         ClusterConfig(shm_per_gpu_gib=30, memory_per_gpu_gib=52)

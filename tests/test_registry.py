@@ -73,6 +73,20 @@ def test_registered_pyfunc_model_predicts_like_ctv2v_predict(mlflow_server, demo
         "MLmodel", "artifacts", "code", "input_example.json"}
 
 
+def test_registering_leaves_the_callers_mlflow_uri_as_it_was(mlflow_server, tmp_path, monkeypatch):
+    """A library call must not pin MLflow's process-wide tracking URI: a notebook or service that registers a model
+    under the config's URI keeps following MLFLOW_TRACKING_URI afterwards, including later changes of it."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9/the-callers-server")
+    tracker = Tracker(tracking(mlflow_server.uri), tmp_path / "eval")
+    with tracker.step_run("evaluate", new_pipeline_run_id(), variant="main"):
+        registration = tracker.register_model(tiny_model(tmp_path / "model"), f"ctv2v-test-{uuid.uuid4().hex[:6]}",
+                                              FACTS)
+    assert registration.refusal is None
+    assert mlflow.get_tracking_uri() == "http://127.0.0.1:9/the-callers-server"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    assert mlflow.get_tracking_uri() == mlflow_server.uri
+
+
 def test_evaluate_step_registers_a_tagged_smoke_version_that_never_becomes_champion(mlflow_server, tmp_path):
     from ctv2v.steps.evaluate import evaluate_step
 

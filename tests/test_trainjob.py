@@ -22,6 +22,7 @@ from ctv2v.steps.trainjob import (
     OUT_DIR_ANNOTATION,
     TrainJobFailed,
     build_trainjob,
+    kubernetes_api,
     run_trainjob,
     trainjob_name,
 )
@@ -107,6 +108,15 @@ def stub():
 def _api(stub: KubeStub, tmp_path: Path):
     return kube_config.new_client_from_config(config_file=str(stub.write_kubeconfig(tmp_path / "kubeconfig",
                                                                                    stub.url)))
+
+
+def test_kubeconfig_set_after_the_kubernetes_package_was_imported_is_the_one_used(stub, tmp_path, monkeypatch):
+    """kubernetes fixes its default kubeconfig path when imported (this module imported it above); a KUBECONFIG
+    exported later, as a launcher does for the step, must still be the one that names the cluster and namespace."""
+    monkeypatch.setenv("KUBECONFIG", str(stub.write_kubeconfig(tmp_path / "kubeconfig", stub.url)))
+    api_client, namespace = kubernetes_api()
+    assert namespace == "team-a"
+    assert api_client.configuration.host == stub.url
 
 
 def test_complete_job_streams_node0_log_and_is_kept(stub, tmp_path, caplog):

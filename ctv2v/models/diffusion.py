@@ -44,12 +44,22 @@ class Diffusion:
             self.noise_scheduler = RFlowScheduler(num_train_timesteps=config.num_train_timesteps,
                                                   use_discrete_timesteps=True, sample_method="uniform")
             self.sampler = self.noise_scheduler
+        self.train_timestep_values: torch.Tensor | None = None
+        if config.train_timesteps == "sampled":
+            visited = RFlowScheduler(num_train_timesteps=config.num_train_timesteps, use_discrete_timesteps=True,
+                                     sample_method="uniform")
+            visited.set_timesteps(config.sample_steps)
+            self.train_timestep_values = visited.timesteps.long().cpu()
 
     # ------------------------------------------------------------------------------------------- training
     def sample_timesteps(self, batch: int, device: torch.device, generator: torch.Generator | None = None
                          ) -> torch.Tensor:
-        """Uniform integer timesteps in [0, T) (rectified flow: t/T is the noise fraction)."""
-        return torch.randint(0, self.num_train_timesteps, (batch,), device=device, generator=generator)
+        """Uniform integer timesteps in [0, T) (rectified flow: t/T is the source's fraction), or uniform over the
+        timesteps sampling visits (diffusion.train_timesteps 'sampled')."""
+        if self.train_timestep_values is None:
+            return torch.randint(0, self.num_train_timesteps, (batch,), device=device, generator=generator)
+        picks = torch.randint(0, len(self.train_timestep_values), (batch,), device=device, generator=generator)
+        return self.train_timestep_values.to(device)[picks]
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x_t from clean latents `x0`, in float32."""

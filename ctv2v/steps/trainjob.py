@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -196,12 +197,14 @@ def kubernetes_api() -> tuple[Any, str]:
     if (token_dir / "token").is_file():
         kube_config.load_incluster_config()
         return client.ApiClient(), (token_dir / "namespace").read_text().strip()
-    kube_config.load_kube_config()
-    _, context = kube_config.list_kube_config_contexts()
+    # KUBECONFIG is read now, not when the kubernetes package was imported (its default path is fixed at import).
+    kubeconfig = os.environ.get("KUBECONFIG", "~/.kube/config")
+    api = kube_config.new_client_from_config(config_file=kubeconfig)
+    _, context = kube_config.list_kube_config_contexts(config_file=kubeconfig)
     namespace = context["context"].get("namespace")
     if not namespace:
         raise ValueError(f"kubeconfig context {context['name']!r} names no namespace to create the TrainJob in")
-    return client.ApiClient(), namespace
+    return api, namespace
 
 
 def _condition(job: Mapping[str, Any], kind: str) -> Mapping[str, Any] | None:
@@ -280,8 +283,6 @@ def run_trainjob(config: RunConfig, call_file: Path, out_dir: Path, *, api_clien
 
     Without `api_client`/`namespace`, they come from the pod's service account or the kubeconfig.
     """
-    import os
-
     from kubernetes import client, watch
     from kubernetes.client.exceptions import ApiException
 

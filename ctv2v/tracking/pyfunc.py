@@ -10,6 +10,7 @@ output: the float32 thin series in HU, (n_thick - 1) * k + 1 slices, through ctv
 from __future__ import annotations
 
 import importlib.metadata
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -72,13 +73,25 @@ def model_metadata(model_dir: Path) -> dict[str, Any]:
 
 @contextmanager
 def _tracking_uri(uri: str) -> Iterator[None]:
-    """MLflow's fluent API (log_model) under `uri`, restored afterwards."""
-    previous = mlflow.get_tracking_uri()
+    """MLflow's fluent API (log_model) under `uri`; afterwards the caller's process is as it was.
+
+    mlflow.set_tracking_uri writes both MLflow's module-level URI and the MLFLOW_TRACKING_URI variable, and the
+    module-level URI wins over the variable: restoring with the *resolved* URI (get_tracking_uri) would pin it for
+    the rest of the process, so the raw module value and the variable are saved and put back as they were.
+    """
+    from mlflow.tracking._tracking_service import utils as tracking_service
+
+    previous_module_uri = tracking_service._tracking_uri
+    previous_variable = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous)
+        mlflow.set_tracking_uri(previous_module_uri)
+        if previous_variable is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_variable
 
 
 def log_pyfunc_model(tracking_uri: str, run_id: str, model_dir: Path) -> str:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = [REPO / "configs" / "main.yaml", REPO / "configs" / "cpu-quality.yaml"]
+OVERRIDES: list[str] = []
+"""--set overrides given to the benchmark, passed to every step (and to the VAE rows' config)."""
 VALIDATION_LINE = re.compile(r"(\w+) epoch (\d+) validation: (.*)")
 
 ABLATIONS = {
@@ -39,6 +41,7 @@ ABLATIONS = {
 def ctv2v(args: list[str], log: Path) -> float:
     """Run one `ctv2v` command (stdout/stderr to `log`); its wall time in seconds."""
     config_args = [arg for path in CONFIGS for arg in ("--config", str(path))]
+    config_args += [arg for override in OVERRIDES for arg in ("--set", override)]
     command = [sys.executable, "-m", "pipeline.cli", args[0], *config_args, *args[1:]]
     started = time.monotonic()
     with open(log, "w") as handle:
@@ -98,7 +101,7 @@ def vae_rows(out: Path) -> dict[str, dict[str, dict]]:
     from ctv2v.evaluate.metrics import score_volume
     from ctv2v.models.vae import load_vae_artifact
 
-    config = load_config(CONFIGS)
+    config = load_config(CONFIGS, OVERRIDES)
     vae = load_vae_artifact(out / "vae").eval()
     intensity = Intensity.from_config(config.data.intensity)
     window = (config.evaluation.hu_min, config.evaluation.hu_max)
@@ -152,7 +155,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--reuse", action="store_true", help="score the finished run in --out instead of training")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="config override for every step, e.g. --set training.frozen.epochs=32 (repeatable)")
     args = parser.parse_args()
+    OVERRIDES.extend(args.overrides)
     out = args.out.resolve()
     walls = json.loads((out / "wall.json").read_text()) if args.reuse else run_branch(out)
     report = json.loads((out / "evaluate" / "report.json").read_text())
@@ -160,9 +166,10 @@ def main() -> int:
     vae = vae_rows(out)
 
     print(f"\n# cpu-quality `main` (configs/main.yaml + configs/cpu-quality.yaml), seed {report['seed']}")
-    print(f"thick: {report['thick']}, resample {report['resample']}, HU {report['hu_range']}, "
-          f"{report['sample_steps']} sampling steps, v2v {report['v2v']}, diffusion {report['diffusion']}")
-    print(f"data consistency: {report['data_consistency']}")
+    settings = report["model_settings"]
+    print(f"thick: {report['thick']}, resample {settings['resample']}, HU {report['hu_range']}, "
+          f"{report['sample_steps']} sampling steps, v2v {settings['v2v']}, diffusion {settings['diffusion']}")
+    print(f"data consistency: {settings['data_consistency']}; overrides: {OVERRIDES or 'none'}")
     print("scores on synthesized slices: PSNR dB / SSIM-3D / MAE HU\n")
     for volume in report["volumes"]:
         vid, metrics = volume["id"], volume["metrics"]

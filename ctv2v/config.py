@@ -291,6 +291,11 @@ class TrainingConfig(_Section):
     checkpoint_every_steps: int = Field(100, ge=1)
     latent_cache: bool = True
     """Frozen phase: encode the training clips once and train the denoiser on cached latents."""
+    image_loss_weight: float = Field(0.0, ge=0)
+    """Both phases: add this weight x the mean squared error between the thin clip and the image the prediction
+    stands for (its x0 estimate decoded, through residual decoding when on, as sampling forms the output). The
+    latent loss weighs every latent value alike, whatever the decoder makes of it; this term trains on what
+    evaluation scores. Rectified flow only; needs the clips (training.latent_cache: false)."""
     val_every_epochs: int = Field(1, ge=1)
     val_clips: int = Field(4, ge=1)
     """Fixed val clips (spread over the val volumes' evaluation tiles) whose diffusion loss is tracked."""
@@ -518,4 +523,11 @@ class RunConfig(_Section):
             raise ValueError("training.latent_cache caches thin and thick latents only; a model that uses the "
                              "interpolation (v2v.condition, diffusion.source, v2v.residual_decoding) needs "
                              "training.latent_cache: false")
+        if self.training.image_loss_weight > 0:
+            if self.diffusion.scheduler != "rflow":
+                raise ValueError("training.image_loss_weight decodes the rectified flow's x0 estimate: set "
+                                 "diffusion.scheduler: rflow")
+            if self.training.latent_cache:
+                raise ValueError("training.image_loss_weight compares decoded clips with the thin clips: set "
+                                 "training.latent_cache: false")
         return self

@@ -230,7 +230,8 @@ def _submit_arguments(parser: argparse.ArgumentParser) -> None:
                              "$KF_PIPELINES_ENDPOINT, else KFP's in-cluster address")
     parser.add_argument("--namespace", default=None, help="profile namespace (multi-user Kubeflow)")
     parser.add_argument("--experiment", default="ctv2v", help="KFP experiment name (default: ctv2v)")
-    parser.add_argument("--branches", choices=BRANCHES, default="both")
+    parser.add_argument("--variant", "--branches", dest="branches", choices=BRANCHES, default="both",
+                        help="which variant's branch to run: main, pretrained, or both (default)")
     parser.add_argument("--run-name", default=None)
     # Never a token itself as an argument: other users see arguments in `ps`, shells keep them in history.
     auth = parser.add_mutually_exclusive_group()
@@ -258,7 +259,8 @@ def _submit(args: argparse.Namespace) -> int:
 
 def _run_local_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--branches", choices=BRANCHES, default="both")
+    parser.add_argument("--variant", "--branches", dest="branches", choices=BRANCHES, default="both",
+                        help="which variant's branch to run: main, pretrained, or both (default)")
     parser.add_argument("--weights", choices=("pretrained", "stand-in"), default=None,
                         help="MAISI weights for the pretrained branch; `stand-in` builds random weights in "
                              "MAISI's layout (offline demos), labelled so everywhere")

@@ -229,6 +229,13 @@ def test_reconstruction_psnr_is_in_hu_over_the_window(data_dir, tmp_path):
     expected = 10 * math.log10(2000.0 ** 2 / float(error_hu.pow(2).mean()))
     assert summary.recon_check.psnr_db == pytest.approx(expected, abs=1e-3)
     assert summary.recon_check.status == "passed" and summary.weights == "pretrained"
+    # The VAE's ceiling sits beside the interpolation the model starts from, in the report and under the same
+    # metric names train-vae uses for the scratch VAE; untrained tiny weights are far below interpolation.
+    ceiling = json.loads((tmp_path / "vae" / REPORT_NAME).read_text())["ceiling"]
+    assert ceiling == summary.ceiling
+    for subset in ("all", "synthesized"):
+        assert ceiling[f"val_psnr_db_{subset}"] < ceiling[f"val_interp_psnr_db_{subset}"] - 10
+        assert {f"val_ssim_2d_{subset}", f"val_interp_ssim_2d_{subset}"} <= set(ceiling)
 
 
 def test_step_failures_leave_no_artifact(data_dir, tmp_path):

@@ -212,6 +212,34 @@ def test_training_and_sampling_condition_on_the_same_latent():
         model.sample(clip["thick"], steps=1)
 
 
+def test_image_loss_scores_the_output_one_step_sampling_makes_and_trains_the_denoiser():
+    """training.image_loss_weight compares the thin clip with what sample() would output (before clamping) for the
+    prediction; here, untrained and at t = T, that is the interpolation itself. Its gradient reaches the denoiser."""
+    config, model = bridge_model("diffusion.sample_steps=1", "diffusion.train_timesteps=sampled",
+                                 "training.image_loss_weight=2.0")
+    volume = phantom_volume((13, 16, 16))
+    tile = eval_tiles(volume.thin.shape, config.data.clip, 4, volume.thick.array.shape[0])[0]
+    clip = {k: torch.from_numpy(v)[None, None]
+            for k, v in extract_clip(volume, tile, Intensity(), Interpolation("cubic").of(volume)).items()}
+    model.train()
+    loss, parts = model.loss(clip["thick"], clip["thin"], interp=clip["interp"])
+    expected = torch.nn.functional.mse_loss(clip["interp"].float(), clip["thin"].float())
+    torch.testing.assert_close(parts["image_mse"], expected)
+    torch.testing.assert_close(loss, parts["diffusion"] + 2.0 * expected)
+    loss.backward()
+    output_layer = [p for p in model.denoiser.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert output_layer and all(p.grad is None for p in model.vae.parameters())
+
+
+def test_image_loss_needs_the_flow_and_the_clips():
+    from ctv2v.config import ConfigError
+
+    with pytest.raises(ConfigError, match="decodes the rectified flow's x0 estimate"):
+        training_config("training.image_loss_weight=1.0", "training.latent_cache=false")
+    with pytest.raises(ConfigError, match="compares decoded clips with the thin clips"):
+        training_config(*BRIDGE[:2], "training.image_loss_weight=1.0", "training.latent_cache=true")
+
+
 def test_tiny_end_to_end_run_improves_on_its_first_validation(tmp_path):
     """train-vae, then the frozen phase of the flow from the interpolation: val loss falls below its first value."""
     from ctv2v.steps.train_vae import train_vae_step

@@ -65,7 +65,7 @@ def test_submit_with_a_cookie_of_an_old_install_sends_it(kfp_stub, monkeypatch):
     monkeypatch.setenv("KFP_COOKIE", "authservice_session=abc")
     assert cli_main(["pipeline", "submit", "--host", host, "--namespace", "team-ct",
                      "--cookie-env", "KFP_COOKIE", "--config", str(CONFIGS / "main.yaml"),
-                     "--branches", "main"]) == 0
+                     "--variant", "main"]) == 0
     run = _posts(stub, "/apis/v2beta1/runs")[0].json()
     assert run["runtime_config"]["parameters"]["branches"] == "main"
     assert all(r.headers.get("cookie") == "authservice_session=abc" for r in stub.requests)

@@ -86,6 +86,13 @@ class Diffusion:
         ab = self.alpha_bar(timesteps).view(-1, *([1] * (x0.ndim - 1)))
         return ab.sqrt() * noise - (1 - ab).sqrt() * x0
 
+    def predicted_x0(self, noisy: torch.Tensor, prediction: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The clean latent a rectified-flow velocity prediction stands for: x_t + (t / T) v, in float32."""
+        if self.config.scheduler != "rflow":
+            raise ValueError("predicted_x0 is defined for the rectified flow only")
+        fraction = (timesteps.float() / self.num_train_timesteps).view(-1, *([1] * (noisy.ndim - 1)))
+        return noisy.float() + fraction * prediction.float()
+
     def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Per-sample loss weights: Min-SNR-gamma (Hang et al. 2023) when configured, else ones."""
         gamma = self.config.min_snr_gamma

@@ -28,7 +28,7 @@ class VideoToVideoDiffusion(nn.Module):
 
     def __init__(self, vae: ClipVAE, denoiser: Denoiser, diffusion: Diffusion, thick_factor: int,
                  recon_weight: float, sample_steps: int, condition: str = "thick", residual_decoding: bool = False,
-                 interpolation: Interpolation = Interpolation("cubic")):
+                 interpolation: Interpolation = Interpolation("cubic"), image_loss_weight: float = 0.0):
         super().__init__()
         if denoiser.latent_channels != vae.latent_channels:
             raise ValueError(f"denoiser works on {denoiser.latent_channels} latent channels, "
@@ -38,6 +38,7 @@ class VideoToVideoDiffusion(nn.Module):
         self.diffusion = diffusion
         self.thick_factor = thick_factor
         self.recon_weight = recon_weight
+        self.image_loss_weight = image_loss_weight
         self.sample_steps = sample_steps
         self.condition = condition
         self.residual_decoding = residual_decoding
@@ -115,14 +116,21 @@ class VideoToVideoDiffusion(nn.Module):
 
     def loss(self, thick: torch.Tensor, thin: torch.Tensor, generator: torch.Generator | None = None, *,
              interp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Training loss on a clip pair: diffusion loss, plus recon_weight * L1 reconstruction when unfrozen."""
+        """Training loss on a clip pair: diffusion loss, plus image_loss_weight * MSE of the image the prediction
+        decodes to, plus recon_weight * L1 reconstruction when unfrozen."""
         self.check_pair(thick, thin)
         if interp is not None and interp.shape != thin.shape:
             raise ValueError(f"interpolated clip {tuple(interp.shape)} differs from the thin clip {tuple(thin.shape)}")
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.vae_frozen):
+        vae_grad = torch.is_grad_enabled() and not self.vae_frozen
+        with torch.set_grad_enabled(vae_grad):
             thin_latent = self.vae.encode(thin)
-            condition, source, _ = self.input_latents(thick, interp)
-        loss, parts = self.loss_from_latents(condition, thin_latent, generator, source_latent=source)
+            condition, source, interp_latent = self.input_latents(thick, interp)
+        loss, parts, x0_estimate = self._latent_loss(condition, thin_latent, generator, source)
+        if self.image_loss_weight > 0:
+            image = self.decode_output(x0_estimate, tuple(thin.shape[2:]), interp, interp_latent, vae_grad)
+            image_mse = F.mse_loss(image, thin.float())
+            loss = loss + self.image_loss_weight * image_mse
+            parts["image_mse"] = image_mse.detach()
         if not self.vae_frozen and self.recon_weight > 0:
             recon = self.vae.decode(thin_latent, size=tuple(thin.shape[2:]))
             recon_l1 = F.l1_loss(recon.float(), thin.float())
@@ -138,6 +146,13 @@ class VideoToVideoDiffusion(nn.Module):
 
         `source_latent` is the flow's source (diffusion.source 'interpolation'); None draws Gaussian noise.
         """
+        loss, parts, _ = self._latent_loss(condition_latent, thin_latent, generator, source_latent)
+        return loss, parts
+
+    def _latent_loss(self, condition_latent: torch.Tensor, thin_latent: torch.Tensor,
+                     generator: torch.Generator | None, source_latent: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+        """(diffusion loss, its parts, the x0 estimate of the prediction when image_loss_weight needs it)."""
         check_clip("thin_latent", thin_latent, channels=self.vae.latent_channels, min_frames=1)
         check_clip("condition_latent", condition_latent, channels=self.vae.latent_channels, min_frames=1)
         x0 = thin_latent.float()
@@ -149,7 +164,20 @@ class VideoToVideoDiffusion(nn.Module):
         noisy = self.diffusion.add_noise(x0, noise, timesteps)
         prediction = self.denoiser(noisy, condition_latent, timesteps)
         loss = self.diffusion.loss(prediction, x0, noise, timesteps)
-        return loss, {"diffusion": loss.detach()}
+        x0_estimate = self.diffusion.predicted_x0(noisy, prediction, timesteps) if self.image_loss_weight > 0 else None
+        return loss, {"diffusion": loss.detach()}, x0_estimate
+
+    def decode_output(self, latent: torch.Tensor, size: tuple[int, int, int], interp: torch.Tensor | None,
+                      interp_latent: torch.Tensor | None, vae_grad: bool = False) -> torch.Tensor:
+        """The thin clip a latent stands for, in float32 and unclamped: decode(latent), or with residual decoding
+        interp + decode(latent) - decode(latent of interp). Gradients reach the latent; the VAE's own parameters
+        and its decode of the interpolation get them only with `vae_grad` (full phase)."""
+        decoded = self.vae.decode(latent, size=size).float()
+        if not self.residual_decoding:
+            return decoded
+        with torch.set_grad_enabled(vae_grad):
+            anchor = self.vae.decode(interp_latent, size=size).float()
+        return interp.float() + (decoded - anchor)  # the difference first: an equal latent returns interp exactly
 
     # ----------------------------------------------------------------------------------------- inference
     @torch.no_grad()
@@ -174,10 +202,7 @@ class VideoToVideoDiffusion(nn.Module):
             generator,
             source,
         )
-        decoded = self.vae.decode(latent, size=size).float()
-        if self.residual_decoding:
-            decoded = interp.float() + (decoded - self.vae.decode(interp_latent, size=size).float())
-        return decoded.clamp(0.0, 1.0)
+        return self.decode_output(latent, size, interp, interp_latent).clamp(0.0, 1.0)
 
 
 def build_model(config: RunConfig, vae: ClipVAE) -> VideoToVideoDiffusion:
@@ -195,4 +220,5 @@ def build_model(config: RunConfig, vae: ClipVAE) -> VideoToVideoDiffusion:
         condition=config.v2v.condition,
         residual_decoding=config.v2v.residual_decoding,
         interpolation=Interpolation(config.v2v.interpolation, config.v2v.consistent_interpolation),
+        image_loss_weight=config.training.image_loss_weight,
     )

@@ -35,8 +35,9 @@ from ctv2v.models.maisi import ArchitectureMismatchError, MatchReport, load_mais
 from ctv2v.models.vae import MaisiVAE, compute_latent_scale, save_vae_artifact
 from ctv2v.remote.fetch import CheckpointFetchError, checkpoint_file, read_record
 from ctv2v.steps.context import tracked_step
-from ctv2v.train.device import select_device
-from ctv2v.train.validation import fixed_val_clips
+from ctv2v.data.interpolation import Interpolation
+from ctv2v.train.device import resolve_precision, select_device
+from ctv2v.train.validation import fixed_val_clips, validate_vae
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,9 @@ class MatchSummary:
     latent_scale_clips: int
     checkpoint: Path
     checkpoint_sha256: str
+    ceiling: dict[str, float] = field(default_factory=dict)
+    """The VAE's ceiling decode(encode(thin)) on the val clips, with the interpolation's scores on the same clips
+    (validate_vae's val_* and val_interp_* keys, as train-vae logs them for the scratch VAE)."""
 
     @property
     def load(self) -> str:
@@ -93,7 +97,7 @@ class MatchSummary:
             "weights": self.weights, "load": self.load, "loaded": f"{self.match.loaded}/{self.match.total}",
             "recon_check": self.recon_check.to_dict(), "latent_scale": self.latent_scale,
             "latent_scale_clips": self.latent_scale_clips, "checkpoint": str(self.checkpoint),
-            "checkpoint_sha256": self.checkpoint_sha256, "match": self.match.to_dict(),
+            "checkpoint_sha256": self.checkpoint_sha256, "ceiling": self.ceiling, "match": self.match.to_dict(),
         }
 
 
@@ -154,6 +158,17 @@ def reconstruction_check(vae: MaisiVAE, config: RunConfig, data_dir: Path, weigh
                                clips=len(clips))
 
 
+@torch.no_grad()
+def vae_ceiling(vae: MaisiVAE, config: RunConfig, data_dir: Path, device: torch.device) -> dict[str, float]:
+    """decode(encode(thin)) PSNR/SSIM on training.val_clips val clips next to the interpolation the model starts
+    from, scored as train-vae scores the scratch VAE (ctv2v.train.validation.validate_vae)."""
+    clips = fixed_val_clips(load_split_volumes(data_dir, config, "val"), config.data.clip,
+                            Intensity.from_config(config.data.intensity), config.training.val_clips,
+                            Interpolation(config.v2v.interpolation, config.v2v.consistent_interpolation))
+    vae.eval()
+    return validate_vae(vae, clips, config, device, resolve_precision(config.training.precision, device))
+
+
 def match_architecture_step(config: RunConfig, checkpoint_path: Path, out_dir: Path, data_dir: Path,
                             pipeline_run_id: str | None = None) -> MatchSummary:
     """Load the checkpoint strictly into AutoencoderKlMaisi, check it, write the VAE artifact, log to MLflow."""
@@ -180,6 +195,11 @@ def match_architecture_step(config: RunConfig, checkpoint_path: Path, out_dir: P
     vae.autoencoder.load_state_dict(model.state_dict(), strict=True)
     vae.to(device)
     recon = reconstruction_check(vae, config, data_dir, weights, report.partial, device)
+    ceiling = vae_ceiling(vae, config, data_dir, device)
+    log.info("%sVAE ceiling on %d val clip(s) (%s weights), synthesized slices: decode(encode(thin)) %.2f dB "
+             "vs %s interpolation %.2f dB", tag, config.training.val_clips, weights,
+             ceiling["val_psnr_db_synthesized"], config.v2v.interpolation,
+             ceiling["val_interp_psnr_db_synthesized"])
 
     train_clips = TrainClips(load_split_volumes(data_dir, config, "train"), config.data.clip,
                              Intensity.from_config(config.data.intensity), config.seed)
@@ -190,7 +210,7 @@ def match_architecture_step(config: RunConfig, checkpoint_path: Path, out_dir: P
 
     summary = MatchSummary(weights=weights, match=report, recon_check=recon, latent_scale=scale,
                            latent_scale_clips=count, checkpoint=path,
-                           checkpoint_sha256=_checkpoint_sha256(checkpoint_path, path))
+                           checkpoint_sha256=_checkpoint_sha256(checkpoint_path, path), ceiling=ceiling)
     record = summary.to_dict()
     save_vae_artifact(vae, out_dir, weights=weights, extra={k: v for k, v in record.items() if k != "weights"})
     atomic_write_text(out_dir / REPORT_NAME, json.dumps(record, indent=2) + "\n")
@@ -206,6 +226,7 @@ def _track(config: RunConfig, out_dir: Path, summary: MatchSummary, pipeline_run
     metrics = {"match/loaded_fraction": summary.match.loaded_fraction, "match/latent_scale": summary.latent_scale}
     if summary.recon_check.psnr_db is not None:
         metrics["match/recon_psnr_db"] = summary.recon_check.psnr_db
+    metrics.update({f"vae/{key}": value for key, value in summary.ceiling.items()})
     with tracked_step(config.tracking, out_dir, "match-architecture", pipeline_run_id, variant="pretrained",
                       phase="match", weights=summary.weights,
                       tags={"load": summary.load, "recon_check": summary.recon_check.status}) as tracker:

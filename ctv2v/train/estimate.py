@@ -149,6 +149,9 @@ FRAGMENTATION_SHARE = 0.10
 """Added to every estimate as a share of the tracked tensor peak: the caching allocator's fragmentation."""
 DEFAULT_SHARE = 0.85
 """`fit` keeps the estimated peak under this share of the card."""
+FILL_FLOOR = 0.60
+"""Below this share of the card a phase leaves most of the GPU's memory idle: `fit` then tries gradient
+checkpointing, which frees activation memory for a larger micro-batch (the preset target is 60-90 %)."""
 
 
 class _StepForward(nn.Module):
@@ -262,8 +265,9 @@ def _largest_fitting(estimate: Callable[[list[int]], list[int]], budget: int) ->
 def fit(config: RunConfig, card: str, share: float = DEFAULT_SHARE,
         progress: Callable[[str], None] = lambda _message: None) -> CardFit:
     """The V100 overlay for `card`: per variant and phase, the largest micro-batch whose estimated peak stays
-    under `share` of the card; gradient checkpointing only when a batch of 1 does not fit without it, and
-    gradient accumulation when the fitted batch is below the config's, so the effective batch never shrinks.
+    under `share` of the card; gradient checkpointing only where, without it, a batch of 1 does not fit or the
+    largest batch leaves the card under FILL_FLOOR (and it is kept only if it buys a larger batch); gradient
+    accumulation when the fitted batch is below the config's, so the effective batch never shrinks.
     """
     if card not in CARDS:
         raise ValueError(f"--card {card!r}: known cards are {', '.join(CARDS)}")
@@ -289,21 +293,33 @@ def fit(config: RunConfig, card: str, share: float = DEFAULT_SHARE,
                 lambda sizes, resolved=resolved, phase=phase: estimate_peak_bytes(resolved, phase, sizes), budget)
         return found
 
-    # Gradient checkpointing costs ~30 % more compute per step: off unless a batch of 1 does not fit. The MAISI
-    # VAE's checkpointing changes only the pretrained variant's steps that run the VAE, so it is tried first.
+    def underfilled(found: dict[tuple[str, Phase], tuple[int, int] | None]) -> set[tuple[str, Phase]]:
+        return {pair for pair, result in found.items() if result is None or result[1] < FILL_FLOOR * CARDS[card]}
+
+    def larger(old: tuple[int, int] | None, new: tuple[int, int] | None) -> bool:
+        return new is not None and (old is None or new[0] > old[0])
+
+    # Gradient checkpointing costs ~30 % more compute per step: off unless the card is left under-filled without
+    # it. The MAISI VAE's checkpointing changes only the pretrained variant's steps that run the VAE, so it is
+    # tried first, and kept only if it buys a larger batch for them.
     every = [(variant, phase) for variant in VARIANTS for phase in ("frozen", "full")]
     vae_steps = [(variant, phase) for variant, phase in every
                  if variant == "pretrained" and (phase == "full" or not config.training.latent_cache)]
     overlay = overlay_for(False, False)
     found = fits_with(overlay, every)
-    failing = {pair for pair, result in found.items() if result is None}
-    if failing and failing <= set(vae_steps):
-        overlay = overlay_for(False, True)
-        found.update(fits_with(overlay, vae_steps))
-        failing = {pair for pair, result in found.items() if result is None}
-    if failing:
-        overlay = overlay_for(True, True)
-        found = fits_with(overlay, every)
+    short = underfilled(found)
+    if short & set(vae_steps):
+        retried = fits_with(overlay_for(False, True), vae_steps)
+        if all(larger(found[pair], retried[pair]) for pair in vae_steps):
+            overlay = overlay_for(False, True)
+            found.update(retried)
+            short = underfilled(found)
+    if any(found[pair] is None for pair in short) or (short - set(vae_steps)):
+        retried = fits_with(overlay_for(True, True), every)
+        if all(retried[pair] is not None for pair in every) and all(
+                larger(found[pair], retried[pair]) for pair in short):
+            overlay = overlay_for(True, True)
+            found = retried
     missing = [f"{variant} {phase}" for (variant, phase), result in found.items() if result is None]
     if missing:
         raise ValueError(f"--card {card}: even one clip with gradient checkpointing exceeds {share:.0%} of the "

@@ -230,7 +230,8 @@ def test_evaluate_command_runs_a_tiny_untrained_model_and_tracks_it(untrained_mo
     data_dir, train_dir = untrained_model
     experiment = f"test-{uuid.uuid4().hex[:8]}"
     overrides = [*EVALUATION_OVERRIDES, "evaluation.max_volumes=1", f"tracking.tracking_uri={mlflow_server.uri}",
-                 f"tracking.experiment={experiment}", "tracking.system_metrics_interval_s=null"]
+                 f"tracking.experiment={experiment}", "tracking.system_metrics_interval_s=null",
+                 "evaluation.data_consistency=true"]
     command = ["evaluate", "--config", str(REPO / "configs" / "smoke.yaml"), *(f"--set={o}" for o in overrides),
                "--data", str(data_dir), "--model", str(train_dir / "model"), "--out", str(tmp_path / "eval")]
     assert cli_main(command) == 0
@@ -249,8 +250,8 @@ def test_evaluate_command_runs_a_tiny_untrained_model_and_tracks_it(untrained_mo
     run = next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get(TAG_STEP) == "evaluate")
     assert (run.data.tags[TAG_VARIANT], run.data.tags[TAG_PHASE], run.data.tags[TAG_WEIGHTS]) == (
         "main", "evaluate", "scratch")
-    for method in ("model", "nearest", "linear", "cubic"):
-        assert run.data.metrics[f"test/{method}/synthesized/psnr_db"] == pytest.approx(
+    for method in ("model", "nearest", "linear", "cubic", "cubic+dc"):
+        assert run.data.metrics[f"test/{method.replace('+', '_')}/synthesized/psnr_db"] == pytest.approx(
             report["aggregate"][method]["synthesized"]["psnr_db"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/report.json", "evaluation/report.html", "evaluation/panels"} <= artifacts

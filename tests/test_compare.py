@@ -68,6 +68,26 @@ def test_table_labels_stand_in_weights_and_lists_baselines(runs, tmp_path):
     assert (tmp_path / "comparison.html").read_text() == html
 
 
+def test_with_data_consistency_the_verdict_names_the_best_non_learned_reference(runs, tmp_path):
+    """The `+dc` baselines are what a data-consistent model must beat: they are rows of the table, and the verdict
+    compares each model with the best reference, not only with plain linear interpolation."""
+    root, data_dir = runs
+    for variant, sampler, label in (("main", LinearInterpolationSampler(4), "scratch"),
+                                    ("pretrained", NearestSliceSampler(4), "stand-in")):
+        config = evaluation_config("evaluation.max_volumes=1", f"variant={variant}", "evaluation.data_consistency=true")
+        run_evaluate(sampler, data_dir, config, tmp_path / variant, weights_label=label)
+    loaded = reports(tmp_path, main="main", pretrained="pretrained")
+    markdown, _ = compare(loaded, tmp_path / "cmp")
+    references = {m: s["synthesized"]["psnr_db"] for m, s in loaded["main"].aggregate.items() if m != "model"}
+    assert {"linear+dc", "cubic+dc"} <= set(references)
+    assert "| cubic+dc interpolation | no learning, projected onto the thick slices |" in markdown
+    best = max(references, key=references.get)
+    model = loaded["main"].aggregate["model"]["synthesized"]["psnr_db"]
+    assert f"the best non-learned reference, {best} interpolation: {model:.2f} vs {references[best]:.2f} dB" in markdown
+    with pytest.raises(ComparisonError, match="scored references differ"):
+        compare({"main": loaded["main"], "pretrained": load_report(root / "pretrained")}, tmp_path / "mixed")
+
+
 def test_table_numbers_come_from_the_reports(runs, tmp_path):
     root, _ = runs
     loaded = reports(root, main="main", pretrained="pretrained")

@@ -4,7 +4,8 @@ Two reports are comparable only when they scored the same test volumes of the sa
 window, from thick series made the same way: otherwise a PSNR difference could come from the data rather than
 the VAE (the HU window alone moves PSNR by ~6 dB). `compare` refuses anything else with one error listing
 every mismatch. The baselines depend only on the data, so they must agree between reports; each model row is
-shown next to them so a reader sees whether each model beats plain linear interpolation.
+shown next to them (with data consistency, their `+dc` forms too) so a reader sees whether each model beats
+linear interpolation and the best non-learned reference.
 """
 
 from __future__ import annotations
@@ -92,6 +93,9 @@ def _baseline_mismatches(reports: dict[str, EvaluationReport], variants: list[st
     problems = []
     for variant in variants[1:]:
         other = reports[variant].aggregate
+        if set(first) != set(other):
+            problems.append(f"scored references differ (evaluation.data_consistency?): {variants[0]} has "
+                            f"{sorted(set(first) - {MODEL})}, {variant} has {sorted(set(other) - {MODEL})}")
         for method in sorted(set(first) & set(other) - {MODEL}):
             for metric, slice_set, _ in COLUMNS:
                 a, b = first[method][slice_set][metric], other[method][slice_set][metric]
@@ -110,9 +114,15 @@ def _rows(reports: dict[str, EvaluationReport], variants: list[str]) -> list[tup
         report = reports[variant]
         rows.append((f"{variant} model", report.weights_display, report.aggregate[MODEL]))
     first = reports[variants[0]]
-    for method in first.baselines:
-        rows.append((f"{method} interpolation", "no learning", first.aggregate[method]))
+    for method in _references(first):
+        weights = "no learning, projected onto the thick slices" if method.endswith("+dc") else "no learning"
+        rows.append((f"{method} interpolation", weights, first.aggregate[method]))
     return rows
+
+
+def _references(report: EvaluationReport) -> list[str]:
+    """The non-learned methods a report scored: the baselines, then (with data consistency) their `+dc` forms."""
+    return [method for method in report.aggregate if method != MODEL]
 
 
 def _format(metric: str, value: float) -> str:
@@ -140,28 +150,32 @@ def _verb(diff_db: float) -> str:
 
 
 def verdicts(reports: dict[str, EvaluationReport]) -> list[str]:
-    """Plain sentences: does each model beat linear interpolation, and does `pretrained` beat `main`."""
+    """Plain sentences: does each model beat linear interpolation and the best non-learned reference (with data
+    consistency, the `+dc` baselines count), and does `pretrained` beat `main`."""
     variants = _ordered(reports)
     lines = []
     for variant in variants:
         report = reports[variant]
-        if "linear" not in report.aggregate:
-            continue
-        model, linear = _headline(report.aggregate[MODEL]), _headline(report.aggregate["linear"])
-        verb = _verb(model - linear)
-        lines.append(
-            f"{variant} ({report.weights_display}) {verb} linear interpolation: "
-            f"{model:.2f} vs {linear:.2f} dB PSNR on synthesized slices ({model - linear:+.2f} dB)."
-        )
+        model = _headline(report.aggregate[MODEL])
+        references = {method: _headline(report.aggregate[method]) for method in _references(report)}
+        best = max(references, key=references.get, default=None)
+        for method in dict.fromkeys(name for name in ("linear", best) if name in references):
+            label = "the best non-learned reference, " if method == best else ""
+            lines.append(
+                f"{variant} ({report.weights_display}) {_verb(model - references[method])} {label}{method} "
+                f"interpolation: {model:.2f} vs {references[method]:.2f} dB PSNR on synthesized slices "
+                f"({model - references[method]:+.2f} dB)."
+            )
     if "main" in reports and "pretrained" in reports:
         main, pre = reports["main"], reports["pretrained"]
         diff = _headline(pre.aggregate[MODEL]) - _headline(main.aggregate[MODEL])
         per_main, per_pre = _per_volume_headline(main, MODEL), _per_volume_headline(pre, MODEL)
-        wins = sum(per_pre[v] > per_main[v] for v in per_main)
+        wins = sum(per_pre[v] - per_main[v] >= TIE_DB for v in per_main)
+        ties = sum(abs(per_pre[v] - per_main[v]) < TIE_DB for v in per_main)
         volumes = f"{len(per_main)} test volume" + ("s" if len(per_main) != 1 else "")
         lines.append(
             f"pretrained {_verb(diff)} main: {diff:+.2f} dB PSNR on synthesized slices (mean over {volumes}; "
-            f"pretrained is better on {wins} of {len(per_main)})."
+            f"pretrained is better on {wins}, level on {ties} of {len(per_main)})."
         )
         if len(per_main) < 5:
             lines.append(f"With only {volumes}, the difference says little about new patients.")

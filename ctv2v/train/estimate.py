@@ -299,6 +299,15 @@ def fit(config: RunConfig, card: str, share: float = DEFAULT_SHARE,
     def larger(old: tuple[int, int] | None, new: tuple[int, int] | None) -> bool:
         return new is not None and (old is None or new[0] > old[0])
 
+    def not_smaller(old: tuple[int, int] | None, new: tuple[int, int] | None) -> bool:
+        return new is not None and (old is None or new[0] >= old[0])
+
+    def pays(found: dict, retried: dict, pairs: list[tuple[str, Phase]], short: set[tuple[str, Phase]]) -> bool:
+        """Checkpointing is kept when no pair's batch shrinks and an under-filled one grows (a frozen VAE runs
+        without gradients: its checkpointing changes nothing there)."""
+        return all(not_smaller(found[pair], retried[pair]) for pair in pairs) and any(
+            larger(found[pair], retried[pair]) for pair in short & set(pairs))
+
     # Gradient checkpointing costs ~30 % more compute per step: off unless the card is left under-filled without
     # it. The MAISI VAE's checkpointing changes only the pretrained variant's steps that run the VAE, so it is
     # tried first, and kept only if it buys a larger batch for them.
@@ -310,14 +319,13 @@ def fit(config: RunConfig, card: str, share: float = DEFAULT_SHARE,
     short = underfilled(found)
     if short & set(vae_steps):
         retried = fits_with(overlay_for(False, True), vae_steps)
-        if all(larger(found[pair], retried[pair]) for pair in vae_steps):
+        if pays(found, retried, vae_steps, short):
             overlay = overlay_for(False, True)
             found.update(retried)
             short = underfilled(found)
     if any(found[pair] is None for pair in short) or (short - set(vae_steps)):
         retried = fits_with(overlay_for(True, True), every)
-        if all(retried[pair] is not None for pair in every) and all(
-                larger(found[pair], retried[pair]) for pair in short):
+        if pays(found, retried, every, short):
             overlay = overlay_for(True, True)
             found = retried
     missing = [f"{variant} {phase}" for (variant, phase), result in found.items() if result is None]

@@ -227,8 +227,8 @@ def test_image_loss_scores_the_output_one_step_sampling_makes_and_trains_the_den
     torch.testing.assert_close(parts["image_mse"], expected)
     torch.testing.assert_close(loss, parts["diffusion"] + 2.0 * expected)
     loss.backward()
-    output_layer = [p for p in model.denoiser.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
-    assert output_layer and all(p.grad is None for p in model.vae.parameters())
+    trained = [p for p in model.denoiser.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert trained and all(p.grad is None for p in model.vae.parameters())
 
 
 def test_image_loss_needs_the_flow_and_the_clips():

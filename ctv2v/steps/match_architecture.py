@@ -26,6 +26,7 @@ import torch
 
 from ctv2v.config import RunConfig
 from ctv2v.config_io import write_resolved
+from ctv2v.data.cache import Preprocessed
 from ctv2v.data.clips import TrainClips
 from ctv2v.data.prepared import load_split_volumes
 from ctv2v.evaluate.metrics import psnr
@@ -35,9 +36,8 @@ from ctv2v.models.maisi import ArchitectureMismatchError, MatchReport, load_mais
 from ctv2v.models.vae import MaisiVAE, compute_latent_scale, save_vae_artifact
 from ctv2v.remote.fetch import CheckpointFetchError, checkpoint_file, read_record
 from ctv2v.steps.context import tracked_step
-from ctv2v.data.interpolation import Interpolation
 from ctv2v.train.device import resolve_precision, select_device
-from ctv2v.train.validation import fixed_val_clips, validate_vae
+from ctv2v.train.validation import fixed_val_clips, vae_val_clips, validate_vae
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class MatchSummary:
     latent_scale_clips: int
     checkpoint: Path
     checkpoint_sha256: str
-    ceiling: dict[str, float] = field(default_factory=dict)
+    ceiling: dict[str, float]
     """The VAE's ceiling decode(encode(thin)) on the val clips, with the interpolation's scores on the same clips
     (validate_vae's val_* and val_interp_* keys, as train-vae logs them for the scratch VAE)."""
 
@@ -120,8 +120,8 @@ def _as_volume(clip: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def reconstruction_check(vae: MaisiVAE, config: RunConfig, data_dir: Path, weights: str, partial: bool,
-                         device: torch.device) -> ReconstructionCheck:
+def reconstruction_check(vae: MaisiVAE, config: RunConfig, val_volumes: list[Preprocessed], weights: str,
+                         partial: bool, device: torch.device) -> ReconstructionCheck:
     """Encode + decode vae.maisi.recon_check_clips val clips; PSNR in HU over the intensity window vs the floor."""
     maisi, window = config.vae.maisi, config.data.intensity
     settings = {"hu_window": [window.hu_min, window.hu_max], "floor_db": maisi.recon_psnr_floor_db,
@@ -131,8 +131,7 @@ def reconstruction_check(vae: MaisiVAE, config: RunConfig, data_dir: Path, weigh
         log.warning("reconstruction check: NOT APPLICABLE (stand-in weights): random weights reconstruct nothing")
         return ReconstructionCheck(**settings, status=NOT_APPLICABLE, psnr_db=None)
     intensity = Intensity.from_config(window)
-    clips = fixed_val_clips(load_split_volumes(data_dir, config, "val"), config.data.clip, intensity,
-                            maisi.recon_check_clips)
+    clips = fixed_val_clips(val_volumes, config.data.clip, intensity, maisi.recon_check_clips)
     vae.eval()
     targets, recons = [], []
     for clip in clips:
@@ -159,14 +158,13 @@ def reconstruction_check(vae: MaisiVAE, config: RunConfig, data_dir: Path, weigh
 
 
 @torch.no_grad()
-def vae_ceiling(vae: MaisiVAE, config: RunConfig, data_dir: Path, device: torch.device) -> dict[str, float]:
+def vae_ceiling(vae: MaisiVAE, config: RunConfig, val_volumes: list[Preprocessed], device: torch.device
+                ) -> dict[str, float]:
     """decode(encode(thin)) PSNR/SSIM on training.val_clips val clips next to the interpolation the model starts
     from, scored as train-vae scores the scratch VAE (ctv2v.train.validation.validate_vae)."""
-    clips = fixed_val_clips(load_split_volumes(data_dir, config, "val"), config.data.clip,
-                            Intensity.from_config(config.data.intensity), config.training.val_clips,
-                            Interpolation(config.v2v.interpolation, config.v2v.consistent_interpolation))
     vae.eval()
-    return validate_vae(vae, clips, config, device, resolve_precision(config.training.precision, device))
+    return validate_vae(vae, vae_val_clips(val_volumes, config), config, device,
+                        resolve_precision(config.training.precision, device))
 
 
 def match_architecture_step(config: RunConfig, checkpoint_path: Path, out_dir: Path, data_dir: Path,
@@ -194,8 +192,9 @@ def match_architecture_step(config: RunConfig, checkpoint_path: Path, out_dir: P
     vae = MaisiVAE(report.arch, maisi)
     vae.autoencoder.load_state_dict(model.state_dict(), strict=True)
     vae.to(device)
-    recon = reconstruction_check(vae, config, data_dir, weights, report.partial, device)
-    ceiling = vae_ceiling(vae, config, data_dir, device)
+    val_volumes = load_split_volumes(data_dir, config, "val")
+    recon = reconstruction_check(vae, config, val_volumes, weights, report.partial, device)
+    ceiling = vae_ceiling(vae, config, val_volumes, device)
     log.info("%sVAE ceiling on %d val clip(s) (%s weights), synthesized slices: decode(encode(thin)) %.2f dB "
              "vs %s interpolation %.2f dB", tag, config.training.val_clips, weights,
              ceiling["val_psnr_db_synthesized"], config.v2v.interpolation,

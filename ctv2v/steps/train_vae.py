@@ -15,14 +15,13 @@ from typing import Any
 from ctv2v.config import RunConfig
 from ctv2v.config_io import flatten, write_resolved
 from ctv2v.data.clips import TrainClips
-from ctv2v.data.interpolation import Interpolation
 from ctv2v.data.prepared import load_split_volumes
 from ctv2v.intensity import Intensity
 from ctv2v.models.vae import ScratchVAE, compute_latent_scale, save_vae_artifact
 from ctv2v.steps.context import distributed_runtime, seed_per_rank, tracked_step
 from ctv2v.train.loop import TrainJob, train_loop
 from ctv2v.train.objectives import ScratchVAEObjective
-from ctv2v.train.validation import fixed_val_clips, validate_vae
+from ctv2v.train.validation import vae_val_clips, validate_vae
 
 VAE_FILES = ("vae.pt", "vae.json", "resolved-config.yaml")
 """The VAE artifact without the checkpoints (which stay in the step's folder): what a KFP artifact receives."""
@@ -64,10 +63,7 @@ def train_vae_step(
         intensity = Intensity.from_config(config.data.intensity)
         train_clips = TrainClips(load_split_volumes(data_dir, config, "train"), config.data.clip, intensity,
                                  config.seed)
-        # The val clips carry the model's interpolation: the VAE ceiling is logged beside it (val_interp_*).
-        val_clips = fixed_val_clips(load_split_volumes(data_dir, config, "val"), config.data.clip, intensity,
-                                    config.training.val_clips,
-                                    Interpolation(config.v2v.interpolation, config.v2v.consistent_interpolation))
+        val_clips = vae_val_clips(load_split_volumes(data_dir, config, "val"), config)
         with tracked_step(config.tracking, out_dir, "train-vae", pipeline_run_id, main=main, variant=config.variant,
                           weights="scratch") as tracker:
             tracker.log_params(flatten(config))

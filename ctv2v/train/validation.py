@@ -30,6 +30,14 @@ TISSUE_HU = -500.0
 """Voxels above this HU count as tissue when validation clips are picked (air and lung lie below)."""
 
 
+def vae_val_clips(volumes: list[Preprocessed], config: RunConfig) -> list[dict]:
+    """training.val_clips fixed val clips holding the interpolation the model starts from (config.v2v): a VAE's
+    validation scores its ceiling decode(encode(thin)) beside that interpolation (validate_vae's val_interp_*)."""
+    return fixed_val_clips(volumes, config.data.clip, Intensity.from_config(config.data.intensity),
+                           config.training.val_clips,
+                           Interpolation(config.v2v.interpolation, config.v2v.consistent_interpolation))
+
+
 def fixed_val_clips(volumes: list[Preprocessed], clip: ClipConfig, intensity: Intensity, count: int,
                     interpolation: Interpolation | None = None) -> list[dict]:
     """The `count` evaluation tiles of the val volumes with the most tissue: the same clips every epoch.

@@ -87,9 +87,34 @@ class ClipConfig(_Section):
     frames: int = Field(16, ge=4)
     height: int = Field(128, ge=8)
     width: int = Field(128, ge=8)
-    random_flip: bool = True
     clips_per_volume: int = Field(8, ge=1)
     eval_overlap: float = Field(0.25, ge=0, lt=1)
+
+
+class AugmentConfig(_Section):
+    """How training clips are drawn from each training volume (each switchable; ablated in bench_quality).
+
+    What transfers from one patient is the through-plane residual seen along long stretches of the slice axis
+    with the slab phase known (shared/FIELD_NOTES.md, calibration): slab phases and axes turn one volume into
+    3 k such views (ctv2v.data.augment).
+    """
+
+    slab_phases: bool = False
+    """Thick series simulated at every one of the k offsets (thick slice j on thin slice p + j*k, p < k)."""
+    axes: bool = False
+    """Each axis of the volume as the slice axis in turn; needs an isotropic grid (data.resample, or the
+    volume's own), which is checked."""
+    flips: bool = True
+    """Random flips of both in-plane axes, and a transpose of them on square crops."""
+    hu_scale: float = Field(0.0, ge=0, lt=1)
+    """HU jitter: every clip's HU values times a random factor in [1 - hu_scale, 1 + hu_scale] (0: off)."""
+    hu_offset: float = Field(0.0, ge=0)
+    """HU jitter: plus a random offset in [-hu_offset, hu_offset] HU (0: off)."""
+
+    @property
+    def makes_views(self) -> bool:
+        """Whether clips come from anything but the volume's own thick series as stored."""
+        return self.slab_phases or self.axes or self.hu_scale > 0 or self.hu_offset > 0
 
 
 class DataConfig(_Section):
@@ -104,6 +129,7 @@ class DataConfig(_Section):
     resample: ResampleConfig = ResampleConfig()
     split: SplitConfig = SplitConfig()
     clip: ClipConfig = ClipConfig()
+    augment: AugmentConfig = AugmentConfig()
     num_workers: int = Field(0, ge=0)
 
 
@@ -185,8 +211,17 @@ class VAEConfig(_Section):
 
 # ------------------------------------------------------------------------------------ denoiser, diffusion
 class DenoiserConfig(_Section):
-    """MONAI DiffusionModelUNet (3D) on [noisy thin latent, thick latent resampled to the thin depth]."""
+    """The denoiser on [noisy thin latent, condition latent at the thin depth, slab phase]: MONAI's 3D
+    DiffusionModelUNet (`unet`), or a CNN on reformat planes (`reformat`: 2D convolutions over (slice, row) and
+    (slice, column) planes, averaged; ctv2v.models.denoiser.ReformatCNN)."""
 
+    architecture: Literal["unet", "reformat"] = "unet"
+    slab_phase: bool = False
+    """k one-hot channels saying where each (latent) frame sits inside its thick slab."""
+    reformat_width: int = Field(48, ge=1)
+    """`reformat`: feature channels of every hidden layer."""
+    reformat_layers: int = Field(6, ge=2)
+    """`reformat`: convolution layers (3x3, ReLU between them)."""
     channels: list[int] = [64, 128, 256]
     attention_levels: list[bool] = [False, False, True]
     num_res_blocks: int = Field(2, ge=1)
@@ -196,6 +231,8 @@ class DenoiserConfig(_Section):
 
     @model_validator(mode="after")
     def _levels_match(self) -> "DenoiserConfig":
+        if self.architecture != "unet":
+            return self
         if len(self.attention_levels) != len(self.channels):
             raise ValueError(
                 f"attention_levels has {len(self.attention_levels)} entries, channels has {len(self.channels)}"
@@ -305,6 +342,18 @@ class TrainingConfig(_Section):
     """Sampling steps at validation: few, to keep it cheap; the evaluate step uses evaluation.sample_steps."""
 
 
+class AdaptConfig(_Section):
+    """Test-time self-supervision (SMORE-like): before predicting a scan, the denoiser is fine-tuned on the scan's
+    own thick series, an in-plane axis playing the slice axis with slab xk simulated along it (no thin truth
+    used). Off when `seconds` is 0; ctv2v.evaluate.adapt."""
+
+    seconds: float = Field(0.0, ge=0)
+    """Time budget per scan (0: off). Training stops at `steps` or when the budget is spent, whichever first."""
+    steps: int = Field(300, ge=1)
+    lr: float = Field(3.0e-4, gt=0)
+    batch_size: int = Field(4, ge=1)
+
+
 class EvaluationConfig(_Section):
     hu_min: float = -1000.0
     hu_max: float = 1000.0
@@ -322,6 +371,7 @@ class EvaluationConfig(_Section):
     """Make the blended prediction agree with the measured thick series (ctv2v.data.thick.project_to_thick):
     `subsample` puts the thick slices back; `slab_average` projects so that every slab average equals its
     thick slice. The baselines are then also scored with the same projection (`<method>+dc`)."""
+    adapt: AdaptConfig = AdaptConfig()
 
 
 class TrackingConfig(_Section):
@@ -530,4 +580,7 @@ class RunConfig(_Section):
             if self.training.latent_cache:
                 raise ValueError("training.image_loss_weight compares decoded clips with the thin clips: set "
                                  "training.latent_cache: false")
+        if self.data.augment.makes_views and self.training.latent_cache:
+            raise ValueError("data.augment (slab_phases, axes, HU jitter) draws clips the latent cache does not hold: "
+                             "set training.latent_cache: false")
         return self

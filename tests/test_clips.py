@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from ctv2v.config import ClipConfig, ThickConfig
+from ctv2v.config import AugmentConfig, ClipConfig, ThickConfig
 from ctv2v.data import read_volume
 from ctv2v.data.cache import Preprocessed
 from ctv2v.data.clips import TrainClips, eval_tiles, extract_clip
@@ -62,19 +62,48 @@ def test_subsampled_thick_frames_equal_every_kth_thin_frame_after_flips(real_sma
     for i in range(len(dataset)):
         item = dataset[i]
         torch.testing.assert_close(item["thick"], item["thin"][:, ::k], rtol=0, atol=0)
-        flips.add(dataset.tile(i)[1:])
-    assert flips == {(False, False), (False, True), (True, False), (True, True)}
+        draw = dataset.draw(i)
+        flips.add((draw.flip_rows, draw.flip_cols, draw.transpose))
+    assert {f[:2] for f in flips} == {(False, False), (False, True), (True, False), (True, True)}
+    assert {f[2] for f in flips} == {False, True}
 
 
 def test_flip_really_flips_the_crop(real_small):
     volume = _preprocessed(real_small, ThickConfig(factor=2))
     dataset = TrainClips([volume], ClipConfig(frames=4, height=20, width=30, clips_per_volume=12), INTENSITY, 1)
+    flipped = 0
     for i in range(len(dataset)):
-        tile, flip_rows, flip_cols = dataset.tile(i)
-        plain = extract_clip(volume, tile, INTENSITY)
-        axes = [a for a, f in ((1, flip_rows), (2, flip_cols)) if f]
+        draw = dataset.draw(i)
+        assert not draw.transpose  # 20 x 30 crops are not square
+        plain = extract_clip(volume, draw.tile, INTENSITY)
+        axes = [a for a, f in ((1, draw.flip_rows), (2, draw.flip_cols)) if f]
         expected = np.flip(plain["thin"], axes) if axes else plain["thin"]
         np.testing.assert_array_equal(dataset[i]["thin"][0].numpy(), expected)
+        flipped += bool(axes) and not np.array_equal(expected, plain["thin"])
+    assert flipped > 0
+
+
+def test_transpose_swaps_rows_and_columns_of_square_crops(real_small):
+    volume = _preprocessed(real_small, ThickConfig(factor=2))
+    dataset = TrainClips([volume], ClipConfig(frames=4, height=24, width=24, clips_per_volume=12), INTENSITY, 2)
+    transposed = [i for i in range(len(dataset)) if dataset.draw(i).transpose]
+    assert transposed
+    for i in transposed:
+        draw = dataset.draw(i)
+        plain = extract_clip(volume, draw.tile, INTENSITY)["thin"]
+        axes = [a for a, f in ((1, draw.flip_rows), (2, draw.flip_cols)) if f]
+        expected = (np.flip(plain, axes) if axes else plain).transpose(0, 2, 1)
+        np.testing.assert_array_equal(dataset[i]["thin"][0].numpy(), expected)
+
+
+def test_flips_off_keeps_every_crop_as_it_is(real_small):
+    volume = _preprocessed(real_small, ThickConfig(factor=2))
+    dataset = TrainClips([volume], ClipConfig(frames=4, height=24, width=24, clips_per_volume=8), INTENSITY, 2,
+                         augment=AugmentConfig(flips=False))
+    for i in range(len(dataset)):
+        draw = dataset.draw(i)
+        assert (draw.flip_rows, draw.flip_cols, draw.transpose) == (False, False, False)
+        np.testing.assert_array_equal(dataset[i]["thin"][0].numpy(), extract_clip(volume, draw.tile, INTENSITY)["thin"])
 
 
 def test_items_depend_only_on_seed_epoch_and_index(real_small):
@@ -84,23 +113,29 @@ def test_items_depend_only_on_seed_epoch_and_index(real_small):
     first.set_epoch(2)
     second.set_epoch(2)
     for i in reversed(range(len(first))):  # order of access does not matter
-        assert first.tile(i) == second.tile(i)
+        assert first.draw(i) == second.draw(i)
         torch.testing.assert_close(first[i]["thin"], second[i]["thin"], rtol=0, atol=0)
-    epoch_2 = [first.tile(i) for i in range(len(first))]
+    epoch_2 = [first.draw(i) for i in range(len(first))]
     first.set_epoch(3)
-    assert [first.tile(i) for i in range(len(first))] != epoch_2
-    assert [TrainClips(volumes, clip, INTENSITY, 4).tile(i) for i in range(6)] != [second.tile(i) for i in range(6)]
+    assert [first.draw(i) for i in range(len(first))] != epoch_2
+    assert [TrainClips(volumes, clip, INTENSITY, 4).draw(i) for i in range(6)] != [second.draw(i) for i in range(6)]
 
 
-def test_volume_smaller_than_the_crop_is_padded_with_hu_min():
+def test_volume_smaller_than_the_crop_is_air_in_plane_and_repeats_its_last_slice_along_z():
     thin = np.full((6, 10, 12), 40.0, dtype=np.float32)  # 40 HU everywhere
+    thin[5] = 100.0
     volume = _preprocessed(thin, ThickConfig(method="subsample", factor=2))
-    item = TrainClips([volume], ClipConfig(frames=8, height=16, width=16, random_flip=False), INTENSITY, 0)[0]
+    item = TrainClips([volume], ClipConfig(frames=8, height=16, width=16), INTENSITY, 0,
+                      augment=AugmentConfig(flips=False))[0]
     assert item["origin"] == (0, 0, 0)
     expected = np.zeros((8, 16, 16), np.float32)
-    expected[:6, :10, :12] = INTENSITY.to_unit(np.float32(40.0))
+    expected[:5, :10, :12] = INTENSITY.to_unit(np.float32(40.0))
+    expected[5:, :10, :12] = INTENSITY.to_unit(np.float32(100.0))
     np.testing.assert_allclose(item["thin"][0].numpy(), expected)
-    assert item["thick"].shape == (1, 4, 16, 16) and float(item["thick"][0, 3].max()) == 0.0
+    # Thick slices 0, 1, 2 lie on thin 0, 2, 4; the fourth frame repeats the third.
+    assert item["thick"].shape == (1, 4, 16, 16)
+    np.testing.assert_array_equal(item["thick"][0, 3].numpy(), item["thick"][0, 2].numpy())
+    assert float(item["thick"][0, 3, 0, 0]) == INTENSITY.to_unit(np.float32(40.0))
 
 
 @pytest.mark.parametrize("shape, k, clip", [

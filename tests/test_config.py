@@ -124,7 +124,7 @@ def test_config_show_prints_the_resolved_config_and_fails_on_a_bad_key(capsys):
     ("data.clip.frames=16.0", "data.clip.frames", "16.0"),
     ("training.frozen.epochs='2'", "training.frozen.epochs", "'2'"),
     ("data.source=5", "data.source", "5"),
-    ("data.clip.random_flip=1", "data.clip.random_flip", "1"),
+    ("data.augment.flips=1", "data.augment.flips", "1"),
 ])
 def test_values_of_the_wrong_type_are_not_coerced(override, key, got):
     with pytest.raises(ConfigError, match=rf"--set {re.escape(override)}: '{key}': .* \(got {re.escape(got)}\)"):
@@ -133,10 +133,10 @@ def test_values_of_the_wrong_type_are_not_coerced(override, key, got):
 
 def test_yaml_numbers_and_booleans_keep_working(tmp_path):
     """YAML 1.2 floats without a dot (1e-4) are numbers in files and --set alike; yes/no stay booleans."""
-    (tmp_path / "c.yaml").write_text("training:\n  frozen: {lr: 1e-4, epochs: 3}\ndata:\n  clip: {random_flip: no}\n")
+    (tmp_path / "c.yaml").write_text("training:\n  frozen: {lr: 1e-4, epochs: 3}\ndata:\n  augment: {flips: no}\n")
     config = load_config([tmp_path / "c.yaml"], ["training.full.lr=2E-5", "data.workspace=/data/ws"])
     assert config.training.frozen.lr == 1e-4 and config.training.frozen.epochs == 3
-    assert config.training.full.lr == 2e-5 and config.data.clip.random_flip is False
+    assert config.training.full.lr == 2e-5 and config.data.augment.flips is False
     assert config.data.workspace == Path("/data/ws")
 
 

@@ -1,11 +1,11 @@
-"""The thick-conditioned 3D denoiser: depth resampling, odd latent sizes, gradient checkpointing."""
+"""The denoisers: depth resampling, odd latent sizes, gradient checkpointing; the reformat CNN and the slab phase."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ctv2v.models.denoiser import Denoiser, resample_depth
+from ctv2v.models.denoiser import Denoiser, resample_depth, slab_phase_channels
 
 
 def tiny_denoiser(checkpointing: bool = False) -> Denoiser:
@@ -56,3 +56,49 @@ def test_gradient_checkpointing_keeps_outputs_gradients_and_state_dict_keys():
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(outputs[0], outputs[1])
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_slab_phase_is_one_hot_per_thin_frame_and_averaged_over_a_latent_frame():
+    phase = slab_phase_channels(frames=8, thick_factor=4, depth_factor=1)
+    assert phase.shape == (4, 8)
+    torch.testing.assert_close(phase.argmax(dim=0), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]))
+    assert torch.all(phase.sum(dim=0) == 1)
+    # A MAISI-like VAE (4 thin slices per latent frame) at x4: every latent frame holds each phase once.
+    torch.testing.assert_close(slab_phase_channels(3, 4, 4), torch.full((4, 3), 0.25))
+    assert torch.allclose(slab_phase_channels(2, 4, 2)[:, 0], torch.tensor([0.5, 0.5, 0.0, 0.0]))
+    assert torch.allclose(slab_phase_channels(2, 4, 2)[:, 1], torch.tensor([0.0, 0.0, 0.5, 0.5]))
+
+
+def reformat_denoiser(slab_phase: bool = True) -> Denoiser:
+    torch.manual_seed(0)
+    return Denoiser(latent_channels=2, architecture="reformat", reformat_width=8, reformat_layers=3,
+                    thick_factor=4 if slab_phase else None)
+
+
+def test_reformat_denoiser_reads_latents_condition_and_phase_and_starts_near_zero():
+    denoiser = reformat_denoiser().eval()
+    assert denoiser.reformat.convs[0].in_channels == 2 + 2 + 4
+    noisy = torch.randn(2, 2, 8, 6, 5)
+    out = denoiser(noisy, torch.randn(2, 2, 8, 6, 5), torch.tensor([999, 999]))
+    assert out.shape == noisy.shape
+    # Near zero, not zero: an untrained model returns (almost) its start, and still learns (FIELD_NOTES).
+    assert 0 < float(out.detach().abs().max()) < 0.05
+
+
+def test_reformat_evaluation_averages_both_plane_orientations_and_training_uses_one():
+    denoiser = reformat_denoiser(slab_phase=False)
+    with torch.no_grad():
+        for conv in denoiser.reformat.convs:
+            conv.weight.normal_(std=0.3)
+    x, c, t = torch.randn(1, 2, 8, 6, 6), torch.randn(1, 2, 8, 6, 6), torch.tensor([999])
+    swap = lambda v: v.transpose(3, 4)  # noqa: E731
+    denoiser.eval()
+    with torch.no_grad():
+        both = denoiser(x, c, t)
+        # Rows and columns play symmetric roles: transposing them transposes the output.
+        torch.testing.assert_close(denoiser(swap(x), swap(c), t), swap(both))
+        denoiser.train()
+        rows_only = denoiser(x, c, t)
+        columns_only = swap(denoiser(swap(x), swap(c), t))
+    torch.testing.assert_close(both, 0.5 * (rows_only + columns_only))
+    assert not torch.allclose(rows_only, columns_only)

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 from ctv2v.config import VARIANTS
-from ctv2v.evaluate.evaluate import MODEL, REPORT_FILE, STAND_IN_WARNING, EvaluationReport
+from ctv2v.evaluate.evaluate import LEARNED_METHODS, MODEL, MODEL_ADAPTED, REPORT_FILE, STAND_IN_WARNING, EvaluationReport
 from ctv2v.files import atomic_write_text
 
 COLUMNS = [
@@ -93,10 +93,11 @@ def _baseline_mismatches(reports: dict[str, EvaluationReport], variants: list[st
     problems = []
     for variant in variants[1:]:
         other = reports[variant].aggregate
-        if set(first) != set(other):
+        if set(first) - set(LEARNED_METHODS) != set(other) - set(LEARNED_METHODS):
             problems.append(f"scored references differ (evaluation.data_consistency?): {variants[0]} has "
-                            f"{sorted(set(first) - {MODEL})}, {variant} has {sorted(set(other) - {MODEL})}")
-        for method in sorted(set(first) & set(other) - {MODEL}):
+                            f"{sorted(set(first) - set(LEARNED_METHODS))}, {variant} has "
+                            f"{sorted(set(other) - set(LEARNED_METHODS))}")
+        for method in sorted(set(first) & set(other) - set(LEARNED_METHODS)):
             for metric, slice_set, _ in COLUMNS:
                 a, b = first[method][slice_set][metric], other[method][slice_set][metric]
                 if not math.isclose(a, b, rel_tol=BASELINE_TOLERANCE, abs_tol=BASELINE_TOLERANCE):
@@ -113,6 +114,9 @@ def _rows(reports: dict[str, EvaluationReport], variants: list[str]) -> list[tup
     for variant in variants:
         report = reports[variant]
         rows.append((f"{variant} model", report.weights_display, report.aggregate[MODEL]))
+        if MODEL_ADAPTED in report.aggregate:
+            rows.append((f"{variant} model+adapt", f"{report.weights_display}, adapted to each test scan",
+                         report.aggregate[MODEL_ADAPTED]))
     first = reports[variants[0]]
     for method in _references(first):
         weights = "no learning, projected onto the thick slices" if method.endswith("+dc") else "no learning"
@@ -122,7 +126,7 @@ def _rows(reports: dict[str, EvaluationReport], variants: list[str]) -> list[tup
 
 def _references(report: EvaluationReport) -> list[str]:
     """The non-learned methods a report scored: the baselines, then (with data consistency) their `+dc` forms."""
-    return [method for method in report.aggregate if method != MODEL]
+    return [method for method in report.aggregate if method not in LEARNED_METHODS]
 
 
 def _format(metric: str, value: float) -> str:

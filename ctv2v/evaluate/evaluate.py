@@ -40,6 +40,7 @@ from ctv2v.files import atomic_path, atomic_write_text
 from ctv2v.intensity import Intensity
 from ctv2v.evaluate.metrics import METRIC_NAMES, SLICE_SETS, from_json, glossary, score_volume, to_json
 from ctv2v.evaluate.panels import render_panel, write_panel
+from ctv2v.evaluate.adapt import adapt_to_scan
 from ctv2v.evaluate.baseline_report import score_baselines
 from ctv2v.models.artifacts import weights_display, weights_kind
 
@@ -51,6 +52,9 @@ PREDICTIONS_DIR = "predictions"
 PANELS_DIR = "panels"
 MODEL = "model"
 """The method name of the model among the scored methods (the others are baseline names)."""
+MODEL_ADAPTED = "model+adapt"
+"""The model after test-time adaptation to each scan (evaluation.adapt), scored beside the model itself."""
+LEARNED_METHODS = (MODEL, MODEL_ADAPTED)
 STAND_IN_WARNING = ("STAND-IN WEIGHTS: the VAE holds random values in MAISI's layout, not MAISI's published "
                     "weights; these numbers say nothing about the pretrained VAE")
 
@@ -92,12 +96,15 @@ class VolumeResult:
     """Path relative to the evaluation folder; None when evaluation.write_nifti is off."""
     panel_png: str = ""
     """Path relative to the evaluation folder."""
+    adaptation: dict[str, float] | None = None
+    """How test-time adaptation went on this volume (ctv2v.evaluate.adapt.Adaptation); None when it was off."""
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form (no `prediction_nifti` key when none was written)."""
+        """The JSON form (no `prediction_nifti` / `adaptation` key when none was written / done)."""
         data = asdict(self)
-        if self.prediction_nifti is None:
-            del data["prediction_nifti"]
+        for optional in ("prediction_nifti", "adaptation"):
+            if data[optional] is None:
+                del data[optional]
         return data
 
 
@@ -300,7 +307,21 @@ def predict_volume(
     if len(uncovered):
         raise EvaluationError(f"volume {volume.volume_id}: no tile interpolates thin slices {uncovered[:10].tolist()} "
                               f"of {covered} (tiles {tiles[:3]}...)")
-    return total / weight_sum
+    windowed = total / weight_sum
+    if interpolated is None:
+        return windowed
+    return with_input_range(windowed, interpolated[:covered], intensity)
+
+
+def with_input_range(windowed_hu: np.ndarray, interpolated_hu: np.ndarray, intensity: Intensity) -> np.ndarray:
+    """The model's output with the input's full HU range: its start (the interpolation, unclipped) plus only the
+    correction the model made inside its intensity window.
+
+    The model sees and returns HU clipped to data.intensity; returning that would flatten bone above the window
+    (and air below it) in the volume a user gets, where the interpolation keeps it.
+    """
+    start_windowed = intensity.to_hu(intensity.to_unit(interpolated_hu))
+    return (interpolated_hu + (windowed_hu - start_windowed)).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------- outputs
@@ -344,10 +365,19 @@ def evaluate_volume(
         raise EvaluationError(f"volume {volume.volume_id}: {volume.thin.shape[0]} thin slices, but its thick series "
                               f"covers {covered}")
     truth = volume.thin[:covered]
-    prediction = predict_volume(model, volume, config, generator)
-    if settings.data_consistency:
-        prediction = project_to_thick(prediction, thick, volume.thin.shape[0])
+    # The interpolation a model with the v2v design starts from (adapted on; shown beside what the model changed).
+    start_hu = Interpolation(config.v2v.interpolation, config.v2v.consistent_interpolation).of(volume)
+
+    def predict(sampler: ClipSampler) -> np.ndarray:
+        prediction = predict_volume(sampler, volume, config, generator)
+        return project_to_thick(prediction, thick, volume.thin.shape[0]) if settings.data_consistency else prediction
+
+    prediction = predict(model)
     scores = {MODEL: score_volume(prediction, truth, thick.factor, settings.hu_min, settings.hu_max)}
+    adaptation = None
+    if settings.adapt.seconds > 0:
+        adapted, adaptation = adapt_to_scan(model, volume, start_hu, config, generator.device, settings.adapt.seconds)
+        scores[MODEL_ADAPTED] = score_volume(predict(adapted), truth, thick.factor, settings.hu_min, settings.hu_max)
     for result in score_baselines(volume.thin, thick, settings.hu_min, settings.hu_max, settings.baselines):
         scores[result.method] = result.scores
     if settings.data_consistency:
@@ -357,7 +387,8 @@ def evaluate_volume(
 
     record = VolumeResult(id=volume.volume_id, thin_shape=list(volume.thin.shape), spacing_mm=list(volume.spacing),
                           thick_description=thick.describe(), n_thick=int(thick.array.shape[0]),
-                          scored_slices=covered, metrics=scores)
+                          scored_slices=covered, metrics=scores,
+                          adaptation=adaptation.to_dict() if adaptation is not None else None)
     if settings.write_nifti:
         nifti = write_prediction_nifti(out_dir / PREDICTIONS_DIR / f"{volume.volume_id}.nii.gz", prediction,
                                        volume.affine)
@@ -381,6 +412,7 @@ def evaluate_volume(
         hu_max=settings.hu_max,
         plane=settings.panel_plane,
         title_lines=title,
+        start_hu=start_hu[:covered],
     )
     record.panel_png = write_panel(out_dir / PANELS_DIR / f"{volume.volume_id}.png", panel).relative_to(
         out_dir).as_posix()
@@ -393,7 +425,7 @@ def model_settings(config: RunConfig) -> dict[str, Any]:
     dc = ("the model and the `<method>+dc` baselines projected onto the measured thick series "
           "(ctv2v.data.thick.project_to_thick)" if config.evaluation.data_consistency else "off")
     return {"resample": config.data.resample.model_dump(), "diffusion": config.diffusion.model_dump(),
-            "v2v": config.v2v.model_dump(), "data_consistency": dc}
+            "v2v": config.v2v.model_dump(), "data_consistency": dc, "adapt": config.evaluation.adapt.model_dump()}
 
 
 def evaluate(
@@ -425,7 +457,7 @@ def evaluate(
         volume = cache.load(Path(dataset_dir), entry, config.data)
         volumes.append(evaluate_volume(model, volume, config, out_dir, generator, weights_label))
     thick = config.data.thick
-    methods = [MODEL, *settings.baselines,
+    methods = [MODEL, *([MODEL_ADAPTED] if settings.adapt.seconds > 0 else []), *settings.baselines,
                *([f"{method}+dc" for method in settings.baselines] if settings.data_consistency else [])]
     report = EvaluationReport(
         variant=config.variant,

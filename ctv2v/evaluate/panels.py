@@ -75,10 +75,17 @@ def render_panel(
     hu_max: float,
     plane: Plane,
     title_lines: list[str],
+    start_hu: np.ndarray | None = None,
 ) -> Image.Image:
-    """The panel image of (slice, row, col) HU volumes of the same shape, with a title block and column labels."""
+    """The panel image of (slice, row, col) HU volumes of the same shape, with a title block and column labels.
+
+    With `start_hu` (the interpolation the model starts from) a last column shows |model - start|: what the
+    model changed, so texture invented in air or flat tissue is seen at once.
+    """
     volumes = {"thick input (nearest)": thick_nearest_hu, "model": model_hu, "linear": linear_hu,
                "ground truth": target_hu}
+    if start_hu is not None:
+        volumes["model's start"] = start_hu
     for name, volume in volumes.items():
         if volume.shape != target_hu.shape:
             raise ValueError(f"panel volume '{name}' has shape {volume.shape}, ground truth has {target_hu.shape}")
@@ -93,6 +100,10 @@ def render_panel(
     error = np.abs(model_clipped - np.clip(reformat(target_hu, plane), hu_min, hu_max))
     columns.append((f"|model - truth| 0-{white_point:g} HU",
                     _to_display(hot_colormap(error, white_point), slice_mm, inplane_mm)))
+    if start_hu is not None:
+        change = np.abs(model_clipped - np.clip(reformat(start_hu, plane), hu_min, hu_max))
+        columns.append((f"|model - start| 0-{white_point:g} HU",
+                        _to_display(hot_colormap(change, white_point), slice_mm, inplane_mm)))
 
     font = ImageFont.load_default(size=FONT_SIZE)
     line_px = FONT_SIZE + 4

@@ -212,7 +212,7 @@ def build_model(config: RunConfig, vae: ClipVAE) -> VideoToVideoDiffusion:
         raise ValueError(f"variant {config.variant!r} needs a {expected!r} VAE, got a {vae.kind!r} one")
     return VideoToVideoDiffusion(
         vae,
-        Denoiser.from_config(config.denoiser, vae.latent_channels),
+        Denoiser.from_config(config.denoiser, vae.latent_channels, config.data.thick.factor, vae.factors[0]),
         Diffusion(config.diffusion),
         thick_factor=config.data.thick.factor,
         recon_weight=config.training.full.recon_weight,

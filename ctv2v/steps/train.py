@@ -124,7 +124,8 @@ def train_step(
             latents = encode_training_volumes(model.vae, train_volumes, config.data.clip, intensity, runtime.device)
             train_set = LatentClips(latents, config.data.clip, model.vae.factors, config.data.thick.factor, config.seed)
         else:
-            train_set = TrainClips(train_volumes, config.data.clip, intensity, config.seed, model.interpolation)
+            train_set = TrainClips(train_volumes, config.data.clip, intensity, config.seed, model.interpolation,
+                                   config.data.augment, config.data.thick)
         multiplier = config.training.full.vae_lr_multiplier if phase == "full" else 0.0
         groups = model.param_groups(settings.lr, multiplier, config.training.weight_decay)
         vae_params = {id(p) for p in model.vae.parameters()}

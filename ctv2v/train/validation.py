@@ -16,7 +16,7 @@ from ctv2v.train.loop import TrainingError
 from ctv2v.config import ClipConfig, RunConfig
 from ctv2v.data.cache import Preprocessed
 from ctv2v.data.clips import eval_tiles, extract_clip
-from ctv2v.data.interpolation import Interpolation
+from ctv2v.data.interpolation import Interpolation, covered_slices
 from ctv2v.train.device import Precision
 from ctv2v.intensity import Intensity
 from ctv2v.evaluate.metrics import score_volume
@@ -49,7 +49,12 @@ def fixed_val_clips(volumes: list[Preprocessed], clip: ClipConfig, intensity: In
     """
     tiles = []
     for volume in volumes:
-        for tile in eval_tiles(volume.thin.shape, clip, volume.thick.factor, volume.thick.array.shape[0]):
+        # A val volume shorter than the clip gets clips of the whole thick slabs it holds: frames past its end
+        # would be scored against padding, not against slices.
+        k = volume.thick.factor
+        frames = min(clip.frames, max((covered_slices(volume.thick) - 1) // k * k, -(-4 // k) * k))
+        for tile in eval_tiles(volume.thin.shape, clip.model_copy(update={"frames": frames}), k,
+                               volume.thick.array.shape[0]):
             thin = volume.thin[tile.z0:tile.z0 + tile.frames, tile.y0:tile.y0 + tile.height,
                                tile.x0:tile.x0 + tile.width]
             tiles.append((float((thin > TISSUE_HU).mean()), volume, tile))

@@ -1,0 +1,90 @@
+"""Test-time self-supervision: fine-tune the denoiser on the scan it is about to predict (evaluation.adapt).
+
+A thick series holds thin truth in-plane: its rows and columns are sampled finely. So the scan's interpolation on
+the thin grid, resampled in-plane to the thin slice spacing, is cut into training views whose slice axis is one
+of the two in-plane axes, with slab xk simulated along it (every phase; ctv2v.data.augment), and the denoiser
+trains on them for a bounded time with the VAE frozen (SMORE, Zhao et al. 2020, applied to the latent model).
+No thin slice of the scan's own z axis is used: it is what the model is asked to make.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ctv2v.config import ResampleConfig, RunConfig
+from ctv2v.data.cache import Preprocessed
+from ctv2v.data.clips import TrainClips
+from ctv2v.data.interpolation import covered_slices
+from ctv2v.data.thick import resample_spacing, simulate_thick
+from ctv2v.intensity import Intensity
+
+log = logging.getLogger(__name__)
+
+IN_PLANE_AXES = (1, 2)
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """How one scan's adaptation went (logged and written into reports beside the adapted model's scores)."""
+
+    seconds_budget: float
+    steps: int
+    seconds: float
+    first_loss: float
+    last_loss: float
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def in_plane_training_volume(volume: Preprocessed, interpolated_hu: np.ndarray, config: RunConfig) -> Preprocessed:
+    """The scan's interpolation over its covered slices on an isotropic grid at the thin slice spacing."""
+    covered = covered_slices(volume.thick)
+    thin_mm = float(volume.spacing[0])
+    iso, spacing, affine = resample_spacing(interpolated_hu[:covered], volume.spacing, volume.affine,
+                                            ResampleConfig(slice_mm=None, pixel_mm=thin_mm))
+    return Preprocessed(f"{volume.volume_id}:in-plane", iso, simulate_thick(iso, thin_mm, config.data.thick),
+                        spacing, affine)
+
+
+def adapt_to_scan(model: torch.nn.Module, volume: Preprocessed, interpolated_hu: np.ndarray, config: RunConfig,
+                  device: torch.device, seconds: float) -> tuple[torch.nn.Module, Adaptation]:
+    """A copy of `model` whose denoiser was fine-tuned on `volume`'s in-plane axes for at most `seconds` (and at
+    most evaluation.adapt.steps steps); `model` itself is left as it was."""
+    settings = config.evaluation.adapt
+    adapted = copy.deepcopy(model)
+    adapted.freeze_vae()
+    training_volume = in_plane_training_volume(volume, interpolated_hu, config)
+    clip = config.data.clip.model_copy(update={"clips_per_volume": settings.steps * settings.batch_size})
+    clips = TrainClips([training_volume], clip, Intensity.from_config(config.data.intensity), config.seed,
+                       adapted.interpolation, config.data.augment, config.data.thick,
+                       slice_axes=IN_PLANE_AXES)
+    loader = DataLoader(clips, batch_size=settings.batch_size, shuffle=False, num_workers=0)
+    optimizer = torch.optim.Adam(adapted.denoiser.parameters(), lr=settings.lr)
+    torch.manual_seed(config.seed)
+    adapted.train()
+    started = time.perf_counter()
+    losses: list[float] = []
+    with torch.enable_grad():
+        for batch in loader:
+            if time.perf_counter() - started >= seconds:
+                break
+            loss, _ = adapted.loss(batch["thick"].to(device), batch["thin"].to(device), interp=batch["interp"].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    adapted.eval()
+    if not losses:
+        raise ValueError(f"evaluation.adapt.seconds={seconds:g}: no adaptation step fits in the budget")
+    report = Adaptation(float(seconds), len(losses), time.perf_counter() - started, losses[0], losses[-1])
+    log.info("%s: adapted on its in-plane axes for %d steps in %.0f s (budget %g s), loss %.5f -> %.5f",
+             volume.volume_id, report.steps, report.seconds, seconds, report.first_loss, report.last_loss)
+    return adapted, report

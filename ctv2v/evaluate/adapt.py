@@ -76,7 +76,8 @@ def adapt_to_scan(model: torch.nn.Module, volume: Preprocessed, interpolated_hu:
         for batch in loader:
             if time.perf_counter() - started >= seconds:
                 break
-            loss, _ = adapted.loss(batch["thick"].to(device), batch["thin"].to(device), interp=batch["interp"].to(device))
+            interp = batch["interp"].to(device) if "interp" in batch else None
+            loss, _ = adapted.loss(batch["thick"].to(device), batch["thin"].to(device), interp=interp)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

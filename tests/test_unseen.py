@@ -4,6 +4,7 @@ hash, CLI) on a small sdist-shaped tarball made here instead of the real 12 MB d
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
 import io
 import re
@@ -36,7 +37,7 @@ def test_table_pins_one_head_ct_outside_the_demo():
 
 def _nifti_bytes() -> bytes:
     hu = np.linspace(-1024, 3000, 6 * 5 * 4).reshape(6, 5, 4)
-    return nib.Nifti1Image(hu, np.diag([1.0, 1.0, 2.5, 1.0])).to_bytes()
+    return gzip.compress(nib.Nifti1Image(hu, np.diag([1.0, 1.0, 2.5, 1.0])).to_bytes(), mtime=0)
 
 
 def _add(archive: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -246,9 +246,11 @@ def fetch_unseen_ct(cache_dir: Path | None = None) -> Path:
       package's tutorial. The package states no other origin for the scan.
     - Licence: dicom2stl's README states Apache License 2.0 (its LICENSE.txt holds a PyPA MIT template); the
       data ships in the package under those terms and no separate data licence is given.
-    - Body region: whole head, non-contrast, skull base to vertex.
-    - Shape (x, y, z) 190 x 240 x 95 voxels, spacing 1.01 x 1.01 x 2.5 mm (237.5 mm along z: 79 slices at 3 mm),
-      float64 HU, range -1024 .. 3075 (1st / 50th / 99th percentile -1024 / -1024 / 1150).
+    - Body region: head and upper neck, from the cervical spine and mandible (about C3) to the vertex; brain
+      without visible contrast; dental metal with streak artefacts in the slices through the teeth.
+    - Shape (x, y, z) 190 x 240 x 95 voxels (ctv2v reads it as 95 slices of 240 x 190), spacing 1.01 x 1.01 x
+      2.5 mm: 237.5 mm along z, 79 slices at 3 mm. Float64 HU, range -1024 .. 3075 (1st / 50th / 99th
+      percentile -1024 / -1024 / 1150); 48 % of the voxels are not whole HU: resampled before it was shipped.
     """
     folder = Path(cache_dir) if cache_dir is not None else cache_root() / "unseen"
     return _fetch_pinned_folder(folder, UNSEEN_SDIST, verify_unseen_folder) / UNSEEN_CT

@@ -296,6 +296,18 @@ def _fetch_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fetch_unseen_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="where the unseen CT's folder goes (default $CTV2V_CACHE/unseen or ~/.cache/ctv2v/unseen)")
+
+
+def _fetch_unseen(args: argparse.Namespace) -> int:
+    from ctv2v.data.demo import fetch_unseen_ct
+
+    print(fetch_unseen_ct(args.cache_dir))
+    return 0
+
+
 def _baselines_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--factors", type=int, nargs="+", default=[2, 4], metavar="K",
@@ -488,6 +500,8 @@ COMMANDS = {
                            _config_show),
     "data fetch-demo": Command("download + verify the demo CT volumes; print the dataset folder",
                                _fetch_demo_arguments, _fetch_demo),
+    "data fetch-unseen": Command("download + verify a head CT outside the demo and its split (a body region "
+                                 "nobody tuned on); print its path", _fetch_unseen_arguments, _fetch_unseen),
     "data baselines": Command("score nearest/linear/cubic interpolation on the dataset; print the table, write JSON",
                               _baselines_arguments, _baselines),
     "model summary": Command("parameter counts, latent shapes and FLOPs per training step",

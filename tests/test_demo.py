@@ -27,7 +27,7 @@ def test_fresh_download_extracts_exactly_the_demo_files(tmp_path):
 def test_second_call_verifies_without_downloading(demo_dir, tmp_path, monkeypatch):
     copy = shutil.copytree(demo_dir, tmp_path / "demo")
 
-    def no_download(dest):
+    def no_download(sdist, dest):
         raise AssertionError("fetch_demo downloaded although the folder was complete")
 
     monkeypatch.setattr(demo_module, "_download_sdist", no_download)

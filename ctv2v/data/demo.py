@@ -7,6 +7,9 @@ the sdist is fetched with `pip download --no-binary :all:` and only four entries
 
 The returned folder is a dataset folder (see ctv2v.data.manifest): the volumes keep their relative paths
 from `tests/reference_files/`, and `patients.json` assigns the patient ids below.
+
+Beside the demo, fetch_unseen_ct brings one head CT from another sdist the same way (pip download, sha256 of
+the sdist and of the file): a body region nobody tuned on, outside the demo dataset and its split.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,11 +28,6 @@ from ctv2v.data.manifest import PATIENTS_FILE
 from ctv2v.files import cache_root, sha256_file
 
 log = logging.getLogger(__name__)
-
-SDIST_REQUIREMENT = "totalsegmentator==2.18.0"
-SDIST_NAME = "totalsegmentator-2.18.0.tar.gz"
-SDIST_SHA256 = "5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03"
-SDIST_PREFIX = "totalsegmentator-2.18.0/tests/reference_files/"
 
 _DICOM = "example_ct_dicom/CT.1.3.12.2.1107.5.1.4.60064.30000022120808113428000016"
 
@@ -58,6 +57,44 @@ DEMO_FILES: dict[str, str] = {
     _DICOM + "592": "fdb76ad5272f074e07cc81509604fd163f2f8a9903d34b16ba6f078250373c51",
 }
 """Path inside the demo folder -> sha256 of the file as shipped in the sdist (measured once)."""
+
+UNSEEN_CT = "ct_head.nii.gz"
+"""File name of the unseen CT inside its folder (and inside the sdist's `examples/Data/`)."""
+
+
+@dataclass(frozen=True)
+class PinnedSdist:
+    """A source distribution on PyPI, pinned by version and sha256, and the files taken from it."""
+
+    requirement: str
+    filename: str
+    sha256: str
+    megabytes: int
+    """Download size, for the log line."""
+    prefix: str
+    """Folder inside the sdist that the taken files' paths are relative to."""
+    files: Mapping[str, str]
+    """Path relative to `prefix` (and inside the target folder) -> sha256 of the file as shipped (measured once)."""
+
+
+DEMO_SDIST = PinnedSdist(
+    requirement="totalsegmentator==2.18.0",
+    filename="totalsegmentator-2.18.0.tar.gz",
+    sha256="5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03",
+    megabytes=38,
+    prefix="totalsegmentator-2.18.0/tests/reference_files/",
+    files=DEMO_FILES,
+)
+
+UNSEEN_SDIST = PinnedSdist(
+    requirement="dicom2stl==0.5.0",
+    filename="dicom2stl-0.5.0.tar.gz",
+    sha256="fb214135f811315203829abbc579cfdb8108d6af4fe49bd513620f4a4fae023d",
+    megabytes=12,
+    prefix="dicom2stl-0.5.0/examples/Data/",
+    files={UNSEEN_CT: "f47d7dabbe05af8703b559284833d31936d9969e452a0e22d77dae9a8e3f6331"},
+)
+"""The unseen head CT (see fetch_unseen_ct): one file of the dicom2stl sdist."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +129,7 @@ DEMO_VOLUMES: tuple[DemoVolume, ...] = (
 
 
 class DemoDataError(RuntimeError):
-    """The demo data could not be fetched, or a file does not match its recorded sha256."""
+    """The demo data (or the unseen CT) could not be fetched, or a file does not match its recorded sha256."""
 
 
 def patients_json() -> str:
@@ -100,72 +137,120 @@ def patients_json() -> str:
     return json.dumps({v.path: v.patient_id for v in DEMO_VOLUMES}, indent=2, sort_keys=True) + "\n"
 
 
-def verify_demo_folder(folder: Path) -> None:
-    """Raise DemoDataError naming the first file that is missing, extra or differs from its recorded sha256."""
-    expected = set(DEMO_FILES) | {PATIENTS_FILE}
+def _verify_pinned_folder(folder: Path, sdist: PinnedSdist, what: str, also: frozenset[str] = frozenset()) -> None:
+    """Raise DemoDataError naming the first file of `folder` that is missing, extra (beyond `sdist.files` and
+    `also`) or differs from its recorded sha256."""
+    expected = set(sdist.files) | also
     present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
     missing = sorted(expected - present)
     if missing:
-        raise DemoDataError(f"{folder / missing[0]}: demo file missing ({len(missing)} missing in {folder})")
+        raise DemoDataError(f"{folder / missing[0]}: {what} file missing ({len(missing)} missing in {folder})")
     extra = sorted(present - expected)
     if extra:
-        raise DemoDataError(f"{folder / extra[0]}: unexpected file in the demo folder {folder}")
-    for rel, digest in DEMO_FILES.items():
+        raise DemoDataError(f"{folder / extra[0]}: unexpected file in the {what} folder {folder}")
+    for rel, digest in sdist.files.items():
         actual = sha256_file(folder / rel)
         if actual != digest:
             raise DemoDataError(f"{folder / rel}: sha256 {actual} does not match the recorded {digest}")
+
+
+def verify_demo_folder(folder: Path) -> None:
+    """Raise DemoDataError naming the first file that is missing, extra or differs from its recorded sha256."""
+    _verify_pinned_folder(folder, DEMO_SDIST, "demo", frozenset({PATIENTS_FILE}))
     if (folder / PATIENTS_FILE).read_text() != patients_json():
         raise DemoDataError(f"{folder / PATIENTS_FILE}: differs from the demo's patient assignment")
 
 
-def _download_sdist(dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SDIST_REQUIREMENT,
-           "-d", str(dest)]
-    log.info("downloading %s (38 MB sdist) with pip", SDIST_REQUIREMENT)
+def verify_unseen_folder(folder: Path) -> None:
+    """Raise DemoDataError unless `folder` holds exactly the unseen CT with its recorded sha256."""
+    _verify_pinned_folder(folder, UNSEEN_SDIST, "unseen CT")
+
+
+def _pip_download(requirement: str, dest: Path) -> None:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", requirement, "-d", str(dest)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise DemoDataError(f"`{' '.join(cmd)}` failed with exit code {result.returncode}:\n{result.stderr[-2000:]}")
-    sdist = dest / SDIST_NAME
-    if not sdist.is_file():
-        raise DemoDataError(f"{sdist}: pip reported success but the sdist is not there")
-    actual = sha256_file(sdist)
-    if actual != SDIST_SHA256:
-        raise DemoDataError(f"{sdist}: sha256 {actual} does not match the recorded {SDIST_SHA256}")
-    return sdist
 
 
-def _extract_demo_files(sdist: Path, dest: Path) -> None:
-    with tarfile.open(sdist, "r:gz") as archive:
+def _download_sdist(sdist: PinnedSdist, dest: Path) -> Path:
+    log.info("downloading %s (%d MB sdist) with pip", sdist.requirement, sdist.megabytes)
+    _pip_download(sdist.requirement, dest)
+    archive = dest / sdist.filename
+    if not archive.is_file():
+        raise DemoDataError(f"{archive}: pip reported success but the sdist is not there")
+    actual = sha256_file(archive)
+    if actual != sdist.sha256:
+        raise DemoDataError(f"{archive}: sha256 {actual} does not match the recorded {sdist.sha256}")
+    return archive
+
+
+def _extract_pinned_files(archive_path: Path, sdist: PinnedSdist, dest: Path) -> None:
+    with tarfile.open(archive_path, "r:gz") as archive:
         wanted = []
         for member in archive.getmembers():
-            if member.isfile() and member.name.startswith(SDIST_PREFIX):
-                rel = member.name[len(SDIST_PREFIX):]
-                if rel in DEMO_FILES:
+            if member.isfile() and member.name.startswith(sdist.prefix):
+                rel = member.name[len(sdist.prefix):]
+                if rel in sdist.files:
                     member.name = rel
                     wanted.append(member)
         archive.extractall(dest, members=wanted, filter="data")
 
 
-def fetch_demo(cache_dir: Path | None = None) -> Path:
-    """The demo dataset folder (default `<cache_root>/demo`), downloaded and verified on first use; later calls
-    only re-verify hashes."""
-    folder = Path(cache_dir) if cache_dir is not None else cache_root() / "demo"
+def _fetch_pinned_folder(folder: Path, sdist: PinnedSdist, verify: Callable[[Path], None],
+                         complete: Callable[[Path], None] | None = None) -> Path:
+    """`folder` verified by `verify`; when it does not exist, it is made from `sdist`'s files (then `complete`
+    adds what the sdist lacks) in a temporary folder beside it, verified, and renamed into place."""
     if folder.exists():
-        verify_demo_folder(folder)
+        verify(folder)
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{folder.name}.", dir=folder.parent) as tmp:
-        staged = Path(tmp) / "demo"
+        staged = Path(tmp) / "staged"
         staged.mkdir()
-        _extract_demo_files(_download_sdist(Path(tmp) / "download"), staged)
-        (staged / PATIENTS_FILE).write_text(patients_json())
-        verify_demo_folder(staged)
+        _extract_pinned_files(_download_sdist(sdist, Path(tmp) / "download"), sdist, staged)
+        if complete is not None:
+            complete(staged)
+        verify(staged)
         try:
             staged.rename(folder)
         except OSError:
             # Another process finished first; its folder is only accepted after the same verification.
             if not folder.exists():
                 raise
-    verify_demo_folder(folder)
-    log.info("demo data ready in %s", folder)
+    verify(folder)
+    log.info("%s ready in %s", sdist.requirement, folder)
     return folder
+
+
+def _write_patients_json(folder: Path) -> None:
+    (folder / PATIENTS_FILE).write_text(patients_json())
+
+
+def fetch_demo(cache_dir: Path | None = None) -> Path:
+    """The demo dataset folder (default `<cache_root>/demo`), downloaded and verified on first use; later calls
+    only re-verify hashes."""
+    folder = Path(cache_dir) if cache_dir is not None else cache_root() / "demo"
+    return _fetch_pinned_folder(folder, DEMO_SDIST, verify_demo_folder, _write_patients_json)
+
+
+def fetch_unseen_ct(cache_dir: Path | None = None) -> Path:
+    """The path of the unseen head CT (a NIfTI file in the folder `cache_dir`, default `<cache_root>/unseen`),
+    downloaded and verified on first use; later calls only re-verify its hash.
+
+    A CT of a body region nobody tuned on, for checking the quality floors beyond the demo's abdomen and chest.
+    It is not part of the demo dataset or its split: no training, validation or selection may read it.
+
+    - Source: `examples/Data/ct_head.nii.gz` in the sdist of `dicom2stl==0.5.0` on PyPI (sdist only; the wheel
+      does not ship it), added to the dicom2stl repository by its author David T. Chen (NIAID) in 2020 for the
+      package's tutorial. The package states no other origin for the scan.
+    - Licence: dicom2stl's README states Apache License 2.0 (its LICENSE.txt holds a PyPA MIT template); the
+      data ships in the package under those terms and no separate data licence is given.
+    - Body region: head and upper neck, from the cervical spine and mandible (about C3) to the vertex; brain
+      without visible contrast; dental metal with streak artefacts in the slices through the teeth.
+    - Shape (x, y, z) 190 x 240 x 95 voxels (ctv2v reads it as 95 slices of 240 x 190), spacing 1.01 x 1.01 x
+      2.5 mm: 237.5 mm along z, 79 slices at 3 mm. Float64 HU, range -1024 .. 3075 (1st / 50th / 99th
+      percentile -1024 / -1024 / 1150); 48 % of the voxels are not whole HU: resampled before it was shipped.
+    """
+    folder = Path(cache_dir) if cache_dir is not None else cache_root() / "unseen"
+    return _fetch_pinned_folder(folder, UNSEEN_SDIST, verify_unseen_folder) / UNSEEN_CT

@@ -177,10 +177,14 @@ def test_istio_policies_select_the_mlflow_pods_and_its_container_port():
     ("step pod with a sidecar", "cluster.local/ns/{namespace}/sa/{sa}", 5000, True),
     ("step pod with a sidecar, other trust domain", "corp.example/ns/{namespace}/sa/{sa}", 5000, True),
     ("same service account name, other namespace", "cluster.local/ns/other/sa/{sa}", 5000, False),
-    ("another workload of the namespace, in the mesh", "cluster.local/ns/{namespace}/sa/default-editor", 5000, False),
+    ("a notebook of the namespace (default-editor)", "cluster.local/ns/{namespace}/sa/default-editor", 5000, True),
+    ("a notebook of another profile", "cluster.local/ns/other/sa/default-editor", 5000, False),
+    ("KFP's API server (its MLflow plugin)", "cluster.local/ns/kubeflow/sa/ml-pipeline", 5000, True),
+    ("KFP's UI", "cluster.local/ns/kubeflow/sa/ml-pipeline-ui", 5000, False),
+    ("another workload of the namespace, in the mesh", "cluster.local/ns/{namespace}/sa/other", 5000, False),
     ("plain text to another port of the pod", None, 15000, False),
 ])
-def test_istio_admits_exactly_the_pipelines_step_pods(caller, principal, port, allowed):
+def test_istio_admits_exactly_the_step_pods_notebooks_and_kfps_api_server(caller, principal, port, allowed):
     objects = profile()
     namespace = namespace_of(objects)
     policies = [o for o in objects if o["kind"] == "AuthorizationPolicy"]
@@ -191,13 +195,15 @@ def test_istio_admits_exactly_the_pipelines_step_pods(caller, principal, port, a
 
 
 @pytest.mark.parametrize("source, allowed", [
-    ("pipeline", True), ("gateway", True), ("other-istio-system-pod", False), ("other-pod", False),
+    ("pipeline", True), ("gateway", True), ("notebook", True), ("kfp-api-server", True),
+    ("other-istio-system-pod", False), ("other-pod", False), ("kfp-ui", False), ("notebook-elsewhere", False),
 ])
-def test_network_policy_admits_the_gateway_and_the_step_pods_only(source, allowed):
+def test_network_policy_admits_the_gateway_step_pods_notebooks_and_kfps_api_server_only(source, allowed):
     objects = profile()
     namespace = namespace_of(objects)
     here = {"kubernetes.io/metadata.name": namespace}
     istio_system = {"kubernetes.io/metadata.name": "istio-system"}
+    kubeflow = {"kubernetes.io/metadata.name": "kubeflow"}
     pods = {
         "pipeline": {"namespace": namespace, "labels": {"app.kubernetes.io/part-of": CLUSTER.pod_label},
                      "namespace_labels": here},
@@ -206,6 +212,13 @@ def test_network_policy_admits_the_gateway_and_the_step_pods_only(source, allowe
         "other-istio-system-pod": {"namespace": "istio-system", "labels": {"app": "istiod"},
                                    "namespace_labels": istio_system},
         "other-pod": {"namespace": namespace, "labels": {"app": "notebook"}, "namespace_labels": here},
+        # Kubeflow's notebook controller labels a notebook's pods notebook-name=<name>.
+        "notebook": {"namespace": namespace, "labels": {"notebook-name": "nb", "statefulset": "nb"},
+                     "namespace_labels": here},
+        "notebook-elsewhere": {"namespace": "other", "labels": {"notebook-name": "nb"},
+                               "namespace_labels": {"kubernetes.io/metadata.name": "other"}},
+        "kfp-api-server": {"namespace": "kubeflow", "labels": {"app": "ml-pipeline"}, "namespace_labels": kubeflow},
+        "kfp-ui": {"namespace": "kubeflow", "labels": {"app": "ml-pipeline-ui"}, "namespace_labels": kubeflow},
     }
     target = {"namespace": namespace, "labels": pod_labels(objects, "Deployment", "mlflow"), "namespace_labels": here}
     policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
@@ -235,6 +248,8 @@ def prefixes(objects) -> dict[str, str]:
         "redirect to": by_name["mlflow-ui-slash"]["redirect"]["uri"].removesuffix("/"),
         "tracking URI": urlsplit(tracking_uri).path,
         "probe": probe_path.split("/api/", 1)[0],
+        **{f"{probe} (/health)": mlflow_container(objects)[probe]["httpGet"]["path"].removesuffix("/health")
+           for probe in ("startupProbe", "livenessProbe")},
     }
 
 
@@ -253,8 +268,9 @@ def test_the_prefix_and_the_principal_follow_the_namespace_line(tmp_path):
     objects = with_namespace(tmp_path, "team-a")
     assert namespace_of(objects) == "team-a"
     assert set(prefixes(objects).values()) == {"/mlflow/team-a"}
-    [_, mesh_rule] = find(objects, "AuthorizationPolicy", "mlflow-pipeline-steps")["spec"]["rules"]
-    assert mesh_rule["from"][0]["source"]["principals"] == [f"*/ns/team-a/sa/{CLUSTER.service_account}"]
+    [_, mesh_rule, _] = find(objects, "AuthorizationPolicy", "mlflow-pipeline-steps")["spec"]["rules"]
+    assert mesh_rule["from"][0]["source"]["principals"] == [f"*/ns/team-a/sa/{CLUSTER.service_account}",
+                                                            "*/ns/team-a/sa/default-editor"]
     assert "kubeflow-user-example-com" not in yaml.safe_dump_all(objects)
 
 
@@ -290,5 +306,9 @@ def test_mlflow_behind_the_gateway_serves_the_ui_to_the_kubeflow_host_and_the_ap
         tracking = urlsplit(find(objects, "ConfigMap", CLUSTER.env_config_map)["data"]["MLFLOW_TRACKING_URI"])
         assert http_get(f"{base}{tracking.path}/api/2.0/mlflow/experiments/search?max_results=1", tracking.netloc) == 200
         assert http_get(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", tracking.netloc) == 404
+        # The kubelet's probes, at their paths under the prefix (/health outside it is a 404: a restart loop).
+        for probe in ("startupProbe", "livenessProbe"):
+            assert http_get(base + container[probe]["httpGet"]["path"], probe_host) == 200, probe
+        assert http_get(f"{base}/health", probe_host) == 404
     finally:
         stop_process_group(proc)

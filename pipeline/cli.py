@@ -2,9 +2,10 @@
 
 It is the outermost layer (configs -> data -> model -> steps -> DAG -> CLI), so it lives beside the DAG. Each
 pipeline step is a subcommand that calls the same function in ctv2v.steps as the step's KFP component, with the
-resolved config every step output carries, so `docker run IMAGE ctv2v <step> --config resolved-config.yaml ...`
-reruns one step of a pipeline run. Errors are one `ctv2v: error: <type>: <message>` on stderr, exit code 2 for
-a config error and 1 for any other; --verbose shows the traceback instead.
+resolved config every step output carries, so `docker run IMAGE <step> --config resolved-config.yaml ...` (the
+images' ENTRYPOINT is `ctv2v`) reruns one step of a pipeline run; `ctv2v pipeline rerun` prints that command.
+Errors are one `ctv2v: error: <type>: <message>` on stderr, exit code 2 for a config error and 1 for any other;
+--verbose shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -278,6 +279,27 @@ def _run_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rerun_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR",
+                        help="the run's workspace folder, <workspace_root>/runs/<pipeline run id>")
+    parser.add_argument("--task", required=True, help="the task to rerun, e.g. train-frozen-main, evaluate-pretrained")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow server as this host reaches it (default: the run's config, else "
+                             "MLFLOW_TRACKING_URI); a loopback address is rewritten for the container")
+    parser.add_argument("--gpus", default=None, metavar="SPEC",
+                        help="docker's --gpus value, e.g. all (needs the NVIDIA container runtime); default: CPU")
+
+
+def _rerun(args: argparse.Namespace) -> int:
+    from pipeline.rerun import rerun_command
+
+    command = rerun_command(args.run_dir, args.task, tracking_uri_override=args.tracking_uri, gpus=args.gpus)
+    for note in command.notes:
+        print(f"# {note}", file=sys.stderr)
+    print(command.line())
+    return 0
+
+
 # ------------------------------------------------------------------------------------ configs, data, models
 def _config_show(args: argparse.Namespace) -> int:
     sys.stdout.write(to_yaml(config_from_args(args)))
@@ -492,6 +514,8 @@ COMMANDS = {
     "pipeline submit": Command("compile and submit one run through kfp.Client", _submit_arguments, _submit),
     "pipeline run-local": Command("run the DAG on this machine under kfp.local (CPU)",
                                   _run_local_arguments, _run_local),
+    "pipeline rerun": Command("print the `docker run` command that reruns one task of a finished run",
+                              _rerun_arguments, _rerun),
     "predict": Command("turn a thick CT series (NIfTI or DICOM folder) into thin slices with a trained model",
                        _predict_arguments, _predict),
     "tracking sync": Command("upload pending MLflow journals found under folders (idempotent)",

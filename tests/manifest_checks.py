@@ -27,6 +27,14 @@ from tests.static_checks import IMAGES, REPO, dockerfile_instructions, exec_form
 
 MANIFESTS = REPO / "manifests"
 OVERLAYS = sorted(p.parent for p in (MANIFESTS / "overlays").glob("*/kustomization.yaml"))
+SHARED_MLFLOW = MANIFESTS / "overlays" / "kubeflow-shared-mlflow"
+"""The one MLflow of a multi-user Kubeflow (namespace kubeflow): no pipeline namespace objects."""
+PROFILE_WITH_SHARED_MLFLOW = MANIFESTS / "overlays" / "kubeflow-profile-shared-mlflow"
+"""A profile namespace using SHARED_MLFLOW: the pipeline's objects, no MLflow of its own."""
+PIPELINE_OVERLAYS = [o for o in OVERLAYS if o != SHARED_MLFLOW]
+"""Overlays for a namespace where the pipeline's pods run (ctv2v-env, ctv2v-workspace, ctv2v-pipeline)."""
+MLFLOW_OVERLAYS = [o for o in OVERLAYS if o != PROFILE_WITH_SHARED_MLFLOW]
+"""Overlays that deploy an MLflow server."""
 COMPONENTS = MANIFESTS / "components"
 SECRET_TEMPLATES = sorted((MANIFESTS / "secrets").glob("*.yaml"))
 ISTIO_CRDS = REPO / "tests" / "schemas" / "istio-1.30.3-crds.yaml"
@@ -331,10 +339,21 @@ def container_env(container: dict, objects, field_values: dict[str, str]) -> dic
 
 
 # ---------------------------------------------------------------------------------------- network policies
+_EXPRESSION_OPERATORS = {
+    "Exists": lambda key, values, labels: key in labels,
+    "DoesNotExist": lambda key, values, labels: key not in labels,
+    "In": lambda key, values, labels: labels.get(key) in values,
+    "NotIn": lambda key, values, labels: labels.get(key) not in values,
+}
+
+
 def matches(selector: dict, labels: dict) -> bool:
-    if set(selector) - {"matchLabels"}:
+    """Kubernetes label-selector semantics: every matchLabels pair and every matchExpressions requirement holds."""
+    if set(selector) - {"matchLabels", "matchExpressions"}:
         raise NotImplementedError(f"selector form not modelled here: {selector}")
-    return selector.get("matchLabels", {}).items() <= labels.items()
+    return selector.get("matchLabels", {}).items() <= labels.items() and all(
+        _EXPRESSION_OPERATORS[e["operator"]](e["key"], e.get("values", []), labels)
+        for e in selector.get("matchExpressions", []))
 
 
 def ingress_allowed(policies, namespace: str, target: dict, source: dict, port: int) -> bool:

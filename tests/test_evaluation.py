@@ -255,6 +255,8 @@ def test_evaluate_command_runs_a_tiny_untrained_model_and_tracks_it(untrained_mo
             report["aggregate"][method]["synthesized"]["psnr_db"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/report.json", "evaluation/report.html", "evaluation/panels"} <= artifacts
+    predicted = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation/predictions")}
+    assert predicted == {f"evaluation/predictions/{volume_id}.nii.gz" for volume_id in report["volume_ids"]}
     version = client.get_model_version_by_alias("ctv2v-main", "candidate")
     assert version.run_id == run.info.run_id
     assert float(version.tags[TAG_TEST_PSNR]) == pytest.approx(report["aggregate"][MODEL]["synthesized"]["psnr_db"])

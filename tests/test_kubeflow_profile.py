@@ -1,12 +1,20 @@
-"""The kubeflow-profile overlay, without a cluster: it renders, every object validates strictly (Kubernetes models,
-Istio's published CRD schemas), and its pieces agree with each other: the Istio policies select the MLflow pods and
-admit the pipeline's sidecar-less step pods, the gateway route, MLflow's --static-prefix, the pipeline's tracking
-URI and the probe share one path prefix that follows the namespace, and a real MLflow server started with the
-Deployment's arguments serves the UI to the Kubeflow host and refuses other origins."""
+"""The multi-user Kubeflow overlays, without a cluster.
+
+kubeflow-profile (an MLflow per profile): it renders, every object validates strictly (Kubernetes models, Istio's
+published CRD schemas), and its pieces agree with each other: the Istio policies select the MLflow pods and admit the
+pipeline's sidecar-less step pods, the profile's notebooks and KFP's API server, the gateway route, MLflow's
+--static-prefix, the pipeline's tracking URI and the probes share one path prefix that follows the namespace, and a
+real MLflow server started with the Deployment's arguments serves the UI to the Kubeflow host and refuses other
+origins.
+
+kubeflow-shared-mlflow + kubeflow-profile-shared-mlflow (one MLflow for every profile): workspaces and Kubernetes
+RBAC are switched on, the profiles' clients are pointed at it with their token, admission (Istio, NetworkPolicy)
+matches, and a real server with its prefix and Host list answers the profiles' tracking URI."""
 
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -14,11 +22,16 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from mlflow.tracking.request_auth.kubernetes_request_auth_provider import KubernetesNamespacedRequestAuthProvider
+from packaging.requirements import Requirement
+
 from ctv2v.config import ClusterConfig
 from tests.manifest_checks import (
     ISTIO_CRDS,
     MANIFESTS,
     PLACEHOLDER,
+    PROFILE_WITH_SHARED_MLFLOW,
+    SHARED_MLFLOW,
     container_env,
     expand,
     find,
@@ -37,6 +50,7 @@ from tests.manifest_checks import (
     validate_istio_object,
 )
 from tests.servers import stop_process_group
+from tests.static_checks import IMAGES
 
 OVERLAY = MANIFESTS / "overlays" / "kubeflow-profile"
 ISTIO_KINDS = {"AuthorizationPolicy", "PeerAuthentication", "VirtualService"}
@@ -177,10 +191,14 @@ def test_istio_policies_select_the_mlflow_pods_and_its_container_port():
     ("step pod with a sidecar", "cluster.local/ns/{namespace}/sa/{sa}", 5000, True),
     ("step pod with a sidecar, other trust domain", "corp.example/ns/{namespace}/sa/{sa}", 5000, True),
     ("same service account name, other namespace", "cluster.local/ns/other/sa/{sa}", 5000, False),
-    ("another workload of the namespace, in the mesh", "cluster.local/ns/{namespace}/sa/default-editor", 5000, False),
+    ("a notebook of the namespace (default-editor)", "cluster.local/ns/{namespace}/sa/default-editor", 5000, True),
+    ("a notebook of another profile", "cluster.local/ns/other/sa/default-editor", 5000, False),
+    ("KFP's API server (its MLflow plugin)", "cluster.local/ns/kubeflow/sa/ml-pipeline", 5000, True),
+    ("KFP's UI", "cluster.local/ns/kubeflow/sa/ml-pipeline-ui", 5000, False),
+    ("another workload of the namespace, in the mesh", "cluster.local/ns/{namespace}/sa/other", 5000, False),
     ("plain text to another port of the pod", None, 15000, False),
 ])
-def test_istio_admits_exactly_the_pipelines_step_pods(caller, principal, port, allowed):
+def test_istio_admits_exactly_the_step_pods_notebooks_and_kfps_api_server(caller, principal, port, allowed):
     objects = profile()
     namespace = namespace_of(objects)
     policies = [o for o in objects if o["kind"] == "AuthorizationPolicy"]
@@ -191,13 +209,15 @@ def test_istio_admits_exactly_the_pipelines_step_pods(caller, principal, port, a
 
 
 @pytest.mark.parametrize("source, allowed", [
-    ("pipeline", True), ("gateway", True), ("other-istio-system-pod", False), ("other-pod", False),
+    ("pipeline", True), ("gateway", True), ("notebook", True), ("kfp-api-server", True),
+    ("other-istio-system-pod", False), ("other-pod", False), ("kfp-ui", False), ("notebook-elsewhere", False),
 ])
-def test_network_policy_admits_the_gateway_and_the_step_pods_only(source, allowed):
+def test_network_policy_admits_the_gateway_step_pods_notebooks_and_kfps_api_server_only(source, allowed):
     objects = profile()
     namespace = namespace_of(objects)
     here = {"kubernetes.io/metadata.name": namespace}
     istio_system = {"kubernetes.io/metadata.name": "istio-system"}
+    kubeflow = {"kubernetes.io/metadata.name": "kubeflow"}
     pods = {
         "pipeline": {"namespace": namespace, "labels": {"app.kubernetes.io/part-of": CLUSTER.pod_label},
                      "namespace_labels": here},
@@ -206,6 +226,13 @@ def test_network_policy_admits_the_gateway_and_the_step_pods_only(source, allowe
         "other-istio-system-pod": {"namespace": "istio-system", "labels": {"app": "istiod"},
                                    "namespace_labels": istio_system},
         "other-pod": {"namespace": namespace, "labels": {"app": "notebook"}, "namespace_labels": here},
+        # Kubeflow's notebook controller labels a notebook's pods notebook-name=<name>.
+        "notebook": {"namespace": namespace, "labels": {"notebook-name": "nb", "statefulset": "nb"},
+                     "namespace_labels": here},
+        "notebook-elsewhere": {"namespace": "other", "labels": {"notebook-name": "nb"},
+                               "namespace_labels": {"kubernetes.io/metadata.name": "other"}},
+        "kfp-api-server": {"namespace": "kubeflow", "labels": {"app": "ml-pipeline"}, "namespace_labels": kubeflow},
+        "kfp-ui": {"namespace": "kubeflow", "labels": {"app": "ml-pipeline-ui"}, "namespace_labels": kubeflow},
     }
     target = {"namespace": namespace, "labels": pod_labels(objects, "Deployment", "mlflow"), "namespace_labels": here}
     policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
@@ -235,6 +262,8 @@ def prefixes(objects) -> dict[str, str]:
         "redirect to": by_name["mlflow-ui-slash"]["redirect"]["uri"].removesuffix("/"),
         "tracking URI": urlsplit(tracking_uri).path,
         "probe": probe_path.split("/api/", 1)[0],
+        **{f"{probe} (/health)": mlflow_container(objects)[probe]["httpGet"]["path"].removesuffix("/health")
+           for probe in ("startupProbe", "livenessProbe")},
     }
 
 
@@ -253,8 +282,9 @@ def test_the_prefix_and_the_principal_follow_the_namespace_line(tmp_path):
     objects = with_namespace(tmp_path, "team-a")
     assert namespace_of(objects) == "team-a"
     assert set(prefixes(objects).values()) == {"/mlflow/team-a"}
-    [_, mesh_rule] = find(objects, "AuthorizationPolicy", "mlflow-pipeline-steps")["spec"]["rules"]
-    assert mesh_rule["from"][0]["source"]["principals"] == [f"*/ns/team-a/sa/{CLUSTER.service_account}"]
+    [_, mesh_rule, _] = find(objects, "AuthorizationPolicy", "mlflow-pipeline-steps")["spec"]["rules"]
+    assert mesh_rule["from"][0]["source"]["principals"] == [f"*/ns/team-a/sa/{CLUSTER.service_account}",
+                                                            "*/ns/team-a/sa/default-editor"]
     assert "kubeflow-user-example-com" not in yaml.safe_dump_all(objects)
 
 
@@ -290,5 +320,132 @@ def test_mlflow_behind_the_gateway_serves_the_ui_to_the_kubeflow_host_and_the_ap
         tracking = urlsplit(find(objects, "ConfigMap", CLUSTER.env_config_map)["data"]["MLFLOW_TRACKING_URI"])
         assert http_get(f"{base}{tracking.path}/api/2.0/mlflow/experiments/search?max_results=1", tracking.netloc) == 200
         assert http_get(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", tracking.netloc) == 404
+        # The kubelet's probes, at their paths under the prefix (/health outside it is a 404: a restart loop).
+        for probe in ("startupProbe", "livenessProbe"):
+            assert http_get(base + container[probe]["httpGet"]["path"], probe_host) == 200, probe
+        assert http_get(f"{base}/health", probe_host) == 404
+    finally:
+        stop_process_group(proc)
+
+
+# --------------------------------------------------------------------------------------- one shared MLflow
+def shared() -> tuple[dict, ...]:
+    return render(SHARED_MLFLOW)
+
+
+def test_the_shared_mlflow_has_a_workspace_per_profile_authorized_by_kubernetes_rbac():
+    objects = shared()
+    args = mlflow_args(objects)
+    assert {"--enable-workspaces", "--workspace-store-uri=kubernetes://", "--app-name=kubernetes-auth"} <= set(args)
+    assert find(objects, "ConfigMap", "mlflow-server-env")["data"]["MLFLOW_K8S_WORKSPACE_LABEL_SELECTOR"] == (
+        "app.kubernetes.io/part-of=kubeflow-profile")
+    # The server's image holds the plugins that provide both (pinned).
+    pins = [Requirement(line) for line in (IMAGES / "mlflow-server" / "requirements.txt").read_text().splitlines()
+            if line and not line.startswith("#")]
+    [plugins] = [pin for pin in pins if pin.name == "mlflow-kubernetes-plugins"]
+    assert str(plugins.specifier).startswith("==")
+    # Its own token lists and watches namespaces, nothing else; SelfSubjectAccessReviews use the callers' tokens.
+    pod_spec = pod_template(find(objects, "Deployment", "mlflow"))["spec"]
+    assert pod_spec["serviceAccountName"] == "mlflow" and pod_spec["automountServiceAccountToken"] is True
+    assert find(objects, "ClusterRole", "ctv2v-mlflow-workspaces")["rules"] == [
+        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}]
+    binding = find(objects, "ClusterRoleBinding", "ctv2v-mlflow-workspaces")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "mlflow", "namespace": namespace_of(objects)}]
+    assert not [o for o in objects if o["kind"] in ("PersistentVolumeClaim", "Role", "RoleBinding")]
+
+
+def test_profiles_reach_the_shared_mlflow_under_one_prefix_with_their_token_and_namespace():
+    objects, profile_objects = shared(), profile(PROFILE_WITH_SHARED_MLFLOW)
+    assert not [o for o in profile_objects if o["kind"] in ("Deployment", "Service", "StatefulSet")]
+    env = find(profile_objects, "ConfigMap", CLUSTER.env_config_map)["data"]
+    tracking = urlsplit(env["MLFLOW_TRACKING_URI"])
+    args = mlflow_args(objects)
+    [service_port] = find(objects, "Service", "mlflow")["spec"]["ports"]
+    assert tracking.netloc == f"mlflow.{namespace_of(objects)}.svc.cluster.local:{service_port['port']}"
+    assert tracking.netloc in option(args, "--allowed-hosts").split(",")
+    route = {r["name"]: r for r in find(objects, "VirtualService", "mlflow-ui")["spec"]["http"]}
+    link = json.loads((SHARED_MLFLOW / "dashboard-menu-link.json").read_text())
+    assert {tracking.path, option(args, "--static-prefix"), route["mlflow-ui"]["match"][0]["uri"]["prefix"].rstrip("/"),
+            link["link"].rstrip("/")} == {"/mlflow"}
+    assert mlflow_container(objects)["readinessProbe"]["httpGet"]["path"] == "/mlflow/health"
+    assert set(link) == {"type", "link", "text", "icon"} and link["type"] == "item"
+    # MLflow's client adds the pod's service-account token and namespace (workspace) to every request.
+    assert env["MLFLOW_TRACKING_AUTH"] == KubernetesNamespacedRequestAuthProvider().get_name()
+    # What kubernetes-auth checks: the pipeline's steps and the profile's notebooks may create and update
+    # experiments and registered models of their own namespace, and delete nothing.
+    namespace = find(profile_objects, "ConfigMap", CLUSTER.env_config_map)["metadata"]["namespace"]
+    rules = find(profile_objects, "Role", "ctv2v-mlflow")["rules"]
+    granted = {(resource, verb) for rule in rules if rule["apiGroups"] == ["mlflow.kubeflow.org"]
+               for resource in rule["resources"] for verb in rule["verbs"]}
+    for resource in ("experiments", "registeredmodels"):
+        assert {(resource, verb) for verb in ("get", "list", "create", "update")} <= granted
+    assert not {verb for _, verb in granted} & {"delete", "*"}
+    subjects = find(profile_objects, "RoleBinding", "ctv2v-mlflow")["subjects"]
+    assert {(s["name"], s["namespace"]) for s in subjects} == {(CLUSTER.service_account, namespace),
+                                                               ("default-editor", namespace)}
+
+
+@pytest.mark.parametrize("caller, principal, port, allowed", [
+    ("sidecar-less step pod", None, 5000, True),
+    ("the Kubeflow gateway", "cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account", 5000, True),
+    ("KFP's API server", "cluster.local/ns/kubeflow/sa/ml-pipeline", 5000, True),
+    ("a notebook of any profile", "cluster.local/ns/team-b/sa/default-editor", 5000, True),
+    ("a step pod with a sidecar", f"cluster.local/ns/team-b/sa/{CLUSTER.service_account}", 5000, True),
+    ("KFP's UI", "cluster.local/ns/kubeflow/sa/ml-pipeline-ui", 5000, False),
+    ("plain text to another port of the pod", None, 15000, False),
+])
+def test_istio_admits_the_profiles_the_gateway_and_kfps_api_server_to_the_shared_mlflow(caller, principal, port,
+                                                                                          allowed):
+    objects = shared()
+    policies = [o for o in objects if o["kind"] == "AuthorizationPolicy"]
+    assert istio_allows(policies, {"labels": pod_labels(objects, "Deployment", "mlflow")}, principal, port) is allowed
+
+
+@pytest.mark.parametrize("source, allowed", [
+    ("step pod of a profile", True), ("notebook of a profile", True), ("gateway", True), ("kfp-api-server", True),
+    ("kfp-ui", False), ("pod of a namespace that is no profile", False),
+])
+def test_network_policy_admits_profiles_the_gateway_and_kfps_api_server_to_the_shared_mlflow(source, allowed):
+    objects = shared()
+    namespace = namespace_of(objects)
+    kubeflow = {"kubernetes.io/metadata.name": namespace}
+    profile_namespace = {"kubernetes.io/metadata.name": "team-b", "app.kubernetes.io/part-of": "kubeflow-profile"}
+    pods = {
+        "step pod of a profile": {"namespace": "team-b", "labels": {"app.kubernetes.io/part-of": CLUSTER.pod_label},
+                                  "namespace_labels": profile_namespace},
+        "notebook of a profile": {"namespace": "team-b", "labels": {"notebook-name": "nb"},
+                                  "namespace_labels": profile_namespace},
+        "gateway": {"namespace": "istio-system", "labels": {"istio": "ingressgateway"},
+                    "namespace_labels": {"kubernetes.io/metadata.name": "istio-system"}},
+        "kfp-api-server": {"namespace": namespace, "labels": {"app": "ml-pipeline"}, "namespace_labels": kubeflow},
+        "kfp-ui": {"namespace": namespace, "labels": {"app": "ml-pipeline-ui"}, "namespace_labels": kubeflow},
+        "pod of a namespace that is no profile": {"namespace": "default", "labels": {"notebook-name": "nb"},
+                                                  "namespace_labels": {"kubernetes.io/metadata.name": "default"}},
+    }
+    target = {"namespace": namespace, "labels": pod_labels(objects, "Deployment", "mlflow"), "namespace_labels": kubeflow}
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    assert ingress_allowed(policies, namespace, target, pods[source], 5000) is allowed
+
+
+PLUGIN_ARGUMENTS = ("--enable-workspaces", "--workspace-store-uri=kubernetes://", "--app-name=kubernetes-auth")
+"""Served by mlflow-kubernetes-plugins, which the package index here does not hold: left out of the local server."""
+
+
+def test_the_shared_mlflow_answers_the_profiles_tracking_uri_and_the_kubeflow_host_under_its_prefix(tmp_path):
+    objects = shared()
+    args = [arg for arg in mlflow_args(objects) if arg not in PLUGIN_ARGUMENTS]
+    container = mlflow_container(objects)
+    tracking = urlsplit(find(profile(PROFILE_WITH_SHARED_MLFLOW), "ConfigMap", CLUSTER.env_config_map)["data"][
+        "MLFLOW_TRACKING_URI"])
+    proc, port = start_mlflow(tmp_path, args, container["readinessProbe"]["httpGet"]["path"], tracking.netloc)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        api = "/api/2.0/mlflow/experiments/search?max_results=1"
+        # Generous timeouts: the first UI request renders on a shared, loaded machine.
+        assert http_get(f"{base}{tracking.path}{api}", tracking.netloc, timeout_s=60) == 200
+        assert http_get(f"{base}{tracking.path}/", UI_HOST, timeout_s=60) == 200
+        assert http_get(f"{base}{tracking.path}{api}", "mlflow.elsewhere:5000", timeout_s=60) == 403
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            assert http_get(base + container[probe]["httpGet"]["path"], tracking.netloc, timeout_s=60) == 200, probe
     finally:
         stop_process_group(proc)

@@ -32,8 +32,12 @@ from ctv2v.config import ClusterConfig, TrackingConfig
 from tests.manifest_checks import (
     CLUSTER_SCOPED_KINDS,
     MANIFESTS,
+    MLFLOW_OVERLAYS,
     OVERLAYS,
+    PIPELINE_OVERLAYS,
     PLACEHOLDER,
+    PROFILE_WITH_SHARED_MLFLOW,
+    SHARED_MLFLOW,
     VAR_REFERENCE,
     all_containers,
     container_env,
@@ -136,12 +140,18 @@ def test_secret_templates_are_valid_secrets():
     assert problems == []
 
 
-def test_overlays_are_with_minio_external_s3_and_kubeflow_profile():
-    assert [p.name for p in OVERLAYS] == ["external-s3", "kubeflow-profile", "with-minio"]
+def test_overlays_are_with_minio_external_s3_kubeflow_profile_and_the_shared_mlflow_pair():
+    assert [p.name for p in OVERLAYS] == ["external-s3", "kubeflow-profile", "kubeflow-profile-shared-mlflow",
+                                          "kubeflow-shared-mlflow", "with-minio"]
+    # Which overlays hold the pipeline's namespace objects and which an MLflow server, as the tests below assume.
+    for overlay in OVERLAYS:
+        kinds = {(o["kind"], o["metadata"]["name"]) for o in render(overlay)}
+        assert (("ConfigMap", CLUSTER.env_config_map) in kinds) == (overlay in PIPELINE_OVERLAYS), overlay.name
+        assert (("Deployment", "mlflow") in kinds) == (overlay in MLFLOW_OVERLAYS), overlay.name
     kinds = {o["kind"] for o in with_minio()}
     assert {"StatefulSet", "Job"} <= kinds
     # The second object store is optional: the other overlays use the cluster's.
-    for name in ("external-s3", "kubeflow-profile"):
+    for name in ("external-s3", "kubeflow-profile", "kubeflow-shared-mlflow"):
         assert "StatefulSet" not in {o["kind"] for o in render(MANIFESTS / "overlays" / name)}
 
 
@@ -156,7 +166,7 @@ def test_every_object_lands_in_the_overlay_namespace(overlay):
 
 
 # ------------------------------------------------------------------------------------------ container rules
-@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+@pytest.mark.parametrize("overlay", MLFLOW_OVERLAYS, ids=lambda p: p.name)
 def test_every_container_has_requests_limits_and_a_locked_down_security_context(overlay):
     found = all_containers(render(overlay))
     assert found
@@ -250,9 +260,10 @@ def test_services_select_a_workload_and_its_named_ports(overlay):
 CREDENTIAL_NAME = re.compile(r"pass(word|wd)?|secret|token|credential|access_?key|key_?id|private_?key|auth",
                              re.IGNORECASE)
 URI_PASSWORD = re.compile(r"://[^/\s:@]+:([^@\s]+)@")
-REFERENCE_NAME = re.compile(r"(_PATH|_FILE)$|Name$")
-"""Names that hold where a credential is, not the credential: a file path (MLFLOW_AUTH_CONFIG_PATH), a Secret's
-name (secretName)."""
+REFERENCE_NAME = re.compile(r"(_PATH|_FILE)$|Name$|^MLFLOW_TRACKING_AUTH$")
+"""Names that hold where a credential is or how it is found, not the credential: a file path
+(MLFLOW_AUTH_CONFIG_PATH), a Secret's name (secretName), the MLflow client's request-auth provider
+(MLFLOW_TRACKING_AUTH=kubernetes-namespaced reads the pod's service-account token)."""
 
 
 def _credential_named(name: str) -> bool:
@@ -332,7 +343,7 @@ def test_secret_templates_cover_every_secret_the_manifests_and_pipeline_use(tmp_
 
 
 # ------------------------------------------------------------------------------------ MLflow and pipeline env
-@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+@pytest.mark.parametrize("overlay", [o for o in MLFLOW_OVERLAYS if o in PIPELINE_OVERLAYS], ids=lambda p: p.name)
 def test_mlflow_allows_every_service_name_and_probes_a_real_api_call_as_clients_do(overlay):
     objects = render(overlay)
     namespace = find(objects, "Deployment", "mlflow")["metadata"]["namespace"]
@@ -363,12 +374,14 @@ def test_mlflow_allows_every_service_name_and_probes_a_real_api_call_as_clients_
     assert pod_template(find(objects, "Deployment", "mlflow"))["metadata"]["annotations"]["prometheus.io/port"] == str(port)
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+@pytest.mark.parametrize("overlay", PIPELINE_OVERLAYS, ids=lambda p: p.name)
 def test_pipeline_env_config_map_has_what_the_steps_read(overlay):
     data = find(render(overlay), "ConfigMap", CLUSTER.env_config_map)["data"]
+    # With the shared MLflow, the client also sends its service account's token and namespace.
+    authenticated = {"MLFLOW_TRACKING_AUTH"} if overlay == PROFILE_WITH_SHARED_MLFLOW else set()
     assert set(data) == {"MLFLOW_TRACKING_URI", "S3_ENDPOINT", "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD",
                          "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "MLFLOW_HTTP_REQUEST_TIMEOUT",
-                         "MLFLOW_HTTP_REQUEST_MAX_RETRIES"}
+                         "MLFLOW_HTTP_REQUEST_MAX_RETRIES"} | authenticated
     assert data["MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD"] == "false"
     assert data["MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD"] == "false"
     # The steps set both from the tracking config; the ConfigMap agrees with its defaults.
@@ -399,7 +412,7 @@ def test_external_s3_leaves_only_the_endpoints_to_fill():
 
 
 def test_workspace_claim_is_shared_read_write_many():
-    for overlay in OVERLAYS:
+    for overlay in PIPELINE_OVERLAYS:
         claim = find(render(overlay), "PersistentVolumeClaim", "ctv2v-workspace")
         assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
 
@@ -446,7 +459,7 @@ def test_every_server_pod_is_covered_by_a_policy():
 
 
 # -------------------------------------------------------------------------------------------------- RBAC
-@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+@pytest.mark.parametrize("overlay", PIPELINE_OVERLAYS, ids=lambda p: p.name)
 def test_pipeline_service_account_has_least_privilege(overlay):
     objects = render(overlay)
     assert not [o for o in objects if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
@@ -462,6 +475,14 @@ def test_pipeline_service_account_has_least_privilege(overlay):
     binding = find(objects, "RoleBinding", "ctv2v-pipeline")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "ctv2v-pipeline"}
     assert [(s["kind"], s["name"]) for s in binding["subjects"]] == [("ServiceAccount", "ctv2v-pipeline")]
+    # KFP's driver and launcher (backends without ML Metadata) call the API server with this account's token: its Run
+    # and Artifact services, authorized on pipelines.kubeflow.org runs/artifacts by the request's verb.
+    [kfp_rule] = find(objects, "Role", "ctv2v-kfp-driver")["rules"]
+    assert kfp_rule == {"apiGroups": ["pipelines.kubeflow.org"], "resources": ["runs", "artifacts"],
+                        "verbs": ["get", "list", "create", "update"]}
+    kfp_binding = find(objects, "RoleBinding", "ctv2v-kfp-driver")
+    assert kfp_binding["roleRef"]["name"] == "ctv2v-kfp-driver"
+    assert [(s["kind"], s["name"]) for s in kfp_binding["subjects"]] == [("ServiceAccount", CLUSTER.service_account)]
     for obj in objects:
         template = pod_template(obj)
         if template is not None:

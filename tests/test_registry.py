@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 from dataclasses import replace
 
 import mlflow
 import numpy as np
 import pytest
+import yaml
 from mlflow import MlflowClient
+from mlflow.models import validate_serving_input
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 from ctv2v.config import TrackingConfig
 from ctv2v.data.readers import read_volume
@@ -70,7 +75,35 @@ def test_registered_pyfunc_model_predicts_like_ctv2v_predict(mlflow_server, demo
     model_id = version.source.removeprefix("models:/")
     assert client.get_logged_model(model_id).source_run_id == tracker.run_id
     assert {artifact.path for artifact in client.list_logged_model_artifacts(model_id)} >= {
-        "MLmodel", "artifacts", "code", "input_example.json"}
+        "MLmodel", "artifacts", "code", "input_example.json", "serving_input_example.json", "requirements.txt"}
+
+
+def test_the_logged_model_is_built_from_code_pins_public_versions_and_its_input_example_predicts(
+        mlflow_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    tracker = Tracker(tracking(mlflow_server.uri), tmp_path / "eval")
+    name = f"ctv2v-test-{uuid.uuid4().hex[:6]}"
+    with tracker.step_run("evaluate", new_pipeline_run_id(), variant="main"):
+        tracker.register_model(tiny_model(tmp_path / "model"), name, FACTS)
+    model_uri = f"models:/{name}/1"
+    local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "logged")))
+    # Models from code: the flavor names a code file, and no pickled Python object is stored.
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    assert flavor["model_code_path"].endswith("pyfunc_model.py") and "python_model" not in flavor
+    assert not list(local.rglob("*.pkl"))
+    # Every pin is a public release a package index serves (no local label such as torch's +cpu).
+    pins = [Requirement(line) for line in (local / "requirements.txt").read_text().splitlines()
+            if line and not line.startswith("mlflow")]
+    assert {pin.name for pin in pins} >= {"torch", "monai", "numpy"}
+    for pin in pins:
+        [spec] = pin.specifier
+        assert spec.operator == "==" and Version(spec.version).local is None, pin
+    # The logged input example goes through MLflow's serving-input validation, i.e. a real prediction.
+    serving_input = (local / "serving_input_example.json").read_text()
+    thin = validate_serving_input(model_uri, serving_input)
+    example = json.loads((local / "input_example.json").read_text())
+    n_thick = len(example["inputs"]["hu"]) if "inputs" in example else len(example["hu"])
+    assert np.asarray(thin).shape[0] == (n_thick - 1) * 4 + 1
 
 
 def test_registering_leaves_the_callers_mlflow_uri_as_it_was(mlflow_server, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,12 @@ def test_each_step_is_a_tagged_mlflow_run_with_params_metrics_and_models(trained
     assert "full/recon_l1" in client.get_run(runs["train-full"].info.run_id).data.metrics
     assert {a.path for a in client.list_artifacts(runs["train-vae"].info.run_id, "vae")} == {"vae/vae.json",
                                                                                             "vae/vae.pt"}
+    # Each training run names its training data: the manifest as a dataset input, its sha256 as the digest.
+    manifest_sha256 = hashlib.sha256((trained["data"] / "manifest.json").read_bytes()).hexdigest()
+    for step in ("train-vae", "train-frozen", "train-full"):
+        [dataset_input] = client.get_run(runs[step].info.run_id).inputs.dataset_inputs
+        assert manifest_sha256.startswith(dataset_input.dataset.digest) and len(dataset_input.dataset.digest) >= 32
+        assert {(t.key, t.value) for t in dataset_input.tags} == {("mlflow.data.context", "training")}
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -3,9 +3,9 @@
 Reads a prepared data folder (manifest.json, dataset/, preprocess-cache/) and a trained-model folder
 (ctv2v.models.artifacts); writes into OUT: report.json, report.html, predictions/<id>.nii.gz, panels/<id>.png
 and the resolved config (see ctv2v.evaluate.evaluate). MLflow: a nested `evaluate` run with variant / phase /
-weights tags, the test metrics of the model and of every baseline, the report and panels as artifacts, and the
-model logged as an MLflow pyfunc model (ctv2v.tracking.pyfunc), registered as a version of `ctv2v-<variant>`
-tagged with its facts (alias `candidate`; `champion` only by the rules of ctv2v.tracking.registry).
+weights tags, the test metrics of the model and of every baseline, the report, panels and predicted NIfTI volumes
+as artifacts, and the model logged as an MLflow pyfunc model (ctv2v.tracking.pyfunc), registered as a version of
+`ctv2v-<variant>` tagged with its facts (alias `candidate`; `champion` only by the rules of ctv2v.tracking.registry).
 Sampling runs under fp16 autocast on CUDA and in fp32 on CPU (training.precision, ctv2v.train.device).
 """
 
@@ -26,6 +26,7 @@ from ctv2v.evaluate.compare import HEADLINE, to_html
 from ctv2v.evaluate.evaluate import (
     MODEL,
     PANELS_DIR,
+    PREDICTIONS_DIR,
     REPORT_FILE,
     EvaluationReport,
     evaluate,
@@ -111,6 +112,8 @@ def evaluate_step(
         tracker.log_artifact(out_dir / REPORT_FILE, "evaluation")
         tracker.log_artifact(out_dir / REPORT_HTML, "evaluation")
         tracker.log_artifacts(out_dir / PANELS_DIR, "evaluation/panels")
+        # Every predicted test volume (evaluation.max_volumes bounds how many), so a run shows what it scored.
+        tracker.log_artifacts(out_dir / PREDICTIONS_DIR, "evaluation/predictions")
         if config.tracking.register_model:
             tracker.register_model(model_dir, f"{REGISTERED_MODEL_PREFIX}{config.variant}",
                                    version_facts(evaluation, model_dir, config))

@@ -19,7 +19,7 @@ from ctv2v.config import RunConfig
 from ctv2v.config_io import flatten, write_resolved
 from ctv2v.data.clips import TrainClips
 from ctv2v.data.latents import LatentClips, encode_training_volumes
-from ctv2v.data.prepared import load_split_volumes
+from ctv2v.data.prepared import MANIFEST_FILE, load_split_volumes
 from ctv2v.intensity import Intensity
 from ctv2v.models.artifacts import CheckpointError, load_trained_model, save_trained_model, weights_kind
 from ctv2v.steps.context import distributed_runtime, seed_per_rank, tracked_step
@@ -140,6 +140,8 @@ def train_step(
         with tracked_step(config.tracking, out_dir, f"train-{phase}", pipeline_run_id, main=main,
                           variant=config.variant, phase=phase, weights=weights) as tracker:
             tracker.log_params(flatten(config))
+            # The training data as the run's dataset input (the manifest's sha256 is its digest).
+            tracker.log_input_manifest(data_dir / MANIFEST_FILE, context="training")
             job = TrainJob(
                 name=phase, config=config, objective=DiffusionObjective(model), param_groups=groups,
                 train_set=train_set, epochs=settings.epochs, batch_size=settings.batch_for(config.variant),

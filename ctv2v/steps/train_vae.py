@@ -15,7 +15,7 @@ from typing import Any
 from ctv2v.config import RunConfig
 from ctv2v.config_io import flatten, write_resolved
 from ctv2v.data.clips import TrainClips
-from ctv2v.data.prepared import load_split_volumes
+from ctv2v.data.prepared import MANIFEST_FILE, load_split_volumes
 from ctv2v.intensity import Intensity
 from ctv2v.models.vae import ScratchVAE, compute_latent_scale, save_vae_artifact
 from ctv2v.steps.context import distributed_runtime, seed_per_rank, tracked_step
@@ -67,6 +67,7 @@ def train_vae_step(
         with tracked_step(config.tracking, out_dir, "train-vae", pipeline_run_id, main=main, variant=config.variant,
                           weights="scratch") as tracker:
             tracker.log_params(flatten(config))
+            tracker.log_input_manifest(data_dir / MANIFEST_FILE, context="training")
             job = TrainJob(
                 name="vae", config=config, objective=ScratchVAEObjective(vae, scratch.kl_weight),
                 param_groups=[{"params": list(vae.parameters()), "lr": scratch.lr, "name": "vae"}],

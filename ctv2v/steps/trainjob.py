@@ -14,7 +14,7 @@ the TrainJob. A finished job (Complete/Failed) stays for inspection; a retried s
 job by name (a hash of the step's folder), checks it carries this step's labels, deletes it and starts anew,
 resuming from the checkpoints on the workspace.
 
-Kubernetes rights the pipeline's service account needs (manifests/base/trainjob-rbac.yaml): create, get, list,
+Kubernetes rights the pipeline's service account needs (manifests/pipeline-namespace/trainjob-rbac.yaml): create, get, list,
 watch, delete on trainjobs; list on pods (to find node 0's pod) and get on pods/log.
 """
 

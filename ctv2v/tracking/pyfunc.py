@@ -1,7 +1,8 @@
 """The trained model as an MLflow pyfunc model: `mlflow.pyfunc.load_model(uri).predict(...)` gives thin slices.
 
 The MLflow model wraps a trained-model folder (ctv2v.models.artifacts: VAE, denoiser, model.json with the
-config), copied in as the artifact `trained_model`, together with the ctv2v code that loads it (code_paths).
+config), copied in as the artifact `trained_model`, together with the ctv2v code that loads it (code_paths). The
+model object is built from code (ctv2v/tracking/pyfunc_model.py, MLflow's "models from code"), not unpickled.
 Input: {"hu": float32 (slice, row, col) thick series in HU, "spacing_mm": float64 (3,) slice/row/col spacing};
 output: the float32 thin series in HU, (n_thick - 1) * k + 1 slices, through ctv2v.evaluate.predict.Predictor
 (the same tiled sampler as `evaluate` and `ctv2v predict`, same seed, so the results are equal).
@@ -23,6 +24,7 @@ from mlflow.entities import LoggedModelOutput
 from mlflow.models import Model
 from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
+from packaging.version import Version
 
 import ctv2v
 from ctv2v.models.artifacts import read_model_meta
@@ -31,7 +33,11 @@ TRAINED_MODEL_ARTIFACT = "trained_model"
 MLFLOW_MODEL_NAME = "model"
 """The logged model's name (MLflow 3 `name=`)."""
 REQUIREMENTS = ("torch", "monai", "numpy", "nibabel", "pydicom", "pydantic", "pyyaml", "tqdm", "scipy")
-"""What ctv2v's prediction imports; pinned to the versions of the logging environment."""
+"""What ctv2v's prediction imports; pinned to the public versions of the logging environment."""
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
+"""The models-from-code file that builds ThinSliceModel when MLflow loads the model."""
+EXAMPLE_THICK_SLICES = 4
+"""The input example's thick slices: the sampler starts from a cubic interpolation, which needs 4."""
 SIGNATURE = ModelSignature(
     inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1), "hu"),
                    TensorSpec(np.dtype(np.float64), (3,), "spacing_mm")]),
@@ -57,10 +63,17 @@ class ThinSliceModel(mlflow.pyfunc.PythonModel):
 
 
 def input_example(model_dir: Path) -> dict[str, np.ndarray]:
-    """A small valid input: 2 thick slices (air, then water) at the model's smallest training thick spacing."""
+    """A small input the model predicts on: EXAMPLE_THICK_SLICES thick slices of 8 x 8 pixels going from air to
+    water, at the model's smallest training thick spacing."""
     spacing = float(read_model_meta(model_dir)["thick_spacing_mm"][0])
-    hu = np.stack([np.full((8, 8), -1000.0), np.zeros((8, 8))]).astype(np.float32)
-    return {"hu": hu, "spacing_mm": np.array([spacing, 1.0, 1.0])}
+    hu = np.repeat(np.linspace(-1000.0, 0.0, EXAMPLE_THICK_SLICES), 64).reshape(EXAMPLE_THICK_SLICES, 8, 8)
+    return {"hu": hu.astype(np.float32), "spacing_mm": np.array([spacing, 1.0, 1.0])}
+
+
+def pinned_requirements() -> list[str]:
+    """`name==version` for REQUIREMENTS as installed here, without local version labels (torch's `+cpu`, which no
+    public index serves): the same release installs from PyPI."""
+    return [f"{name}=={Version(importlib.metadata.version(name)).public}" for name in REQUIREMENTS]
 
 
 def model_metadata(model_dir: Path) -> dict[str, Any]:
@@ -103,12 +116,11 @@ def log_pyfunc_model(tracking_uri: str, run_id: str, model_dir: Path) -> str:
     client = MlflowClient(tracking_uri)
     run = client.get_run(run_id)
     logged = client.create_logged_model(run.info.experiment_id, name=MLFLOW_MODEL_NAME, source_run_id=run_id)
-    versions = [f"{name}=={importlib.metadata.version(name)}" for name in REQUIREMENTS]
     with _tracking_uri(tracking_uri):
         mlflow.pyfunc.log_model(
-            name=MLFLOW_MODEL_NAME, model_id=logged.model_id, python_model=ThinSliceModel(),
+            name=MLFLOW_MODEL_NAME, model_id=logged.model_id, python_model=str(MODEL_CODE),
             artifacts={TRAINED_MODEL_ARTIFACT: str(model_dir)}, code_paths=[str(Path(ctv2v.__file__).parent)],
-            signature=SIGNATURE, input_example=input_example(model_dir), pip_requirements=versions,
+            signature=SIGNATURE, input_example=input_example(model_dir), pip_requirements=pinned_requirements(),
             metadata=model_metadata(model_dir),
         )
     client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])

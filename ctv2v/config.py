@@ -232,6 +232,9 @@ class DenoiserConfig(_Section):
     @model_validator(mode="after")
     def _levels_match(self) -> "DenoiserConfig":
         if self.architecture != "unet":
+            if self.gradient_checkpointing:
+                raise ValueError("gradient_checkpointing recomputes the UNet's blocks; the reformat CNN has none: set "
+                                 "denoiser.gradient_checkpointing: false")
             return self
         if len(self.attention_levels) != len(self.channels):
             raise ValueError(

@@ -323,7 +323,9 @@ def fit(config: RunConfig, card: str, share: float = DEFAULT_SHARE,
             overlay = overlay_for(False, True)
             found.update(retried)
             short = underfilled(found)
-    if any(found[pair] is None for pair in short) or (short - set(vae_steps)):
+    # The reformat CNN has no blocks to recompute (denoiser.gradient_checkpointing is for the UNet).
+    denoiser_checkpointable = config.denoiser.architecture == "unet"
+    if denoiser_checkpointable and (any(found[pair] is None for pair in short) or (short - set(vae_steps))):
         retried = fits_with(overlay_for(True, True), every)
         if pays(found, retried, every, short):
             overlay = overlay_for(True, True)

@@ -22,7 +22,8 @@ class ConfigError(ValueError):
 class _Section(BaseModel):
     # Strict types: `epochs: yes` or `--set training.checkpoint_every_steps=true` must not become 1 (bool -> int),
     # nor a number a string. YAML gives numbers, booleans and strings their own types (ctv2v.config_io).
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+    # No float field takes .inf or .nan: no setting means them, and a written config would hold `null` for them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------------------------- data

@@ -73,19 +73,58 @@ def _suggest(key: str, model: type[BaseModel], prefix: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ loading, merging
+YAML12_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+"""YAML 1.2 floats without a dot (`1e-4`), which PyYAML (YAML 1.1) would otherwise read as the string '1e-4'."""
+
+
 class _ConfigLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, plus YAML 1.2 floats without a dot (`1e-4` would otherwise be the string '1e-4')."""
+    """PyYAML's safe loader, plus YAML12_FLOAT."""
 
 
-_ConfigLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+class _ConfigDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, plus YAML12_FLOAT: a string such as '1e5' is written quoted, so it loads back a string."""
+
+
+for _yaml_class in (_ConfigLoader, _ConfigDumper):
+    _yaml_class.add_implicit_resolver("tag:yaml.org,2002:float", YAML12_FLOAT, list("-+0123456789"))
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping names the same key twice; YAML readers would silently keep the last value."""
+
+
+def _duplicate_keys(node: yaml.Node, prefix: str = "") -> list[str]:
+    """Every key given twice in the same mapping below `node`, with its dotted path and both line numbers."""
+    problems = []
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                problems.append(f"duplicate key '{prefix}{key}' at lines {first_line[key]} and {line}")
+            else:
+                first_line[key] = line
+            problems += _duplicate_keys(value_node, f"{prefix}{key}.")
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            problems += _duplicate_keys(item, f"{prefix}{index}.")
+    return problems
 
 
 def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+    """The YAML document in `text`; DuplicateKeyError if a mapping repeats a key (the last would silently win)."""
+    loader = _ConfigLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        duplicates = _duplicate_keys(node)
+        if duplicates:
+            raise DuplicateKeyError("; ".join(duplicates))
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def deep_merge(base: dict, overlay: dict) -> dict:
@@ -149,7 +188,7 @@ def validate(raw: dict, origin: str) -> RunConfig:
         problems = []
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"])
-            got = f" (got {err['input']!r})" if err["type"].endswith(("_type", "_parsing")) else ""
+            got = f" (got {err['input']!r})" if err["type"].endswith(("_type", "_parsing", "finite_number")) else ""
             problems.append(f"'{loc}': {err['msg']}{got}" if loc else err["msg"])
         raise ConfigError(f"{origin}: " + "; ".join(problems)) from None
 
@@ -171,7 +210,10 @@ def load_config(paths: list[str | Path] | str | Path, overrides: list[str] = ())
 
 def config_from_text(text: str, origin: str = "<config text>", overrides: list[str] = ()) -> RunConfig:
     """A resolved config passed as YAML text (how pipeline components receive it), with `--set` overrides."""
-    data = _load_yaml(text) or {}
+    try:
+        data = _load_yaml(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{origin}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: a config must be a mapping, got {type(data).__name__}")
     for override in overrides:
@@ -180,7 +222,8 @@ def config_from_text(text: str, origin: str = "<config text>", overrides: list[s
 
 
 def to_yaml(config: RunConfig) -> str:
-    return yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False)
+    """The config as YAML that loads back to the same config."""
+    return yaml.dump(json.loads(config.model_dump_json()), Dumper=_ConfigDumper, sort_keys=False)
 
 
 def flatten(config: RunConfig) -> dict[str, str]:

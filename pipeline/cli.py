@@ -452,6 +452,8 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="the thin series as a .nii.gz file")
     parser.add_argument("--out-dicom", type=Path, default=None, metavar="DIR",
                         help="also write the thin series as a new DICOM CT series into this new folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out file and an --out-dicom series ctv2v wrote (never the input)")
     parser.add_argument("--factor", type=int, default=None,
                         help="thin slices per thick slice (default and only accepted value: the model's)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -462,8 +464,9 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
 def _predict(args: argparse.Namespace) -> int:
     import tempfile
 
-    from ctv2v.evaluate.predict import Predictor, predict_file
+    from ctv2v.evaluate.predict import Predictor, check_outputs, predict_file
 
+    check_outputs(args.input, args.out, args.out_dicom, args.overwrite)  # before the model is fetched or loaded
     if args.model.startswith("models:/"):
         from ctv2v.tracking.pyfunc import download_trained_model
 
@@ -472,7 +475,7 @@ def _predict(args: argparse.Namespace) -> int:
             predictor = Predictor(download_trained_model(args.model, args.tracking_uri, Path(tmp)), args.device)
     else:
         predictor = Predictor(Path(args.model), args.device)
-    _print_json(predict_file(predictor, args.input, args.out, args.out_dicom, args.factor))
+    _print_json(predict_file(predictor, args.input, args.out, args.out_dicom, args.factor, args.overwrite))
     return 0
 
 
@@ -562,8 +565,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
-    except (ValueError, OSError, RuntimeError) as exc:
-        # Bad input (configs, files, tensors, servers) gets one message; --verbose shows the traceback.
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as exc:
+        # Bad input (configs, files, tensors, servers, settings that make training diverge) gets one message;
+        # --verbose shows the traceback.
         if args.verbose:
             raise
         print(f"ctv2v: error: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -40,6 +40,7 @@ from tests.conftest import (
     smoke_config,
     write_phantom,
 )
+from tests.tiny_model import tiny_model
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 PRETRAINED = str(REPO / "configs" / "pretrained.yaml")
@@ -49,10 +50,14 @@ FAST_REMOTE = ["storage.timeout_s=0.5", "storage.deadline_s=2"]
 
 # ------------------------------------------------------------------------------------------- helpers
 def snapshot(root: Path) -> dict[str, tuple]:
-    """Every entry below `root` (links not followed): file sha256 + mode, link target, folder mode."""
+    """`root` and every entry below it (links not followed): file sha256 + mode, link target, folder mode."""
     if not root.exists() and not root.is_symlink():
         return {}
-    entries = {}
+    if root.is_symlink():
+        return {".": ("link", os.readlink(root))}
+    if root.is_file():
+        return {".": ("file", hashlib.sha256(root.read_bytes()).hexdigest(), root.stat().st_mode)}
+    entries = {".": ("dir", root.stat().st_mode)}
     for folder, subfolders, files in os.walk(root):
         for name in [*subfolders, *files]:
             path = Path(folder) / name
@@ -108,6 +113,10 @@ class World:
     """A good prepared folder of `dataset`."""
     s3: object
     hung: HungServer
+    model: Path
+    """A tiny untrained trained-model folder (tests.tiny_model), trained on 2 mm thick slices."""
+    thick: Path
+    """A thick NIfTI series with 2 mm slices that the model accepts."""
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -343,7 +352,9 @@ def _scratch_vae(world: World) -> Path:
 
 
 def resume_from_random_bytes(world):  # item 10: a resume checkpoint
-    out = world.tmp / "out"
+    from ctv2v.files import claim_output_folder
+
+    out = claim_output_folder(world.tmp / "out")  # a folder an earlier run made
     (out / "checkpoints").mkdir(parents=True)
     (out / "checkpoints" / "step-00000004.pt").write_bytes(np.random.default_rng(1).bytes(4096))
     return ["train-vae", "--config", SMOKE, *[a for s in TRAINING_OVERRIDES for a in ("--set", s)],
@@ -351,7 +362,9 @@ def resume_from_random_bytes(world):  # item 10: a resume checkpoint
 
 
 def resume_from_malicious_pickle(world):  # item 10
-    out = world.tmp / "out"
+    from ctv2v.files import claim_output_folder
+
+    out = claim_output_folder(world.tmp / "out")  # a folder an earlier run made
     (out / "checkpoints").mkdir(parents=True)
     torch.save({"format": Evil()}, out / "checkpoints" / "step-00000004.pt")
     return ["train-vae", "--config", SMOKE, *[a for s in TRAINING_OVERRIDES for a in ("--set", s)],
@@ -368,6 +381,179 @@ def train_with_malicious_vae_weights(world):  # item 10: a VAE artifact whose we
             "--data", str(world.prepared), "--vae", str(vae), "--out", str(world.tmp / "out")], [vae]
 
 
+# ------------------------------------------------------------ issue 20: outputs the user owns, absurd settings
+def _prepared_copy(world: World) -> Path:
+    """A prepared folder of the user's (a copy of the good one, ctv2v's marker included), to add files to."""
+    return Path(shutil.copytree(world.prepared, world.tmp / "P", symlinks=True))
+
+
+def prepare_rerun_with_user_files(world):  # issue 20 item 1
+    folder = _prepared_copy(world)
+    (folder / "notes.txt").write_text("my notes")
+    (folder / "myresults").mkdir()
+    (folder / "myresults" / "r.txt").write_text("0.93")
+    return _prepare(world, world.dataset, out=folder), [folder]
+
+
+def prepare_rerun_with_a_real_dataset_folder(world):  # issue 20 item 1: a folder where ctv2v's link was
+    folder = _prepared_copy(world)
+    (folder / "dataset").unlink()
+    shutil.copytree(world.dataset, folder / "dataset")
+    return _prepare(world, world.dataset, out=folder), [folder]
+
+
+def prepare_rerun_with_a_file_in_the_cache(world):  # issue 20 item 1: inside an entry ctv2v made
+    folder = _prepared_copy(world)
+    (folder / "preprocess-cache" / "mine.json").write_text("{}")
+    return _prepare(world, world.dataset, out=folder), [folder]
+
+
+def prepare_out_under_a_file(world):  # issue 20 item 4
+    (world.tmp / "afile").write_text("not a folder")
+    return _prepare(world, world.dataset, out=world.tmp / "afile" / "P"), [world.tmp / "afile"]
+
+
+def _predict_args(world: World, out: Path, *more: str, source: Path | None = None) -> list[str]:
+    return ["predict", "--model", str(world.model), "--input", str(source or world.thick), "--out", str(out),
+            "--device", "cpu", *more]
+
+
+def _user_input(world: World) -> Path:
+    return Path(shutil.copy(world.thick, world.tmp / "scan.nii.gz"))
+
+
+def predict_out_exists(world):  # issue 20 item 2
+    scan = _user_input(world)
+    (world.tmp / "thin.nii.gz").write_bytes(b"an earlier result")
+    return _predict_args(world, world.tmp / "thin.nii.gz", source=scan), [scan, world.tmp / "thin.nii.gz"]
+
+
+def predict_out_is_the_input(world):  # issue 20 item 2: not even with --overwrite
+    scan = _user_input(world)
+    return _predict_args(world, scan, "--overwrite", source=scan), [scan]
+
+
+def predict_out_is_a_hard_link_of_the_input(world):  # issue 20 item 2: same inode, another name
+    scan = _user_input(world)
+    os.link(scan, world.tmp / "link.nii.gz")
+    return _predict_args(world, world.tmp / "link.nii.gz", "--overwrite", source=scan), [scan]
+
+
+def _user_dicom_input(world: World, demo_dir: Path) -> Path:
+    from tests.tiny_model import small_demo_series
+
+    return small_demo_series(demo_dir, world.tmp / "series")
+
+
+def predict_out_inside_the_input_series(world, demo_dir):  # issue 20 item 2: a DICOM input folder
+    series = _user_dicom_input(world, demo_dir)
+    return _predict_args(world, series / "thin.nii.gz", "--overwrite", source=series), [series]
+
+
+def predict_out_dicom_is_the_input_series(world, demo_dir):  # issue 20 item 2
+    series = _user_dicom_input(world, demo_dir)
+    return _predict_args(world, world.tmp / "thin.nii.gz", "--out-dicom", str(series), "--overwrite",
+                         source=series), [series]
+
+
+def predict_overwrite_of_a_users_dicom_folder(world):  # issue 20 item 2: --overwrite replaces only ctv2v's series
+    scan = _user_input(world)
+    viewer = world.tmp / "viewer"
+    viewer.mkdir()
+    (viewer / "mine.dcm").write_bytes(b"user data")
+    return _predict_args(world, world.tmp / "thin.nii.gz", "--out-dicom", str(viewer), "--overwrite",
+                         source=scan), [scan, viewer]
+
+
+def predict_out_dicom_is_a_link(world):  # issue 20 item 4: refused before the prediction, no .nii.gz left
+    scan = _user_input(world)
+    (world.tmp / "real").mkdir()
+    (world.tmp / "link").symlink_to(world.tmp / "real")
+    return _predict_args(world, world.tmp / "thin.nii.gz", "--out-dicom", str(world.tmp / "link"),
+                         source=scan), [scan, world.tmp / "real"]
+
+
+def predict_out_dicom_is_a_file(world):  # issue 20 item 4
+    scan = _user_input(world)
+    (world.tmp / "afile").write_text("mine")
+    return _predict_args(world, world.tmp / "thin.nii.gz", "--out-dicom", str(world.tmp / "afile"),
+                         source=scan), [scan, world.tmp / "afile"]
+
+
+def predict_out_without_nifti_extension(world):  # issue 20 item 4
+    scan = _user_input(world)
+    return _predict_args(world, world.tmp / "thin.png", source=scan), [scan]
+
+
+def predict_out_under_a_file(world):  # issue 20 item 4: the parent folder cannot be made
+    scan = _user_input(world)
+    (world.tmp / "afile").write_text("mine")
+    return _predict_args(world, world.tmp / "afile" / "thin.nii.gz", source=scan), [scan, world.tmp / "afile"]
+
+
+def _train(world: World, out: Path, *more: str) -> list[str]:
+    return ["train", "--phase", "frozen", "--config", SMOKE, *[a for s in TRAINING_OVERRIDES for a in ("--set", s)],
+            "--data", str(world.prepared), "--vae", str(world.tmp / "no-vae-needed"), "--out", str(out), *more]
+
+
+def train_into_a_users_folder(world):  # issue 20 item 3
+    mine = world.tmp / "mine"
+    (mine / "model").mkdir(parents=True)
+    (mine / "resolved-config.yaml").write_text("my: settings\n")
+    (mine / "model" / "denoiser.pt").write_bytes(b"my weights")
+    return _train(world, mine), [mine]
+
+
+def train_resume_in_a_users_folder(world):  # issue 20 item 3: --resume does not make a folder ctv2v's
+    mine = world.tmp / "mine"
+    (mine / "checkpoints").mkdir(parents=True)
+    (mine / "checkpoints" / "step-00000004.pt").write_bytes(b"my file")
+    return _train(world, mine, "--resume"), [mine]
+
+
+def _own_folder_with_checkpoint(world: World, payload: dict) -> Path:
+    """An output folder ctv2v created, holding one training checkpoint with `payload`."""
+    from ctv2v.files import claim_output_folder
+
+    out = claim_output_folder(world.tmp / "out")
+    (out / "checkpoints").mkdir()
+    torch.save(payload, out / "checkpoints" / "step-00000004.pt")
+    return out
+
+
+def train_again_without_resume(world):  # issue 20 item 3: a resume is explicit
+    from ctv2v.train.resume import CHECKPOINT_FORMAT
+
+    return _train(world, _own_folder_with_checkpoint(world, {"format": CHECKPOINT_FORMAT})), []
+
+
+def resume_checkpoint_missing_keys(world):  # issue 20 item 9: the right format tag, keys missing
+    from ctv2v.train.resume import CHECKPOINT_FORMAT
+
+    out = _own_folder_with_checkpoint(world, {"format": CHECKPOINT_FORMAT, "config": {}, "world_size": 1,
+                                              "progress": {"epoch": 0}, "rng": [{}], "states": {}})
+    return ["train-vae", "--config", SMOKE, *[a for s in TRAINING_OVERRIDES for a in ("--set", s)],
+            "--data", str(world.prepared), "--out", str(out), "--resume"], []
+
+
+def infinite_learning_rate(world):  # issue 20 item 10
+    return ["prepare-data", "--config", SMOKE, "--set", "training.frozen.lr=.inf", "--out", str(world.tmp / "out")], []
+
+
+def nan_in_a_config_file(world):  # issue 20 item 10
+    path = world.tmp / "inputs" / "nan.yaml"
+    path.parent.mkdir()
+    path.write_text("data:\n  intensity: {hu_min: -1000, hu_max: .nan}\n")
+    return ["prepare-data", "--config", SMOKE, "--config", str(path), "--out", str(world.tmp / "out")], [path]
+
+
+def duplicate_key_in_a_config_file(world):  # issue 20 item 11
+    path = world.tmp / "inputs" / "dup.yaml"
+    path.parent.mkdir()
+    path.write_text("seed: 1\ntraining:\n  grad_clip: 1.0\n  frozen: {lr: 1.0e-4}\n  grad_clip: 5.0\n")
+    return ["prepare-data", "--config", SMOKE, "--config", str(path), "--out", str(world.tmp / "out")], [path]
+
+
 def step_fails_after_reading_config(world):  # item 3
     return ["train-vae", "--config", SMOKE, "--data", str(world.tmp / "no-such-data"),
             "--out", str(world.tmp / "out")], []
@@ -375,7 +561,7 @@ def step_fails_after_reading_config(world):  # item 3
 
 CASES = [
     Case("out-folder-holds-the-dataset", out_is_parent_of_source, 1,
-         r"PreparedDataError: {tmp}/proj: not empty and not a folder ctv2v prepared"),
+         r"OutputFolderError: {tmp}/proj: not empty and not a folder ctv2v created \(no .ctv2v-created\)"),
     Case("rerun-with-bad-s3-key", rerun_with_bad_s3_key, 1, r"StorageError: no objects under s3://ctv2v/no-such-prefix"),
     Case("rerun-with-truncated-nifti", rerun_with_truncated_volume, 1,
          r"VolumeError: {tmp}/mydata/vol1.nii.gz: voxel data cannot be read"),
@@ -427,8 +613,61 @@ CASES = [
          r"{tmp}/inputs/vae/vae.pt: refused as VAE weights: unpickling it would import posix.system"),
     Case("step-fails-after-reading-config", step_fails_after_reading_config, 1,
          r"ManifestError: {tmp}/no-such-data/manifest.json: cannot read manifest"),
+    # issue 20
+    Case("prepare-rerun-with-user-files", prepare_rerun_with_user_files, 1,
+         r"OutputFolderError: {tmp}/P: holds what ctv2v did not create: myresults/, notes.txt; nothing in it was "
+         r"changed"),
+    Case("prepare-rerun-with-a-real-dataset-folder", prepare_rerun_with_a_real_dataset_folder, 1,
+         r"OutputFolderError: {tmp}/P: holds what ctv2v did not create: dataset \(a folder where ctv2v made a "
+         r"link\); nothing"),
+    Case("prepare-rerun-with-a-file-in-the-cache", prepare_rerun_with_a_file_in_the_cache, 1,
+         r"OutputFolderError: {tmp}/P: holds what ctv2v did not create: preprocess-cache/mine.json;"),
+    Case("prepare-out-under-a-file", prepare_out_under_a_file, 1,
+         r"OutputFolderError: {tmp}/afile/P: cannot be created: {tmp}/afile is not a folder$"),
+    Case("predict-out-exists", predict_out_exists, 1,
+         r"PredictionError: --out {tmp}/thin.nii.gz: exists; pass --overwrite to replace it$"),
+    Case("predict-out-is-the-input", predict_out_is_the_input, 1,
+         r"PredictionError: --out {tmp}/scan.nii.gz: would write over or into the input {tmp}/scan.nii.gz; ctv2v "
+         r"never does, not even with --overwrite$"),
+    Case("predict-out-is-a-hard-link-of-the-input", predict_out_is_a_hard_link_of_the_input, 1,
+         r"--out {tmp}/link.nii.gz: would write over or into the input {tmp}/scan.nii.gz"),
+    Case("predict-out-inside-the-input-series", predict_out_inside_the_input_series, 1,
+         r"--out {tmp}/series/thin.nii.gz: would write over or into the input {tmp}/series;"),
+    Case("predict-out-dicom-is-the-input-series", predict_out_dicom_is_the_input_series, 1,
+         r"--out-dicom {tmp}/series: would write over or into the input {tmp}/series;"),
+    Case("predict-overwrite-of-a-users-dicom-folder", predict_overwrite_of_a_users_dicom_folder, 1,
+         r"OutputFolderError: {tmp}/viewer: not empty and not a folder ctv2v created"),
+    Case("predict-out-dicom-is-a-link", predict_out_dicom_is_a_link, 1,
+         r"PredictionError: --out-dicom {tmp}/link: exists and is not a folder \(a file or a link\); give a new "
+         r"folder$"),
+    Case("predict-out-dicom-is-a-file", predict_out_dicom_is_a_file, 1,
+         r"PredictionError: --out-dicom {tmp}/afile: exists and is not a folder"),
+    Case("predict-out-without-nifti-extension", predict_out_without_nifti_extension, 1,
+         r"PredictionError: --out {tmp}/thin.png: expected a .nii or .nii.gz file name$"),
+    Case("predict-out-under-a-file", predict_out_under_a_file, 1,
+         r"OutputFolderError: {tmp}/afile/thin.nii.gz: cannot be created: {tmp}/afile is not a folder$"),
+    Case("train-into-a-users-folder", train_into_a_users_folder, 1,
+         r"OutputFolderError: {tmp}/mine: not empty and not a folder ctv2v created \(no .ctv2v-created\); nothing "
+         r"in it was changed"),
+    Case("train-resume-in-a-users-folder", train_resume_in_a_users_folder, 1,
+         r"OutputFolderError: {tmp}/mine: not empty and not a folder ctv2v created"),
+    Case("train-again-without-resume", train_again_without_resume, 1,
+         r"CheckpointError: {tmp}/out/checkpoints already holds step-00000004.pt: pass --resume to continue it"),
+    Case("resume-checkpoint-missing-keys", resume_checkpoint_missing_keys, 1,
+         r"CheckpointError: {tmp}/out/checkpoints/step-00000004.pt: an incomplete ctv2v-train-checkpoint/1 file: "
+         r"missing phase, progress.batch_in_epoch, progress.global_step, progress.best_val_loss, rng\[0\].python, "
+         r"rng\[0\].numpy, rng\[0\].torch$"),
+    Case("infinite-learning-rate", infinite_learning_rate, 2,
+         r"ConfigError: \S+smoke.yaml with --set training.frozen.lr=.inf: 'training.frozen.lr': Input should be a "
+         r"finite number \(got inf\)$"),
+    Case("nan-in-a-config-file", nan_in_a_config_file, 2,
+         r"ConfigError: \S+smoke.yaml \+ {tmp}/inputs/nan.yaml: 'data.intensity.hu_max': Input should be a finite "
+         r"number \(got nan\)$"),
+    Case("duplicate-key-in-a-config-file", duplicate_key_in_a_config_file, 2,
+         r"ConfigError: {tmp}/inputs/dup.yaml: not valid YAML: duplicate key 'training.grad_clip' at lines 3 and 5$"),
 ]
-NEEDS_DEMO = {dicom_cut_in_pixels, dicom_random_bytes, dicom_mixed_series, dicom_mr, dicom_missing_slice}
+NEEDS_DEMO = {dicom_cut_in_pixels, dicom_random_bytes, dicom_mixed_series, dicom_mr, dicom_missing_slice,
+              predict_out_inside_the_input_series, predict_out_dicom_is_the_input_series}
 
 
 # ------------------------------------------------------------------------------------------- fixtures
@@ -438,15 +677,19 @@ def base(tmp_path_factory, s3_server):
     for index in range(3):
         write_phantom(root / "dataset" / f"vol{index}.nii.gz", seed=index, shape=TRAINING_PHANTOM)
     prepared = prepared_phantoms(root / "good", smoke_config(*TRAINING_OVERRIDES), volumes=3, shape=TRAINING_PHANTOM)
+    model = tiny_model(root / "model")
+    thick = root / "thick.nii.gz"
+    hu = np.random.default_rng(0).uniform(-1000, 400, (16, 16, 4)).astype(np.float32)
+    nib.save(nib.Nifti1Image(hu, np.diag([1.0, 1.0, 2.0, 1.0])), thick)  # NIfTI axes (x, y, z): 2 mm slices
     hung = HungServer()
-    yield root / "dataset", prepared, s3_server, hung
+    yield root / "dataset", prepared, s3_server, hung, model, thick
     hung.close()
 
 
 @pytest.fixture()
 def world(base, tmp_path):
-    dataset, prepared, s3, hung = base
-    return World(tmp_path, dataset, prepared, s3, hung)
+    dataset, prepared, s3, hung, model, thick = base
+    return World(tmp_path, dataset, prepared, s3, hung, model, thick)
 
 
 @pytest.fixture(autouse=True)
@@ -461,7 +704,7 @@ def test_bad_input_is_refused_with_one_line_and_nothing_changes(case, world, dem
     argv, kept = case.build(world, demo_dir) if case.build in NEEDS_DEMO else case.build(world)
     for key, value in world.env.items():
         monkeypatch.setenv(key, value)
-    watched = [world.dataset, world.prepared, world.tmp / "out", *kept]
+    watched = [world.dataset, world.prepared, world.model, world.thick, world.tmp / "out", *kept]
     before = {path: snapshot(path) for path in watched}
     scratch_before = sorted(p.name for p in world.tmp.iterdir())
     started = time.monotonic()
@@ -493,7 +736,7 @@ def test_console_script_prints_one_line_and_keeps_the_data(base, tmp_path):
                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 1
     assert [line for line in result.stderr.splitlines() if "error" in line] == [
-        f"ctv2v: error: PreparedDataError: {project}: not empty and not a folder ctv2v prepared (no .ctv2v-prepared); "
+        f"ctv2v: error: OutputFolderError: {project}: not empty and not a folder ctv2v created (no .ctv2v-created); "
         "nothing in it was changed: choose a new or empty output folder"]
     assert snapshot(project) == before
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ctv2v.config import ConfigError
+from ctv2v.config import ConfigError, RunConfig
 from ctv2v.config_io import flatten, load_config, to_yaml, write_resolved
 from pipeline.cli import main as cli_main
 
@@ -154,3 +154,65 @@ def test_remote_deadline_settings_are_strict_positive_numbers():
         load_config([], ["storage.deadline_s=0"])
     with pytest.raises(ConfigError, match="'storage.timeout_s'"):
         load_config([], ["storage.timeout_s=fast"])
+
+
+# ------------------------------------------------------------- issue 20: non-finite numbers, round trips, duplicates
+def _float_settings(model: type, prefix: str = "") -> list[str]:
+    """The dotted key of every float setting of the schema (a plain float, or float | None)."""
+    from typing import get_args
+
+    from ctv2v.config_io import _section_of
+
+    keys = []
+    for name, field in model.model_fields.items():
+        section = _section_of(field.annotation)
+        if section is not None:
+            keys += _float_settings(section, f"{prefix}{name}.")
+        elif field.annotation is float or float in get_args(field.annotation):
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+FLOAT_SETTINGS = _float_settings(RunConfig)
+
+
+def test_the_schema_has_float_settings_to_check():
+    assert {"training.frozen.lr", "training.grad_clip", "data.intensity.hu_max", "vae.scratch.kl_weight"} <= set(
+        FLOAT_SETTINGS)
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_every_float_setting_refuses_non_finite_numbers(value):
+    for key in FLOAT_SETTINGS:
+        with pytest.raises(ConfigError, match=rf"'{re.escape(key)}': Input should be a finite number"):
+            load_config([CONFIGS / "smoke.yaml"], [f"{key}={value}"])
+
+
+def _readme_config_sets() -> list[tuple[str, ...]]:
+    """Every config file alone, and every sequence of `--config configs/X.yaml` a README command line overlays."""
+    readme = (CONFIGS.parent / "README.md").read_text()
+    overlays = {tuple(re.findall(r"--config configs/(\S+?\.yaml)", line)) for line in readme.splitlines()}
+    return sorted({(path.name,) for path in CONFIGS.glob("*.yaml")} | {files for files in overlays if files})
+
+
+@pytest.mark.parametrize("files", _readme_config_sets(), ids="+".join)
+def test_a_written_resolved_config_loads_back_the_same(files, tmp_path):
+    config = load_config([CONFIGS / name for name in files])
+    assert load_config([write_resolved(config, tmp_path)]) == config
+
+
+def test_a_string_that_reads_like_a_number_stays_a_string_in_a_resolved_config(tmp_path):
+    config = load_config([CONFIGS / "smoke.yaml"], ['data.source="1e5"', 'tracking.experiment="1_000"'])
+    again = load_config([write_resolved(config, tmp_path)])
+    assert (again.data.source, again.tracking.experiment) == ("1e5", "1_000")
+
+
+def test_duplicate_keys_are_refused_with_both_line_numbers(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("seed: 1\ndata:\n  clip:\n    frames: 8\n    height: 16\n    frames: 12\nseed: 2\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config([path])
+    assert str(refused.value) == (f"{path}: not valid YAML: duplicate key 'data.clip.frames' at lines 4 and 6; "
+                                  "duplicate key 'seed' at lines 1 and 7")
+    with pytest.raises(ConfigError, match=r"--set 'data=\{seed: 1, seed: 2\}': value is not valid YAML: duplicate"):
+        load_config([], ["data={seed: 1, seed: 2}"])

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -10,6 +13,7 @@ import pydicom
 import pytest
 
 from ctv2v.data.readers import dicom_series_files, read_volume
+from ctv2v.files import output_set
 from pipeline.cli import main as cli_main
 from tests.tiny_model import SMALL_SERIES_SLICES, small_demo_series, tiny_model
 
@@ -103,7 +107,7 @@ def test_existing_dicom_folder_is_refused_and_left_as_it_was(predicted, tmp_path
     code = cli_main(["predict", "--model", str(model_dir), "--input", str(series), "--out",
                      str(tmp_path / "thin.nii.gz"), "--out-dicom", str(existing), "--device", "cpu"])
     assert code == 1
-    assert "is not empty; give a new folder" in capsys.readouterr().err
+    assert f"--out-dicom {existing}: folder exists and is not empty; pass --overwrite" in capsys.readouterr().err
     assert [p.name for p in existing.iterdir()] == ["mine.dcm"]
     assert (existing / "mine.dcm").read_bytes() == b"user data"
 
@@ -117,3 +121,52 @@ def test_a_model_folder_without_its_training_spacing_is_refused(tmp_path, capsys
                      "--out", str(tmp_path / "thin.nii.gz")])
     assert code == 1
     assert "records no thick_spacing_mm" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_a_previous_prediction_and_its_dicom_series(predicted, tmp_path, capsys):
+    root, model_dir, series = predicted
+    out, out_dicom = tmp_path / "thin.nii.gz", tmp_path / "thin-dicom"
+    shutil.copyfile(root / "thin.nii.gz", out)
+    shutil.copytree(root / "thin-dicom", out_dicom)  # an earlier `predict --out-dicom`, ctv2v's marker included
+    old_uid = pydicom.dcmread(dicom_series_files(out_dicom)[0], stop_before_pixels=True).SeriesInstanceUID
+    command = ["predict", "--model", str(model_dir), "--input", str(series), "--out", str(out), "--out-dicom",
+               str(out_dicom), "--device", "cpu"]
+    assert cli_main(command) == 1
+    assert f"--out {out}: exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert cli_main([*command, "--overwrite"]) == 0
+    files = dicom_series_files(out_dicom)
+    assert {pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID for path in files} == {
+        json.loads(capsys.readouterr().out)["series_instance_uid"]} != {old_uid}
+    assert sorted(p.name for p in out_dicom.iterdir()) == sorted([*(p.name for p in files), ".ctv2v-created"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thin-dicom", "thin.nii.gz"]  # nothing staged is left
+
+
+def test_a_failure_writing_the_second_output_leaves_no_first_output(tmp_path):
+    first, second = tmp_path / "thin.nii.gz", tmp_path / "thin-dicom"
+    first.write_bytes(b"an earlier result")  # replaced only once both new outputs are written
+    with pytest.raises(OSError, match="disk full"):
+        with output_set([first, second]) as (new_first, new_second):
+            new_first.write_bytes(b"new")
+            new_second.mkdir()
+            raise OSError("disk full")
+    assert first.read_bytes() == b"an earlier result" and not second.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thin.nii.gz"]
+
+
+def test_a_failure_renaming_the_second_output_puts_the_first_back(tmp_path, monkeypatch):
+    first, second = tmp_path / "thin.nii.gz", tmp_path / "thin-dicom"
+    first.write_bytes(b"an earlier result")
+    rename = os.rename
+
+    def rename_refusing_the_second(source, target):
+        if Path(target) == second:
+            raise OSError("cannot rename")
+        rename(source, target)
+
+    monkeypatch.setattr(os, "rename", rename_refusing_the_second)
+    with pytest.raises(OSError, match="cannot rename"):
+        with output_set([first, second]) as (new_first, new_second):
+            new_first.write_bytes(b"new")
+            new_second.mkdir()
+    assert first.read_bytes() == b"an earlier result" and not second.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thin.nii.gz"]

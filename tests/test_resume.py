@@ -14,7 +14,14 @@ import pytest
 import torch
 
 from ctv2v.models.artifacts import CheckpointError
-from ctv2v.train.resume import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
+from ctv2v.train.resume import (
+    CHECKPOINT_MODULES,
+    Progress,
+    capture_rng,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from tests.conftest import REPO, TRAINING_OVERRIDES, TRAINING_PHANTOM, prepared_phantoms, training_config
 
 RESUME_OVERRIDES = [
@@ -101,16 +108,21 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_bitwise(full_phase_inp
         assert all(torch.equal(v, final_res["states"][name][k]) for k, v in final_ref["states"][name].items()), name
 
 
+def _states(phase: str, **weights: dict) -> dict[str, dict]:
+    """A checkpoint's `states` with every part a resume of `phase` needs (empty unless given)."""
+    return {**{name: {} for name in (*CHECKPOINT_MODULES[phase], "optimizer", "scheduler", "scaler")}, **weights}
+
+
 def test_a_checkpoint_is_never_half_written(tmp_path):
     config = training_config()
     folder = tmp_path / "checkpoints"
-    good = {"denoiser": {"w": torch.ones(3)}}
+    good = _states("frozen", denoiser={"w": torch.ones(3)})
     first = save_checkpoint(folder, phase="frozen", config=config, progress=Progress(0, 1, 1), states=good,
-                            rng_per_rank=[{}])
-    unpicklable = {"denoiser": {"w": torch.ones(3), "bad": lambda: None}}
+                            rng_per_rank=[capture_rng()])
+    unpicklable = _states("frozen", denoiser={"w": torch.ones(3), "bad": lambda: None})
     with pytest.raises((pickle.PicklingError, AttributeError)):
         save_checkpoint(folder, phase="frozen", config=config, progress=Progress(0, 2, 2), states=unpicklable,
-                        rng_per_rank=[{}])
+                        rng_per_rank=[capture_rng()])
     assert sorted(p.name for p in folder.iterdir()) == [first.name]  # no temporary file, no step 2
     payload = load_checkpoint(first, phase="frozen", config=config, world_size=1)
     assert torch.equal(payload["states"]["denoiser"]["w"], torch.ones(3))
@@ -118,8 +130,8 @@ def test_a_checkpoint_is_never_half_written(tmp_path):
 
 def test_resume_refuses_a_changed_config_or_world_size(tmp_path):
     config = training_config()
-    path = save_checkpoint(tmp_path, phase="frozen", config=config, progress=Progress(), states={},
-                           rng_per_rank=[{}, {}])
+    path = save_checkpoint(tmp_path, phase="frozen", config=config, progress=Progress(), states=_states("frozen"),
+                           rng_per_rank=[capture_rng(), capture_rng()])
     with pytest.raises(CheckpointError, match="written by 2 processes"):
         load_checkpoint(path, phase="frozen", config=config, world_size=1)
     with pytest.raises(CheckpointError, match=r"training.frozen.lr: 0.0001 -> 0.001"):
@@ -130,7 +142,8 @@ def test_resume_refuses_a_changed_config_or_world_size(tmp_path):
 
 def test_deployment_settings_never_block_a_resume(tmp_path):
     config = training_config()
-    path = save_checkpoint(tmp_path, phase="full", config=config, progress=Progress(), states={}, rng_per_rank=[{}])
+    path = save_checkpoint(tmp_path, phase="full", config=config, progress=Progress(), states=_states("full"),
+                           rng_per_rank=[capture_rng()])
     moved = training_config("device=cpu", "cluster.gpus_per_step=4", "cluster.trainer_image=other:1",
                             "tracking.experiment=elsewhere", "storage.s3_region=eu-west-1", "data.num_workers=3",
                             "data.workspace=/elsewhere", "evaluation.sample_steps=7")
@@ -166,11 +179,11 @@ def test_python_and_numpy_random_streams_continue_after_a_restore(tmp_path):
 
     import numpy as np
 
-    from ctv2v.train.resume import capture_rng, restore_rng
+    from ctv2v.train.resume import restore_rng
 
     config = training_config()
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    path = save_checkpoint(tmp_path, phase="frozen", config=config, progress=Progress(), states={},
+    path = save_checkpoint(tmp_path, phase="frozen", config=config, progress=Progress(), states=_states("frozen"),
                            rng_per_rank=[capture_rng()])
     expected = (random.random(), np.random.rand(3).tolist(), torch.rand(2).tolist())
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
@@ -197,3 +210,16 @@ def test_an_unsafe_or_corrupt_checkpoint_is_one_error_naming_it(tmp_path, conten
     with pytest.raises(UnsafeOrCorruptFileError, match=expected) as refused:
         load_checkpoint(path, phase="frozen", config=training_config(), world_size=1)
     assert "weights_only" not in str(refused.value)
+
+
+def test_a_checkpoint_missing_parts_names_every_missing_key(tmp_path):
+    config = training_config("training.ema_decay=0.9")
+    path = save_checkpoint(tmp_path, phase="full", config=config, progress=Progress(), rng_per_rank=[{"python": 1}],
+                           states={"denoiser": {}, "optimizer": {}})
+    payload = torch.load(path, weights_only=True)
+    del payload["progress"]["global_step"]
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(path, phase="full", config=config, world_size=1)
+    assert str(refused.value) == (f"{path}: an incomplete ctv2v-train-checkpoint/1 file: missing progress.global_step, "
+                                  "states.vae, states.scheduler, states.scaler, states.ema, rng[0].numpy, rng[0].torch")

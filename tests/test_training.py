@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import pytest
@@ -270,3 +271,19 @@ def test_cached_epochs_never_run_the_vae_encoder(trained, tmp_path):
         calls[name] = len(encoder_calls)
     assert calls["cached"] == 0
     assert calls["per-batch"] == 2 * result.global_step  # thin and thick clip of every batch
+
+
+def test_a_diverging_run_stops_naming_phase_epoch_and_last_finite_loss_and_keeps_its_checkpoint(trained, tmp_path):
+    from ctv2v.steps.train import train_step
+    from ctv2v.train.loop import TrainingError
+
+    config = trained["config"].model_copy(deep=True)
+    config.training.frozen.lr = 1e38  # finite, but the first update overflows the weights
+    out = tmp_path / "diverged"
+    with pytest.raises(TrainingError) as stopped:
+        train_step(config, "frozen", trained["data"], trained["root"] / "vae", None, out)
+    assert re.fullmatch(rf"frozen: diverged at epoch 1/1, step 2: loss is nan; last finite loss \d\.\d+ \(step 1\); "
+                        rf"last checkpoint kept: {re.escape(str(out))}/checkpoints/step-00000001.pt",
+                        str(stopped.value)), str(stopped.value)
+    assert (out / "checkpoints" / "step-00000001.pt").is_file()
+    assert not (out / "resolved-config.yaml").exists()  # a failed step leaves no config posing as output

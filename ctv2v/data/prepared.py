@@ -3,17 +3,16 @@
     <data_dir>/manifest.json        patient-level split + content hash per volume (both variants share it)
     <data_dir>/dataset              the staged dataset folder (a copy from S3, or a link to a local/PVC folder)
     <data_dir>/preprocess-cache/    thin + thick arrays keyed by content hash and preprocessing settings
-    <data_dir>/.ctv2v-prepared      the marker that proves ctv2v made the folder
+    <data_dir>/.ctv2v-created       the entries ctv2v made in the folder (ctv2v.files.CREATED_MARKER)
 
-Nothing a user owns is ever deleted: a folder is replaced or emptied only when it carries the marker this module
-writes into every folder it creates (a copy staged from S3 carries one of its own). `prepare_data` works in a
-new hidden sibling of `<data_dir>` and renames it into place at the end, so `<data_dir>` is always either the
+Nothing a user owns is ever deleted: a prepared folder is replaced, and its `dataset` entry re-staged, only when
+the marker lists everything in it (anything a user added is refused, naming it). `prepare_data` works in a new
+hidden sibling of `<data_dir>` and renames it into place at the end, so `<data_dir>` is always either the
 previous prepared folder or the new one, never a mix; a failed run removes only its sibling.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -24,22 +23,25 @@ from ctv2v.config_io import write_resolved
 from ctv2v.data.cache import CacheError, Preprocessed, PreprocessCache
 from ctv2v.data.manifest import ManifestError, build_manifest, load_manifest, write_manifest
 from ctv2v.data.readers import VolumeError
-from ctv2v.files import atomic_write_text, new_hidden_dir
+from ctv2v.files import (
+    check_only_created,
+    check_output_folder,
+    claim_output_folder,
+    created_by_ctv2v,
+    new_hidden_dir,
+    record_created,
+)
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
 DATASET_DIR = "dataset"
 PREPROCESS_CACHE_DIR = "preprocess-cache"
-PREPARED_MARKER = ".ctv2v-prepared"
-"""In a folder prepare-data made (or `data baselines` stages into): it may be replaced by a later run."""
-STAGED_COPY_MARKER = ".ctv2v-staged-copy"
-"""In a dataset copy staged from S3 (hidden: never read as part of the dataset); it may be replaced."""
 SPLITS = ("train", "val", "test")
 
 
 class PreparedDataError(ValueError):
-    """A prepared data folder is missing a part, a split is empty, or a folder is not ours to replace."""
+    """A prepared data folder is missing a part, or a split is empty."""
 
 
 def run_workspace(workspace_root: str | Path, pipeline_run_id: str) -> Path:
@@ -47,28 +49,6 @@ def run_workspace(workspace_root: str | Path, pipeline_run_id: str) -> Path:
     if not pipeline_run_id or "/" in pipeline_run_id or pipeline_run_id in (".", ".."):
         raise PreparedDataError(f"pipeline run id {pipeline_run_id!r} cannot name a workspace folder")
     return Path(workspace_root) / "runs" / pipeline_run_id
-
-
-def _mark(folder: Path, marker: str) -> None:
-    atomic_write_text(folder / marker, json.dumps({"made_by": "ctv2v", "marker": marker}) + "\n")
-
-
-def _check_new_empty_or_ours(folder: Path) -> None:
-    """Refuse, changing nothing, a path that is not a new or empty folder or one ctv2v prepared."""
-    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
-        raise PreparedDataError(f"{folder}: exists and is not a folder; choose a new or empty output folder")
-    if folder.is_dir() and not (folder / PREPARED_MARKER).is_file() and any(folder.iterdir()):
-        raise PreparedDataError(f"{folder}: not empty and not a folder ctv2v prepared (no {PREPARED_MARKER}); "
-                                "nothing in it was changed: choose a new or empty output folder")
-
-
-def claim_folder(folder: Path) -> Path:
-    """Make `folder` ours to write into: create it, or take an empty one, or one we made; refuse anything else."""
-    folder = Path(folder)
-    _check_new_empty_or_ours(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    _mark(folder, PREPARED_MARKER)
-    return folder
 
 
 def _source_folder(source: str) -> Path:
@@ -85,37 +65,39 @@ def _source_folder(source: str) -> Path:
 def stage_dataset(source: str, data_dir: Path, config: RunConfig) -> Path:
     """Make `<data_dir>/dataset` hold the dataset named by `source` (`demo`, `s3://bucket/prefix`, or a folder).
 
-    `data_dir` must be new, empty or ours (see claim_folder) and must not overlap the dataset. Returns the folder to read volumes from, so that errors name
-    the user's own files: the user's folder itself for `demo` or a folder, the staged copy for S3.
+    `data_dir` must be new, empty or created by ctv2v (ctv2v.files.claim_output_folder) and must not overlap the
+    dataset; an existing `dataset` entry is replaced only if ctv2v made it and all it holds. Returns the folder to
+    read volumes from, so that errors name the user's own files: the user's folder itself for `demo` or a folder,
+    the staged copy for S3.
     """
     folder = None if source.startswith("s3://") else _source_folder(source)
     data_dir = Path(data_dir)
     if folder is not None and (data_dir.resolve().is_relative_to(folder) or folder.is_relative_to(data_dir.resolve())):
         raise PreparedDataError(f"data.source {source!r} and the output folder {data_dir} overlap: the prepared "
                                 "folder must be outside the dataset folder and must not contain it")
-    claim_folder(data_dir)
+    claim_output_folder(data_dir)
     target = data_dir / DATASET_DIR
-    if target.is_symlink():
-        target.unlink()  # a link we made: removing it leaves the folder it points to untouched
-    elif target.exists():
-        if not (target / STAGED_COPY_MARKER).is_file():
-            raise PreparedDataError(f"{target}: not a dataset copy ctv2v staged (no {STAGED_COPY_MARKER}); "
-                                    "nothing in it was changed")
-        shutil.rmtree(target)
+    if target.exists() or target.is_symlink():
+        check_only_created(data_dir, DATASET_DIR)
+        if target.is_symlink():
+            target.unlink()  # a link ctv2v made: removing it leaves the folder it points to untouched
+        else:
+            shutil.rmtree(target)  # a copy ctv2v staged, holding nothing else (checked above)
     if folder is None:
         from ctv2v.remote.storage import download_prefix
 
         staging = new_hidden_dir(target, "staging")
         try:
-            _mark(staging, STAGED_COPY_MARKER)
             files = download_prefix(source, staging, storage=config.storage)
         except BaseException:
             shutil.rmtree(staging)  # made just above
             raise
         staging.rename(target)
+        record_created(data_dir, DATASET_DIR)
         log.info("staged %d objects from %s into %s", len(files), source, target)
         return target
     os.symlink(folder, target, target_is_directory=True)
+    record_created(data_dir, DATASET_DIR)
     log.info("dataset %s linked at %s", folder, target)
     return folder
 
@@ -123,7 +105,7 @@ def stage_dataset(source: str, data_dir: Path, config: RunConfig) -> Path:
 def _reuse_cache(previous: Path, work: Path) -> None:
     """Hard-link a previous prepared folder's cache entries into `work` (entries are immutable, keyed by content)."""
     old_cache = previous / PREPROCESS_CACHE_DIR
-    if not (previous / PREPARED_MARKER).is_file() or not old_cache.is_dir():
+    if not created_by_ctv2v(previous) or not old_cache.is_dir():
         return
     new_cache = work / PREPROCESS_CACHE_DIR
     new_cache.mkdir()
@@ -136,28 +118,30 @@ def _reuse_cache(previous: Path, work: Path) -> None:
 
 
 def _swap_in(work: Path, data_dir: Path) -> None:
-    """Put the finished `work` folder at `data_dir`: over an empty folder, or in place of a folder we made."""
-    if not (data_dir / PREPARED_MARKER).is_file():
+    """Put the finished `work` folder at `data_dir`: over an empty folder, or in place of one holding only what
+    ctv2v made (checked again: the user may have added something while this run prepared)."""
+    check_output_folder(data_dir, replace=True)
+    if not created_by_ctv2v(data_dir):
         work.rename(data_dir)  # rename(2) replaces an empty folder and refuses a non-empty one
         return
     retired = new_hidden_dir(data_dir, "replaced")
     data_dir.replace(retired)  # over the empty folder just made
     work.rename(data_dir)
-    shutil.rmtree(retired)  # carries our marker: a folder prepare-data made
+    shutil.rmtree(retired)  # holds only entries ctv2v made (checked above); a dataset link is removed, not followed
 
 
 def prepare_data(config: RunConfig, data_dir: Path) -> dict:
     """Stage the dataset, write the split manifest, preprocess every volume into the cache; returns the manifest.
 
     Works in a new sibling of `data_dir` and swaps it in at the end; `data_dir` must be new, empty, or a folder
-    prepare-data made.
+    ctv2v created that holds nothing else.
     """
     data_dir = Path(data_dir)
-    _check_new_empty_or_ours(data_dir)
+    check_output_folder(data_dir, replace=True)
     work = new_hidden_dir(data_dir, "preparing")
     dataset = None
     try:
-        _mark(work, PREPARED_MARKER)
+        claim_output_folder(work)
         _reuse_cache(data_dir, work)
         dataset = stage_dataset(config.data.source, work, config)
         manifest = build_manifest(dataset, config.data.split, config.data.thick, config.data.slice_spacing_tolerance)
@@ -170,6 +154,7 @@ def prepare_data(config: RunConfig, data_dir: Path) -> dict:
             cache.load(dataset, entry, config.data)
         write_manifest(manifest, work / MANIFEST_FILE)
         write_resolved(config, work)
+        record_created(work)
         _swap_in(work, data_dir)
     except (VolumeError, ManifestError, CacheError) as exc:
         _remove_work(work)

@@ -18,8 +18,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from ctv2v.data.cache import Preprocessed
 from ctv2v.data.readers import Volume, dicom_series_files, read_volume
 from ctv2v.data.thick import ThickSeries
 from ctv2v.evaluate.evaluate import predict_volume, write_prediction_nifti
+from ctv2v.files import check_creatable, check_output_folder, output_set, record_created
 from ctv2v.models.artifacts import CheckpointError, load_trained_model, read_model_meta
 from ctv2v.train.device import Precision, resolve_precision, select_device
 
@@ -131,24 +130,66 @@ class Predictor:
         return ThinSeries(thin.astype(np.float32), thin_affine, thin_spacing, factor)
 
 
-def predict_file(predictor: Predictor, input_path: Path, out: Path, out_dicom: Path | None = None,
-                 factor: int | None = None) -> dict:
-    """Read a thick NIfTI file or DICOM series folder, write the thin NIfTI (and DICOM series); a summary dict."""
+def check_outputs(input_path: Path, out: Path, out_dicom: Path | None = None, overwrite: bool = False) -> None:
+    """Before any compute, changing nothing: refuse outputs that cannot be written, exist without `overwrite`, or
+    would write over or into the input (even with `overwrite`)."""
     input_path, out = Path(input_path), Path(out)
     if not out.name.endswith((".nii", ".nii.gz")):
         raise PredictionError(f"--out {out}: expected a .nii or .nii.gz file name")
-    if out_dicom is not None and Path(out_dicom).exists() and any(Path(out_dicom).iterdir()):
-        raise PredictionError(f"--out-dicom {out_dicom}: folder exists and is not empty; give a new folder")
+    if out.is_dir():
+        raise PredictionError(f"--out {out}: is a folder; give a .nii or .nii.gz file name")
+    _check_not_the_input("--out", out, input_path)
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise PredictionError(f"--out {out}: exists; pass --overwrite to replace it")
+    check_creatable(out)
+    if out_dicom is None:
+        return
+    out_dicom = Path(out_dicom)
+    if out_dicom.is_symlink() or (out_dicom.exists() and not out_dicom.is_dir()):
+        raise PredictionError(f"--out-dicom {out_dicom}: exists and is not a folder (a file or a link); give a new "
+                              "folder")
+    _check_not_the_input("--out-dicom", out_dicom, input_path)
+    if out.absolute().is_relative_to(out_dicom.absolute()) or out.resolve().is_relative_to(out_dicom.resolve()):
+        raise PredictionError(f"--out {out} lies inside --out-dicom {out_dicom}: give them apart")
+    if out_dicom.is_dir() and any(out_dicom.iterdir()):
+        if not overwrite:
+            raise PredictionError(f"--out-dicom {out_dicom}: folder exists and is not empty; pass --overwrite to "
+                                  "replace a series ctv2v wrote there, or give a new folder")
+        check_output_folder(out_dicom, replace=True)  # only a series ctv2v wrote, holding nothing else
+    check_creatable(out_dicom)
+
+
+def _check_not_the_input(flag: str, path: Path, input_path: Path) -> None:
+    """Refuse an output that is, holds or lies inside the input (a NIfTI file, or a DICOM folder and its files),
+    compared by resolved path and by inode (hard links, bind mounts)."""
+    resolved, source = path.resolve(), input_path.resolve()
+    same_inode = path.exists() and input_path.exists() and os.path.samefile(path, input_path)
+    overlaps = resolved == source or source.is_relative_to(resolved) or (source.is_dir()
+                                                                         and resolved.is_relative_to(source))
+    input_file = path.is_file() and source.is_dir() and any(
+        os.path.samefile(path, member) for member in source.iterdir() if member.is_file())
+    if same_inode or overlaps or input_file:
+        raise PredictionError(f"{flag} {path}: would write over or into the input {input_path}; ctv2v never does, "
+                              "not even with --overwrite")
+
+
+def predict_file(predictor: Predictor, input_path: Path, out: Path, out_dicom: Path | None = None,
+                 factor: int | None = None, overwrite: bool = False) -> dict:
+    """Read a thick NIfTI file or DICOM series folder, write the thin NIfTI (and DICOM series) as one set (neither
+    appears unless both are written); a summary dict. Outputs are checked first (check_outputs)."""
+    input_path, out = Path(input_path), Path(out)
+    check_outputs(input_path, out, out_dicom, overwrite)
     volume = read_volume(input_path)
     thin = predictor.predict(volume.array, volume.spacing, volume.affine, source=str(input_path), factor=factor)
-    write_prediction_nifti(out, thin.hu, thin.affine)
     summary = {"input": str(input_path), "input_shape": list(volume.array.shape),
                "input_spacing_mm": list(volume.spacing), "factor": thin.factor,
                "output": str(out), "output_shape": list(thin.hu.shape), "output_spacing_mm": list(thin.spacing),
                "weights": predictor.weights_label, "sample_steps": predictor.config.evaluation.sample_steps}
-    if out_dicom is not None:
-        series_uid = write_dicom_series(Path(out_dicom), thin, volume)
-        summary.update({"output_dicom": str(out_dicom), "series_instance_uid": series_uid})
+    with output_set([out, *([Path(out_dicom)] if out_dicom is not None else [])]) as staged:
+        write_prediction_nifti(staged[0], thin.hu, thin.affine)
+        if out_dicom is not None:
+            summary.update({"output_dicom": str(out_dicom),
+                            "series_instance_uid": write_dicom_series(staged[1], thin, volume)})
     log.info("thin series %s -> %s", volume.array.shape, thin.hu.shape)
     return summary
 
@@ -162,10 +203,11 @@ def _template(volume: Volume) -> pydicom.Dataset | None:
 
 
 def write_dicom_series(out_dir: Path, thin: ThinSeries, source: Volume) -> str:
-    """Write `thin` as a new CT series (one file per slice) in the source's study; returns its SeriesInstanceUID.
+    """Write `thin` as a new CT series (one file per slice) in the source's study into the new folder `out_dir`,
+    marked as ctv2v's (a later --overwrite may replace it); returns its SeriesInstanceUID.
 
     Positions follow the thin affine: slice s lies at ImagePositionPatient = affine @ (s, 0, 0) (in LPS), rows
-    and columns run along affine columns 1 and 2. The folder appears only once every file is written.
+    and columns run along affine columns 1 and 2.
     """
     template = _template(source)
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ thin.affine
@@ -179,42 +221,36 @@ def write_dicom_series(out_dir: Path, thin: ThinSeries, source: Volume) -> str:
     frame_uid = frame_uid or generate_uid()
     pixels = np.clip(np.rint(thin.hu), np.iinfo(np.int16).min, np.iinfo(np.int16).max).astype(np.int16)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Written into a new hidden folder beside `out_dir`, renamed into place when complete; removed on failure.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        for index in range(pixels.shape[0]):
-            ds = pydicom.Dataset()
-            ds.file_meta = FileMetaDataset()
-            ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-            ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                            "StudyID", "AccessionNumber", "ReferringPhysicianName"):
-                if template is not None and keyword in template:
-                    setattr(ds, keyword, template.get(keyword))
-            ds.SOPClassUID = CTImageStorage
-            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
-            ds.Modality = "CT"
-            ds.ImageType = ["DERIVED", "SECONDARY"]
-            ds.SeriesDescription = f"{SERIES_DESCRIPTION} x{thin.factor}"
-            ds.SeriesNumber = 9000 + thin.factor
-            ds.SeriesDate, ds.SeriesTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-            ds.InstanceNumber = index + 1
-            ds.ImagePositionPatient = [float(v) for v in lps[:3, :3] @ [index, 0, 0] + lps[:3, 3]]
-            ds.ImageOrientationPatient = [float(v) for v in orientation]
-            ds.PixelSpacing = [row_spacing, col_spacing]
-            ds.SliceThickness = thin.spacing[0]
-            ds.SpacingBetweenSlices = thin.spacing[0]
-            ds.Rows, ds.Columns = int(pixels.shape[1]), int(pixels.shape[2])
-            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-            ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "HU"
-            ds.PixelData = pixels[index].tobytes()
-            ds.save_as(tmp / f"CT.{series_uid}.{index + 1:04d}.dcm", enforce_file_format=True)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp)
-        raise
+    out_dir.mkdir()
+    for index in range(pixels.shape[0]):
+        ds = pydicom.Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                        "StudyID", "AccessionNumber", "ReferringPhysicianName"):
+            if template is not None and keyword in template:
+                setattr(ds, keyword, template.get(keyword))
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+        ds.Modality = "CT"
+        ds.ImageType = ["DERIVED", "SECONDARY"]
+        ds.SeriesDescription = f"{SERIES_DESCRIPTION} x{thin.factor}"
+        ds.SeriesNumber = 9000 + thin.factor
+        ds.SeriesDate, ds.SeriesTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+        ds.InstanceNumber = index + 1
+        ds.ImagePositionPatient = [float(v) for v in lps[:3, :3] @ [index, 0, 0] + lps[:3, 3]]
+        ds.ImageOrientationPatient = [float(v) for v in orientation]
+        ds.PixelSpacing = [row_spacing, col_spacing]
+        ds.SliceThickness = thin.spacing[0]
+        ds.SpacingBetweenSlices = thin.spacing[0]
+        ds.Rows, ds.Columns = int(pixels.shape[1]), int(pixels.shape[2])
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "HU"
+        ds.PixelData = pixels[index].tobytes()
+        ds.save_as(out_dir / f"CT.{series_uid}.{index + 1:04d}.dcm", enforce_file_format=True)
+    record_created(out_dir)
     return series_uid

@@ -20,11 +20,13 @@ from ctv2v.config_io import flatten, write_resolved
 from ctv2v.data.clips import TrainClips
 from ctv2v.data.latents import LatentClips, encode_training_volumes
 from ctv2v.data.prepared import MANIFEST_FILE, load_split_volumes
+from ctv2v.files import claim_output_folder
 from ctv2v.intensity import Intensity
 from ctv2v.models.artifacts import CheckpointError, load_trained_model, save_trained_model, weights_kind
 from ctv2v.steps.context import distributed_runtime, seed_per_rank, tracked_step
 from ctv2v.train.loop import TrainingError, TrainJob, train_loop
 from ctv2v.train.objectives import DiffusionObjective
+from ctv2v.train.resume import CHECKPOINT_MODULES, check_training_folder
 from ctv2v.train.validation import fixed_val_clips, validate_diffusion
 
 PHASES = ("frozen", "full")
@@ -109,6 +111,7 @@ def train_step(
     """Train one phase into `out_dir` (checkpoints, model/, best-model/)."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     init_dir = None if init_dir is None else Path(init_dir)
+    check_training_folder(out_dir, resume)
     with distributed_runtime(config) as runtime:
         main = runtime.dist_info.is_main
         model = build_phase_model(config, phase, vae_dir, init_dir).to(runtime.device)
@@ -134,8 +137,9 @@ def train_step(
             raise TrainingError(f"frozen phase: {in_optimizer} VAE parameters are in the optimizer")
         if phase == "full" and multiplier > 0 and not in_optimizer:
             raise TrainingError("full phase: the VAE is not in the optimizer")
-        states = {"denoiser": model.denoiser} if phase == "frozen" else {"denoiser": model.denoiser, "vae": model.vae}
+        states = {name: getattr(model, name) for name in CHECKPOINT_MODULES[phase]}
 
+        claim_output_folder(out_dir)  # inputs read and checked: from here on the folder is this run's
         weights = weights_kind(model.vae.weights_label)
         with tracked_step(config.tracking, out_dir, f"train-{phase}", pipeline_run_id, main=main,
                           variant=config.variant, phase=phase, weights=weights) as tracker:

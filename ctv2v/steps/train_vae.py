@@ -16,11 +16,13 @@ from ctv2v.config import RunConfig
 from ctv2v.config_io import flatten, write_resolved
 from ctv2v.data.clips import TrainClips
 from ctv2v.data.prepared import MANIFEST_FILE, load_split_volumes
+from ctv2v.files import claim_output_folder
 from ctv2v.intensity import Intensity
 from ctv2v.models.vae import ScratchVAE, compute_latent_scale, save_vae_artifact
 from ctv2v.steps.context import distributed_runtime, seed_per_rank, tracked_step
 from ctv2v.train.loop import TrainJob, train_loop
 from ctv2v.train.objectives import ScratchVAEObjective
+from ctv2v.train.resume import check_training_folder
 from ctv2v.train.validation import vae_val_clips, validate_vae
 
 VAE_FILES = ("vae.pt", "vae.json", "resolved-config.yaml")
@@ -56,6 +58,7 @@ def train_vae_step(
                          "(the `pretrained` variant gets its VAE from fetch-checkpoint + match-architecture)")
     scratch = config.vae.scratch
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    check_training_folder(out_dir, resume)
     with distributed_runtime(config) as runtime:
         main = runtime.dist_info.is_main
         vae = ScratchVAE.from_config(scratch).to(runtime.device)
@@ -64,6 +67,7 @@ def train_vae_step(
         train_clips = TrainClips(load_split_volumes(data_dir, config, "train"), config.data.clip, intensity,
                                  config.seed)
         val_clips = vae_val_clips(load_split_volumes(data_dir, config, "val"), config)
+        claim_output_folder(out_dir)  # inputs read and checked: from here on the folder is this run's
         with tracked_step(config.tracking, out_dir, "train-vae", pipeline_run_id, main=main, variant=config.variant,
                           weights="scratch") as tracker:
             tracker.log_params(flatten(config))

@@ -239,7 +239,13 @@ def train_loop(job: TrainJob) -> TrainResult:
                 for key, value in parts.items():
                     parts_sum[key] = parts_sum.get(key, 0.0) + float(value) / group
             if not math.isfinite(loss_sum):
-                raise TrainingError(f"{job.name}: loss is {loss_sum} at epoch {epoch}, step {progress.global_step}")
+                # One line: where it diverged, the last finite loss, and the checkpoint kept (nothing is deleted).
+                last = metrics.get(f"{job.name}/loss")
+                last_finite = "none in this run" if last is None else f"{last:.6g} (step {progress.global_step})"
+                kept = latest_checkpoint(checkpoints)
+                raise TrainingError(f"{job.name}: diverged at epoch {epoch + 1}/{job.epochs}, step "
+                                    f"{progress.global_step + 1}: loss is {loss_sum}; last finite loss {last_finite}; "
+                                    + (f"last checkpoint kept: {kept}" if kept else "no checkpoint written yet"))
             scaler.unscale_(optimizer)
             max_norm = settings.grad_clip if settings.grad_clip is not None else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +21,16 @@ import torch
 from ctv2v.models.artifacts import CheckpointError
 from ctv2v.config import RunConfig
 from ctv2v.config_io import flatten
-from ctv2v.files import atomic_torch_save, load_torch_file
+from ctv2v.files import atomic_torch_save, check_output_folder, load_torch_file
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "ctv2v-train-checkpoint/1"
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_MODULES = {"vae": ("vae",), "frozen": ("denoiser",), "full": ("denoiser", "vae")}
+"""The modules whose weights a checkpoint of each phase holds (besides optimizer, scheduler, scaler and EMA)."""
+_CHECKPOINT_KEYS = ("format", "phase", "config", "progress", "world_size", "rng", "states")
+_RNG_KEYS = ("python", "numpy", "torch")
 _STEP_FILE = re.compile(r"^step-(\d{8})\.pt$")
 RESUME_MAY_CHANGE = ("cluster", "device", "tracking", "storage", "evaluation", "data.num_workers", "data.workspace")
 """Config sections and keys that may differ between the interrupted run and its resume: where and how the run is
@@ -84,6 +89,16 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def check_training_folder(out_dir: Path, resume: bool) -> None:
+    """Before any compute, changing nothing: `out_dir` must be new, empty or created by ctv2v
+    (ctv2v.files.check_output_folder), and one holding a checkpoint is continued only with --resume."""
+    check_output_folder(out_dir)
+    latest = latest_checkpoint(Path(out_dir) / CHECKPOINTS_DIR)
+    if latest is not None and not resume:
+        raise CheckpointError(f"{latest.parent} already holds {latest.name}: pass --resume to continue it, or give "
+                              "a new or empty output folder")
+
+
 def save_checkpoint(
     folder: Path,
     *,
@@ -120,6 +135,9 @@ def load_checkpoint(path: Path, *, phase: str, config: RunConfig, world_size: in
     payload = load_torch_file(path, "training checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a {CHECKPOINT_FORMAT} file")
+    problems = _structure_problems(payload, phase, config)
+    if problems:
+        raise CheckpointError(f"{path}: an incomplete {CHECKPOINT_FORMAT} file: {'; '.join(problems)}")
     if payload["phase"] != phase:
         raise CheckpointError(f"{path}: checkpoint of phase {payload['phase']!r}, resuming phase {phase!r}")
     if payload["world_size"] != world_size:
@@ -132,6 +150,30 @@ def load_checkpoint(path: Path, *, phase: str, config: RunConfig, world_size: in
         raise CheckpointError(f"{path}: the config changed since this checkpoint: {'; '.join(changed)}")
     payload["progress"] = Progress(**payload["progress"])
     return payload
+
+
+def _structure_problems(payload: dict[str, Any], phase: str, config: RunConfig) -> list[str]:
+    """What a resume of `phase` would miss in a checkpoint payload: missing keys (dotted) and mistyped parts."""
+    missing = [key for key in _CHECKPOINT_KEYS if key not in payload]
+    expected = {"progress": dict, "rng": list, "states": dict}
+    wrong = [f"'{key}' is a {type(payload[key]).__name__}, not a {kind.__name__}"
+             for key, kind in expected.items() if key in payload and not isinstance(payload[key], kind)]
+    if isinstance(payload.get("progress"), dict):
+        missing += [f"progress.{field.name}" for field in fields(Progress) if field.name not in payload["progress"]]
+    if isinstance(payload.get("states"), dict) and payload.get("phase") == phase:
+        with_ema = config.training.ema_decay is not None and phase != "vae"
+        needed = (*CHECKPOINT_MODULES.get(phase, ()), "optimizer", "scheduler", "scaler",
+                  *(["ema"] if with_ema else []))
+        missing += [f"states.{name}" for name in needed if name not in payload["states"]]
+    if isinstance(payload.get("rng"), list):
+        if isinstance(payload.get("world_size"), int) and len(payload["rng"]) != payload["world_size"]:
+            wrong.append(f"'rng' holds {len(payload['rng'])} process states, 'world_size' is {payload['world_size']}")
+        for rank, state in enumerate(payload["rng"]):
+            if not isinstance(state, dict):
+                wrong.append(f"'rng[{rank}]' is a {type(state).__name__}, not a dict")
+            else:
+                missing += [f"rng[{rank}].{key}" for key in _RNG_KEYS if key not in state]
+    return ([f"missing {', '.join(missing)}"] if missing else []) + wrong
 
 
 def _may_change(key: str) -> bool:

@@ -139,7 +139,7 @@ def predict_file(predictor: Predictor, input_path: Path, out: Path, out_dicom: P
         raise PredictionError(f"--out {out}: expected a .nii or .nii.gz file name")
     if out_dicom is not None and Path(out_dicom).exists() and any(Path(out_dicom).iterdir()):
         raise PredictionError(f"--out-dicom {out_dicom}: folder exists and is not empty; give a new folder")
-    volume = read_volume(input_path)
+    volume = read_volume(input_path, max_volume_bytes=predictor.config.data.max_volume_bytes)  # the model's limit
     thin = predictor.predict(volume.array, volume.spacing, volume.affine, source=str(input_path), factor=factor)
     write_prediction_nifti(out, thin.hu, thin.affine)
     summary = {"input": str(input_path), "input_shape": list(volume.array.shape),

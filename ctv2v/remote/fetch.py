@@ -375,7 +375,7 @@ def _http_attempt(url: str, dest: Path, timeout_s: float, min_throughput: MinThr
             length = response.headers.get("Content-Length")
             expected_total = int(length) if length is not None else None
         with open(dest, mode) as out:
-            for block in min_throughput.guard(iter(lambda: response.read1(_CHUNK), b"")):
+            for block in min_throughput.blocks(response.read1, _CHUNK):
                 out.write(block)
     size = dest.stat().st_size
     if expected_total is not None and size != expected_total:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -112,14 +112,12 @@ class MinThroughput:
         """The configured minimum: storage.min_bytes_per_s, measured over storage.timeout_s windows."""
         return cls(storage.min_bytes_per_s, storage.timeout_s)
 
-    def guard(self, blocks: Iterable[bytes]) -> Iterator[bytes]:
-        """`blocks` as they arrive; TransferTooSlowError once a window brought too few bytes.
-
-        The blocks must come as the server sends them (e.g. `read1`), not after a full buffer: a buffered read of a
-        trickle returns only when the buffer is full, i.e. never.
-        """
+    def blocks(self, read1: Callable[[int], bytes], chunk: int) -> Iterator[bytes]:
+        """A response body as it arrives, through `read1(chunk)` (at most `chunk` bytes, returning as soon as any
+        came: a full-buffer read of a trickle would never return), until b""; TransferTooSlowError once a window
+        brought too few bytes."""
         window_start, window_bytes = time.monotonic(), 0
-        for block in blocks:
+        for block in iter(lambda: read1(chunk), b""):
             yield block
             window_bytes += len(block)
             elapsed_s = time.monotonic() - window_start

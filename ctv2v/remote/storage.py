@@ -164,7 +164,7 @@ class _Store:
             response = self.client.get_object(bucket, key)
             try:
                 with atomic_path(dest) as tmp, open(tmp, "wb") as out:
-                    for block in self.min_throughput.guard(iter(lambda: response.read1(_CHUNK), b"")):
+                    for block in self.min_throughput.blocks(response.read1, _CHUNK):
                         out.write(block)
             finally:
                 response.close()

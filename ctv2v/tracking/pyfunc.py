@@ -145,8 +145,8 @@ def download_trained_model(model_uri: str, tracking_uri: str | None, dst: Path,
                                                              tracking_uri=uri))
     except REMOTE_ERRORS as exc:
         if is_server_unreachable(exc):
-            reason = (f"no answer (timeout {tracking.request_timeout_s:g} s per request, retries {tracking.max_retries}): "
-                      f"{_innermost(exc)}")
+            reason = (f"no answer (timeout {tracking.request_timeout_s:g} s per request, retries "
+                      f"{tracking.max_retries}): {_innermost(exc)}")
         else:
             reason = str(exc).splitlines()[0]
         raise ModelLookupError(f"{model_uri}: {reason} (tracking server {uri})") from exc

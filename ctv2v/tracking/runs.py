@@ -109,14 +109,14 @@ __all__ = [
     "ModelRegistration",
     "PendingUpload",
     "Tracker",
+    "TrackingStoreError",
+    "TrackingSyncError",
     "VersionFacts",
     "configure_client_http",
     "end_pipeline_run",
+    "existing_store",
     "git_commit",
     "new_pipeline_run_id",
-    "TrackingStoreError",
-    "TrackingSyncError",
-    "existing_store",
     "replay_journal",
     "tracking_uri",
     "upload_pending",
@@ -627,7 +627,7 @@ class PendingUpload:
 
 
 class TrackingSyncError(RuntimeError):
-    """The server rejected (rather than failed to answer) part of a pending journal; the rest is kept."""
+    """The server refused (rather than failed to answer) part of a pending journal; the rest is kept."""
 
 
 def replay_journal(journal: Path, *, steps_ended: bool, server: str | None = None) -> PendingUpload:
@@ -660,8 +660,8 @@ def replay_journal(journal: Path, *, steps_ended: bool, server: str | None = Non
         _sync(MlflowClient(state.tracking_uri), state, {})
     except REMOTE_ERRORS as exc:
         if not is_server_unreachable(exc):
-            raise TrackingSyncError(f"{journal}: {state.tracking_uri} rejected the upload: "
-                                    f"{str(exc).splitlines()[0]}; what was not accepted is kept") from exc
+            raise TrackingSyncError(f"{journal}: {state.tracking_uri} refused the upload: "
+                                    f"{str(exc).splitlines()[0]}; the journal keeps what is left to send") from exc
         log.warning("MLflow: %s not uploaded, server %s unreachable (%s)", journal, state.tracking_uri, exc)
     finally:
         used_server, state.tracking_uri = state.tracking_uri, named_server

@@ -125,6 +125,9 @@ class DataConfig(_Section):
     """Where staged data, the preprocessing cache, the manifest and step outputs live (a PVC in the cluster)."""
     slice_spacing_tolerance: float = Field(0.01, gt=0, lt=0.5)
     """Relative tolerance on the gap between consecutive DICOM slices before a series counts as irregular."""
+    max_volume_bytes: int = Field(8 * 2**30, ge=1)
+    """A volume whose headers claim more voxel data than this (stored bytes + the float32 copy the readers make)
+    is refused before any voxel is read: an 80-byte .nii.gz can claim 2000 x 2000 x 2000 voxels."""
     intensity: IntensityConfig = IntensityConfig()
     thick: ThickConfig = ThickConfig()
     resample: ResampleConfig = ResampleConfig()
@@ -408,7 +411,11 @@ class StorageConfig(_Section):
     the connection but stays silent fails after this long."""
     deadline_s: float = Field(60.0, gt=0)
     """No retry of a remote operation (one S3 object, one checkpoint download) starts after this long, so a dead
-    server fails it within deadline_s + timeout_s; a transfer that keeps receiving bytes is not cut off."""
+    server fails it within deadline_s + timeout_s; a transfer that keeps up min_bytes_per_s is not cut off."""
+    min_bytes_per_s: float = Field(16384.0, gt=0)
+    """A download attempt that brings fewer bytes per second than this, averaged over each timeout_s window,
+    fails (and is retried like a timeout): a server that trickles a byte every few seconds never trips the read
+    timeout, and would otherwise hold the step forever."""
 
 
 class NcclConfig(_Section):

@@ -427,22 +427,49 @@ def _tracking_sync_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ended", action="store_true",
                         help="the steps are over: also upload journals their step never closed (killed steps), "
                              "ending those runs FAILED")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="upload to this server (e.g. a port-forward of the cluster's); default: "
+                             "tracking.tracking_uri, else MLFLOW_TRACKING_URI, else the address each journal names")
+
+
+def _sync_server(args: argparse.Namespace, config: RunConfig) -> tuple[str | None, str]:
+    """The server `tracking sync` uploads to and where that choice came from (None: each journal's own address)."""
+    import os
+
+    for uri, source in ((args.tracking_uri, "--tracking-uri"), (config.tracking.tracking_uri, "tracking.tracking_uri"),
+                        (os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI")):
+        if uri:
+            return uri, f"from {source}"
+    return None, "the journal's address"
 
 
 def _tracking_sync(args: argparse.Namespace) -> int:
-    from ctv2v.tracking.runs import upload_pending
+    from ctv2v.tracking.runs import TrackingSyncError, upload_pending
 
-    uploads = upload_pending(args.folders, config_from_args(args).tracking, steps_ended=args.ended)
+    config = config_from_args(args)
+    server, chosen_by = _sync_server(args, config)
+    uploads = upload_pending(args.folders, config.tracking, steps_ended=args.ended, server=server)
     if not uploads:
         print(f"nothing pending under {', '.join(str(folder) for folder in args.folders)}")
     for upload in uploads:
         if upload.skipped:
             print(f"skipped {upload.journal}: {upload.skipped}")
             continue
-        sent = ", ".join(f"{count} {kind}" for kind, count in upload.sent.items() if count) or "run state only"
-        state = "done" if upload.complete else "incomplete (server unreachable), kept"
-        print(f"uploaded {upload.journal}: step {upload.step_name}, run {upload.run_id}: {sent}; {state}")
-    return 0 if all(upload.complete or upload.skipped for upload in uploads) else 1
+        where = f"{upload.server} ({chosen_by})"
+        sent = ", ".join(f"{count} {kind}" for kind, count in upload.sent.items() if count)
+        if upload.complete:
+            print(f"uploaded {upload.journal} to {where}: step {upload.step_name}, run {upload.run_id}: "
+                  f"{sent or 'run state only'}; done")
+        elif sent:
+            print(f"uploaded part of {upload.journal} to {where}: step {upload.step_name}, run {upload.run_id}: "
+                  f"{sent}; the rest is kept (server unreachable)")
+        else:
+            print(f"nothing uploaded from {upload.journal}: {where} unreachable; kept")
+    left = [upload for upload in uploads if not (upload.complete or upload.skipped)]
+    if left:
+        raise TrackingSyncError(f"{len(left)} of {len(uploads)} pending journal(s) not fully uploaded (server "
+                                f"{left[0].server} unreachable); they are kept for the next `ctv2v tracking sync`")
+    return 0
 
 
 def _predict_arguments(parser: argparse.ArgumentParser) -> None:

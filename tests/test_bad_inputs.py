@@ -9,6 +9,7 @@ runs the installed `ctv2v` script itself once.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -31,6 +32,8 @@ import pydicom
 import pytest
 import torch
 
+from ctv2v.config import TrackingConfig
+from ctv2v.tracking.runs import Tracker
 from pipeline.cli import main
 from tests.conftest import (
     REPO,
@@ -102,6 +105,40 @@ class HungServer:
             conn.close()
 
 
+class TrickleServer:
+    """A loopback HTTP server that answers any request with 200 and a 100 MB body it sends one byte every 0.05 s:
+    never silent long enough for a read timeout, never done (a checkpoint URL, or an S3 endpoint to minio)."""
+
+    INTERVAL_S = 0.05
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n")
+                while True:
+                    conn.sendall(b"x")
+                    time.sleep(self.INTERVAL_S)
+            except OSError:  # the client gave up and closed the connection
+                return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 @dataclass
 class World:
     """What the cases build on: a user's dataset, a good prepared folder, servers, a scratch folder."""
@@ -117,6 +154,9 @@ class World:
     """A tiny untrained trained-model folder (tests.tiny_model), trained on 2 mm thick slices."""
     thick: Path
     """A thick NIfTI series with 2 mm slices that the model accepts."""
+    trickle: TrickleServer
+    mlflow: Callable[[], object]
+    """The session's MLflow server, started on first use."""
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -559,6 +599,104 @@ def step_fails_after_reading_config(world):  # item 3
             "--out", str(world.tmp / "out")], []
 
 
+# Issue 20, items 5-8 and 12: absurd inputs refused before they cost memory or time; models:/ and sync one-liners.
+def _nifti_claiming_2000_cubed(path: Path) -> Path:
+    """A 63-byte .nii.gz whose header claims 2000 x 2000 x 2000 int16 voxels (44.7 GiB as read) and holds none."""
+    header = nib.Nifti1Header()
+    header.set_data_shape((2000, 2000, 2000))
+    header.set_data_dtype(np.int16)
+    header.set_sform(np.eye(4), code=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4))
+    return path
+
+
+def prepare_nifti_claiming_2000_cubed(world):  # item 5
+    folder = _user_copy(world)
+    _nifti_claiming_2000_cubed(folder / "vol3.nii.gz")
+    return _prepare(world, folder), [folder]
+
+
+def dicom_claiming_60000_squared(world, demo_dir):  # item 5: every file's Rows x Columns, no pixels behind them
+    folder = _dicom_dataset(world, demo_dir)
+    for path in (folder / "series").iterdir():
+        ds = pydicom.dcmread(path)
+        ds.Rows = ds.Columns = 60000
+        ds.save_as(path)
+    return _prepare(world, folder), [folder]
+
+
+def _predict(world: World, model: str, *options: str, input_path: Path | None = None) -> list[str]:
+    return ["predict", "--model", model, "--input", str(input_path or world.dataset / "vol0.nii.gz"),
+            "--out", str(world.tmp / "out" / "thin.nii.gz"), "--device", "cpu", *options]
+
+
+def predict_nifti_claiming_2000_cubed(world):  # item 5
+    model = tiny_model(world.tmp / "inputs" / "model")
+    thick = _nifti_claiming_2000_cubed(world.tmp / "inputs" / "thick.nii.gz")
+    return _predict(world, str(model), input_path=thick), [world.tmp / "inputs"]
+
+
+def trickling_http(world):  # item 6
+    return _fetch(world, f"http://127.0.0.1:{world.trickle.port}/vae.pt", *FAST_REMOTE,
+                  "storage.min_bytes_per_s=1000"), []
+
+
+def trickling_s3(world):  # item 6
+    world.env.update(AWS_ACCESS_KEY_ID="key", AWS_SECRET_ACCESS_KEY="secret")
+    return _fetch(world, "s3://ctv2v/vae.pt", *FAST_REMOTE, "storage.min_bytes_per_s=1000",
+                  f"storage.s3_endpoint=http://127.0.0.1:{world.trickle.port}"), []
+
+
+def _dead_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        return closed.getsockname()[1]
+
+
+def models_uri_dead_server(world):  # item 7
+    world.env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{_dead_port()}"
+    return _predict(world, "models:/ctv2v-main@champion"), []
+
+
+def models_uri_unknown_name(world):  # item 8
+    world.env["MLFLOW_TRACKING_URI"] = world.mlflow().uri
+    return _predict(world, "models:/nope@champion"), []
+
+
+def models_uri_tracking_uri_flag(world):  # item 8: the flag without MLFLOW_TRACKING_URI; no ./mlflow.db appears
+    return _predict(world, "models:/nope@champion", "--tracking-uri", world.mlflow().uri), []
+
+
+def models_uri_no_server(world):  # item 8
+    return _predict(world, "models:/nope@champion"), []
+
+
+def models_uri_store_that_does_not_exist(world):  # item 8
+    return _predict(world, "models:/nope@champion", "--tracking-uri", f"sqlite:///{world.tmp}/mlflow.db"), []
+
+
+def _pending_journal(world: World) -> Path:
+    """A step's pending MLflow journal: its server (a closed port) never answered."""
+    folder = world.tmp / "runs"
+    config = TrackingConfig(tracking_uri=f"http://127.0.0.1:{_dead_port()}", request_timeout_s=1, max_retries=0,
+                            system_metrics_interval_s=None)
+    tracker = Tracker(config, folder / "train")
+    with tracker.step_run("train", "pipeline-1"):
+        tracker.log_metrics({"loss": 1.0}, step=0)
+    return folder
+
+
+def sync_to_a_dead_server(world):  # item 12: the chosen server, named; nothing said to be uploaded
+    folder = _pending_journal(world)
+    return ["tracking", "sync", "--set", "tracking.request_timeout_s=1", "--set", "tracking.max_retries=0",
+            "--tracking-uri", f"http://127.0.0.1:{_dead_port()}/chosen", str(folder)], [folder]
+
+
+def sync_to_a_store_that_does_not_exist(world):  # item 12
+    folder = _pending_journal(world)
+    return ["tracking", "sync", "--tracking-uri", f"sqlite:///{world.tmp}/mlflow.db", str(folder)], [folder]
+
+
 CASES = [
     Case("out-folder-holds-the-dataset", out_is_parent_of_source, 1,
          r"OutputFolderError: {tmp}/proj: not empty and not a folder ctv2v created \(no .ctv2v-created\)"),
@@ -665,9 +803,46 @@ CASES = [
          r"number \(got nan\)$"),
     Case("duplicate-key-in-a-config-file", duplicate_key_in_a_config_file, 2,
          r"ConfigError: {tmp}/inputs/dup.yaml: not valid YAML: duplicate key 'training.grad_clip' at lines 3 and 5$"),
+    Case("prepare-nifti-claiming-2000-cubed", prepare_nifti_claiming_2000_cubed, 1,
+         r"VolumeError: {tmp}/mydata/vol3.nii.gz: the header claims 2000 x 2000 x 2000 voxels of int16; reading them "
+         r"takes 48000000000 bytes \(44.7 GiB: 2 stored \+ 4 as float32 per voxel\), more than "
+         r"data.max_volume_bytes = 8589934592 \(8.0 GiB\); nothing was read$"),
+    Case("dicom-claiming-60000-squared", dicom_claiming_60000_squared, 1,
+         r"VolumeError: {tmp}/withdicom/series: the headers of its 20 files claim 20 x 60000 x 60000 voxels of 16 "
+         r"bits; reading them takes 432000000000 bytes .*more than data.max_volume_bytes = 8589934592"),
+    Case("predict-nifti-claiming-2000-cubed", predict_nifti_claiming_2000_cubed, 1,
+         r"VolumeError: {tmp}/inputs/thick.nii.gz: the header claims 2000 x 2000 x 2000 voxels of int16; .* more "
+         r"than data.max_volume_bytes = 8589934592"),
+    Case("trickling-http-server", trickling_http, 1,
+         r"SourceUnreachableError: cannot fetch http://127.0.0.1:\d+/vae.pt: gave up after \d attempts in [\d.]+ s: "
+         r"transfer too slow: \d+ bytes in [\d.]+ s, below storage.min_bytes_per_s = 1000 B/s \(measured over "
+         r"storage.timeout_s = 0.5 s windows\)"),
+    Case("trickling-s3-server", trickling_s3, 1,
+         r"cannot fetch s3://ctv2v/vae.pt: download of s3://ctv2v/vae.pt failed .*TransferTooSlowError: transfer too "
+         r"slow: .* below storage.min_bytes_per_s = 1000 B/s.*gave up after \d attempts"),
+    Case("models-uri-dead-server", models_uri_dead_server, 1,
+         r"ModelLookupError: models:/ctv2v-main@champion: no answer \(timeout 10 s per request, retries 1\): "
+         r"ConnectionRefusedError: .*\(tracking server http://127.0.0.1:\d+\)$"),
+    Case("models-uri-unknown-name", models_uri_unknown_name, 1,
+         r"ModelLookupError: models:/nope@champion: RESOURCE_DOES_NOT_EXIST: Registered Model with name=nope not "
+         r"found \(tracking server http://127.0.0.1:\d+\)$"),
+    Case("models-uri-tracking-uri-flag", models_uri_tracking_uri_flag, 1,
+         r"ModelLookupError: models:/nope@champion: RESOURCE_DOES_NOT_EXIST: .*\(tracking server "
+         r"http://127.0.0.1:\d+\)$"),
+    Case("models-uri-no-server", models_uri_no_server, 1,
+         r"ModelLookupError: models:/nope@champion: no tracking server to look it up in: give one \(--tracking-uri\) "
+         r"or set MLFLOW_TRACKING_URI$"),
+    Case("models-uri-store-that-does-not-exist", models_uri_store_that_does_not_exist, 1,
+         r"TrackingStoreError: tracking URI sqlite:///{tmp}/mlflow.db: no such SQLite file {tmp}/mlflow.db; ctv2v "
+         r"never creates a tracking store"),
+    Case("sync-to-a-dead-server", sync_to_a_dead_server, 1,
+         r"TrackingSyncError: 1 of 1 pending journal\(s\) not fully uploaded \(server http://127.0.0.1:\d+/chosen "
+         r"unreachable\)"),
+    Case("sync-to-a-store-that-does-not-exist", sync_to_a_store_that_does_not_exist, 1,
+         r"TrackingStoreError: tracking URI sqlite:///{tmp}/mlflow.db: no such SQLite file"),
 ]
 NEEDS_DEMO = {dicom_cut_in_pixels, dicom_random_bytes, dicom_mixed_series, dicom_mr, dicom_missing_slice,
-              predict_out_inside_the_input_series, predict_out_dicom_is_the_input_series}
+              predict_out_inside_the_input_series, predict_out_dicom_is_the_input_series, dicom_claiming_60000_squared}
 
 
 # ------------------------------------------------------------------------------------------- fixtures
@@ -681,20 +856,24 @@ def base(tmp_path_factory, s3_server):
     thick = root / "thick.nii.gz"
     hu = np.random.default_rng(0).uniform(-1000, 400, (16, 16, 4)).astype(np.float32)
     nib.save(nib.Nifti1Image(hu, np.diag([1.0, 1.0, 2.0, 1.0])), thick)  # NIfTI axes (x, y, z): 2 mm slices
-    hung = HungServer()
-    yield root / "dataset", prepared, s3_server, hung, model, thick
+    hung, trickle = HungServer(), TrickleServer()
+    yield root / "dataset", prepared, s3_server, hung, model, thick, trickle
     hung.close()
+    trickle.close()
 
 
 @pytest.fixture()
-def world(base, tmp_path):
-    dataset, prepared, s3, hung, model, thick = base
-    return World(tmp_path, dataset, prepared, s3, hung, model, thick)
+def world(base, tmp_path, request):
+    dataset, prepared, s3, hung, model, thick, trickle = base
+    return World(tmp_path, dataset, prepared, s3, hung, model, thick, trickle,
+                 lambda: request.getfixturevalue("mlflow_server"))
 
 
 @pytest.fixture(autouse=True)
 def _no_remote_settings_from_the_environment(monkeypatch):
-    for name in ("MLFLOW_TRACKING_URI", "S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+    # MLflow's HTTP settings are set process-wide by the commands that talk to MLflow: restored after each case.
+    for name in ("MLFLOW_TRACKING_URI", "S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -704,6 +883,7 @@ def test_bad_input_is_refused_with_one_line_and_nothing_changes(case, world, dem
     argv, kept = case.build(world, demo_dir) if case.build in NEEDS_DEMO else case.build(world)
     for key, value in world.env.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.chdir(world.tmp)  # a store or file a command creates in its working folder shows up below
     watched = [world.dataset, world.prepared, world.model, world.thick, world.tmp / "out", *kept]
     before = {path: snapshot(path) for path in watched}
     scratch_before = sorted(p.name for p in world.tmp.iterdir())

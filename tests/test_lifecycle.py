@@ -25,6 +25,7 @@ from ctv2v.tracking.runs import (
 from pipeline.cli import main as cli_main
 from tests.conftest import smoke_config
 from tests.lifecycle_components import logging_step_op
+from tests.servers import free_port
 
 
 @pytest.fixture(autouse=True)
@@ -203,6 +204,41 @@ def test_tracking_sync_prints_what_it_uploaded_and_skips_running_steps(mlflow_se
     assert cli_main(["tracking", "sync", "--ended", str(tmp_path)]) == 0  # the pipeline is over: the train step died
     (train,) = [r for r in pipeline_runs(client, config)[1] if r.data.tags["ctv2v.step"] == "train"]
     assert train.info.status == "FAILED" and train.data.metrics == {"loss": 1.0}
+
+
+def test_tracking_sync_uploads_to_the_server_the_user_chooses_and_says_so(mlflow_server, tmp_path, capsys,
+                                                                          monkeypatch):
+    """Journals name the address their step used (in a cluster, a name this machine cannot resolve): the user picks
+    the server, --tracking-uri over MLFLOW_TRACKING_URI over the journal's address, and each line says which one
+    and what went up."""
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    config = tracking(unreachable)
+    pipeline_run_id = new_pipeline_run_id()
+    for step in ("first", "second"):
+        tracker = Tracker(config, tmp_path / step)
+        with tracker.step_run(step, pipeline_run_id):
+            tracker.log_params({"seed": 0})
+            tracker.log_metrics({"loss": 1.0}, step=0)
+            tracker.log_metrics({"loss": 0.5}, step=1)
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    assert cli_main(["tracking", "sync", str(tmp_path / "first")]) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("uploaded ")]
+    assert line.startswith(f"uploaded {tmp_path / 'first'}/mlflow-pending-first-")
+    assert line.endswith(f" to {mlflow_server.uri} (from MLFLOW_TRACKING_URI): step first, run "
+                         f"{line.split(' run ')[1].split(':')[0]}: 1 runs, 1 params, 2 metrics; done")
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", unreachable)
+    assert cli_main(["tracking", "sync", "--tracking-uri", mlflow_server.uri, str(tmp_path / "second")]) == 0
+    assert f" to {mlflow_server.uri} (from --tracking-uri): step second," in capsys.readouterr().out
+
+    client = MlflowClient(mlflow_server.uri)
+    runs = {run.data.tags["ctv2v.step"]: run for run in pipeline_runs(client, config)[1]}
+    assert sorted(runs) == ["first", "second"]
+    for run in runs.values():
+        assert sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")) == [(0, 1.0),
+                                                                                                           (1, 0.5)]
+    assert not list(tmp_path.rglob("mlflow-pending-*.json"))
 
 
 def test_under_kfps_mlflow_integration_a_step_logs_into_the_run_kfp_made(mlflow_server, tmp_path, monkeypatch):

@@ -97,6 +97,24 @@ def test_truncated_nifti_is_an_error_naming_it(demo_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- DICOM
+@pytest.mark.parametrize("volume", ["example_ct_sm.nii.gz", "example_ct_dicom"])
+def test_max_volume_bytes_is_checked_on_the_headers_before_any_voxel(demo_dir, volume):
+    """The limit counts stored bytes + the float32 copy per voxel, exactly; read_geometry (headers only) applies it."""
+    path = demo_dir / volume
+    if path.is_dir():
+        first = pydicom.dcmread(dicom_series_files(path)[0], stop_before_pixels=True)
+        stored, voxels = first.BitsAllocated // 8, len(dicom_series_files(path)) * first.Rows * first.Columns
+    else:
+        image = nib.load(path)
+        stored, voxels = image.get_data_dtype().itemsize, int(np.prod(image.shape))
+    needed = voxels * (stored + 4)
+    assert read_volume(path, max_volume_bytes=needed).array.size == voxels
+    for read in (read_volume, read_geometry):
+        with pytest.raises(VolumeError, match=rf"^{path}: .* reading them takes {needed} bytes .* more than "
+                                              rf"data.max_volume_bytes = {needed - 1} "):
+            read(path, max_volume_bytes=needed - 1)
+
+
 def test_dicom_series_is_hu_sorted_along_the_normal(demo_dir, dicom_volume):
     folder = demo_dir / "example_ct_dicom"
     assert dicom_volume.array.shape == (20, 512, 512)

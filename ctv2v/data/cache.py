@@ -69,26 +69,26 @@ def cache_key(entry: dict, data: DataConfig) -> str:
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
-def _read_checked(dataset_dir: Path, rel_path: str, expected_sha256: str, tolerance: float):
+def _read_checked(dataset_dir: Path, rel_path: str, expected_sha256: str, data: DataConfig):
     source = dataset_dir / rel_path
     actual = volume_sha256(source)
     if actual != expected_sha256:
         raise CacheError(f"{source}: content sha256 {actual} differs from the manifest's {expected_sha256}; "
                          "the dataset changed after the manifest was built")
-    return read_volume(source, tolerance)
+    return read_volume(source, data.slice_spacing_tolerance, data.max_volume_bytes)
 
 
 def preprocess(dataset_dir: Path, entry: dict, data: DataConfig) -> Preprocessed:
     """Read a manifest entry's volume from the dataset folder and make its thick series (no cache)."""
     dataset_dir = Path(dataset_dir)
-    volume = _read_checked(dataset_dir, entry["path"], entry["sha256"], data.slice_spacing_tolerance)
+    volume = _read_checked(dataset_dir, entry["path"], entry["sha256"], data)
     thin, affine, spacing = volume.array, volume.affine, volume.spacing
     if entry["thick_method"] == "paired":
         if data.resample.slice_mm is not None or data.resample.pixel_mm is not None:
             raise CacheError(f"{entry['path']}: data.resample would break the pairing with its real thick series "
                              f"{entry['thick']['path']}; leave data.resample unset for paired datasets")
         pair = entry["thick"]
-        thick_volume = _read_checked(dataset_dir, pair["path"], pair["sha256"], data.slice_spacing_tolerance)
+        thick_volume = _read_checked(dataset_dir, pair["path"], pair["sha256"], data)
         offset, k = pair["thin_offset"], data.thick.factor
         # Drop thin slices before thick slice 0 so that thick slice j lies on thin slice j * k, as simulated ones do.
         thin = thin[offset:]

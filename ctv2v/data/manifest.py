@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from ctv2v.config import SplitConfig, ThickConfig
-from ctv2v.data.readers import (NIFTI_SUFFIXES, READER_VERSION, Geometry, dicom_series_files, is_nifti,
-                                is_series_member, read_geometry)
+from ctv2v.data.readers import (MAX_VOLUME_BYTES, NIFTI_SUFFIXES, READER_VERSION, Geometry, dicom_series_files,
+                                is_nifti, is_series_member, read_geometry)
 from ctv2v.files import atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
@@ -159,8 +159,9 @@ def assign_splits(patient_ids: list[str], split: SplitConfig) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------- manifest
 def build_manifest(dataset_dir: Path, split: SplitConfig, thick: ThickConfig,
-                   slice_spacing_tolerance: float = 0.01) -> dict:
-    """Every volume of a dataset folder with id, path, patient, content sha256, shape, spacing and split."""
+                   slice_spacing_tolerance: float = 0.01, max_volume_bytes: int = MAX_VOLUME_BYTES) -> dict:
+    """Every volume of a dataset folder with id, path, patient, content sha256, shape, spacing and split (read from
+    headers only; a volume whose headers claim more than `max_volume_bytes` is refused)."""
     dataset_dir = Path(dataset_dir)
     found = discover_volumes(dataset_dir)
     patients = _read_mapping(dataset_dir / PATIENTS_FILE, set(found))
@@ -187,7 +188,7 @@ def build_manifest(dataset_dir: Path, split: SplitConfig, thick: ThickConfig,
     for rel in found:
         if rel in pairs.values():
             continue
-        geometry = read_geometry(dataset_dir / rel, slice_spacing_tolerance)
+        geometry = read_geometry(dataset_dir / rel, slice_spacing_tolerance, max_volume_bytes)
         if rel in patients:
             patient, source = patients[rel], PATIENTS_FILE
         elif geometry.patient_id:
@@ -201,7 +202,7 @@ def build_manifest(dataset_dir: Path, split: SplitConfig, thick: ThickConfig,
             "thick_method": "paired" if rel in pairs else thick.method, "thick": None,
         }
         if rel in pairs:
-            thick_geometry = read_geometry(dataset_dir / pairs[rel], slice_spacing_tolerance)
+            thick_geometry = read_geometry(dataset_dir / pairs[rel], slice_spacing_tolerance, max_volume_bytes)
             entry["thick"] = {
                 "path": pairs[rel], "sha256": volume_sha256(dataset_dir / pairs[rel]),
                 "shape": list(thick_geometry.shape), "spacing": list(thick_geometry.spacing),

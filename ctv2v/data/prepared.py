@@ -144,7 +144,8 @@ def prepare_data(config: RunConfig, data_dir: Path) -> dict:
         claim_output_folder(work)
         _reuse_cache(data_dir, work)
         dataset = stage_dataset(config.data.source, work, config)
-        manifest = build_manifest(dataset, config.data.split, config.data.thick, config.data.slice_spacing_tolerance)
+        manifest = build_manifest(dataset, config.data.split, config.data.thick, config.data.slice_spacing_tolerance,
+                                  config.data.max_volume_bytes)
         for split in SPLITS:
             if config.data.split.model_dump()[split] > 0 and not manifest["splits"][split]:
                 raise PreparedDataError(f"{config.data.source}: the {split!r} split is empty "

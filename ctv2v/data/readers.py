@@ -12,11 +12,16 @@ DICOM series folders: every regular file in the folder is read except hidden fil
 '.', e.g. .DS_Store or a half-written download) and `DICOMDIR` (a media index without pixels); subfolders
 are not part of the series. Any other file must be a single-frame CT image of the one series, otherwise
 VolumeError names it: we refuse rather than guess which files belong together.
+
+Size: before any voxel is read or decoded, what the headers claim (NIfTI: shape x data type; DICOM: files x
+Rows x Columns x BitsAllocated) plus the float32 copy the readers return must fit `max_volume_bytes`
+(data.max_volume_bytes): a header is a few bytes, the voxels it claims may not fit in memory.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +30,8 @@ import nibabel as nib
 import numpy as np
 import pydicom
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+
+from ctv2v.config import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +42,8 @@ SLICE_FIRST_AXCODES = ("S", "P", "L")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DUPLICATE_POSITION_MM = 1e-3
 ORIENTATION_ATOL = 1e-4
+MAX_VOLUME_BYTES = DataConfig.model_fields["max_volume_bytes"].default
+FLOAT32_BYTES = 4
 
 
 class VolumeError(ValueError):
@@ -78,26 +87,30 @@ def is_nifti(path: Path) -> bool:
     return Path(path).name.endswith(NIFTI_SUFFIXES)
 
 
-def read_geometry(path: Path, slice_spacing_tolerance: float = 0.01) -> Geometry:
-    """Shape, spacing, affine and patient id of a volume from its headers only (all DICOM checks included)."""
+def read_geometry(path: Path, slice_spacing_tolerance: float = 0.01,
+                  max_volume_bytes: int = MAX_VOLUME_BYTES) -> Geometry:
+    """Shape, spacing, affine and patient id of a volume from its headers only (all DICOM checks and the size
+    check included)."""
     path = Path(path)
     if path.is_dir():
-        return _DicomSeries(path, slice_spacing_tolerance, with_pixels=False).geometry
-    return _nifti(path, with_pixels=False)[1]
+        return _DicomSeries(path, slice_spacing_tolerance, max_volume_bytes, with_pixels=False).geometry
+    return _nifti(path, max_volume_bytes, with_pixels=False)[1]
 
 
-def read_volume(path: Path, slice_spacing_tolerance: float = 0.01) -> Volume:
+def read_volume(path: Path, slice_spacing_tolerance: float = 0.01,
+                max_volume_bytes: int = MAX_VOLUME_BYTES) -> Volume:
     """A NIfTI file or a DICOM series folder as float32 HU (slice, row, col); VolumeError names a bad file.
 
     `slice_spacing_tolerance` is the relative deviation allowed between consecutive DICOM slice gaps (and
     the relative in-plane drift per slice that counts as gantry tilt); NIfTI grids are regular by format.
+    A volume whose headers claim more than `max_volume_bytes` (see the module docstring) is refused unread.
     """
     path = Path(path)
     if path.is_dir():
-        series = _DicomSeries(path, slice_spacing_tolerance, with_pixels=True)
+        series = _DicomSeries(path, slice_spacing_tolerance, max_volume_bytes, with_pixels=True)
         array, geometry = series.hu(), series.geometry
     else:
-        array, geometry = _nifti(path, with_pixels=True)
+        array, geometry = _nifti(path, max_volume_bytes, with_pixels=True)
     _check_finite(array, path)
     log.debug("read %s: shape %s, spacing %s mm", path, array.shape, geometry.spacing)
     return Volume(array, geometry.spacing, geometry.affine, geometry.source, geometry.patient_id,
@@ -111,6 +124,18 @@ def _check_finite(array: np.ndarray, path: Path) -> None:
         slices = np.nonzero(bad_per_slice)[0]
         raise VolumeError(f"{path}: {int(bad_per_slice.sum())} NaN/Inf voxel(s) in {len(slices)} of {len(array)} "
                           f"slices (slice indices {slices[0]}..{slices[-1]}, inferior to superior)")
+
+
+def _check_size(source: Path, claim: str, shape: tuple[int, ...], stored_bytes_per_voxel: int, stored_as: str,
+                limit: int) -> None:
+    """Refuse a volume whose headers claim more than `limit` bytes of voxels, before any of them is read."""
+    needed = math.prod(shape) * (stored_bytes_per_voxel + FLOAT32_BYTES)
+    if needed > limit:
+        raise VolumeError(
+            f"{source}: {claim} {' x '.join(str(n) for n in shape)} voxels of {stored_as}; reading them "
+            f"takes {needed} bytes ({needed / 2**30:.1f} GiB: {stored_bytes_per_voxel} stored + {FLOAT32_BYTES} "
+            f"as float32 per voxel), more than data.max_volume_bytes = {limit} ({limit / 2**30:.1f} GiB); "
+            "nothing was read")
 
 
 # --------------------------------------------------------------------------------------- orientation
@@ -133,7 +158,7 @@ def _geometry(shape, affine, source, patient_id, modality) -> tuple[np.ndarray, 
 
 
 # --------------------------------------------------------------------------------------------- NIfTI
-def _nifti(path: Path, with_pixels: bool) -> tuple[np.ndarray | None, Geometry]:
+def _nifti(path: Path, max_volume_bytes: int, with_pixels: bool) -> tuple[np.ndarray | None, Geometry]:
     if not is_nifti(path):
         raise VolumeError(f"{path}: not a volume (expected a DICOM series folder or a {'/'.join(NIFTI_SUFFIXES)} file)")
     try:
@@ -145,6 +170,8 @@ def _nifti(path: Path, with_pixels: bool) -> tuple[np.ndarray | None, Geometry]:
         shape = shape[:3]
     if len(shape) != 3:
         raise VolumeError(f"{path}: expected a 3D volume, got shape {image.shape}")
+    dtype = image.get_data_dtype()
+    _check_size(path, "the header claims", shape, dtype.itemsize, str(dtype), max_volume_bytes)
     affine = np.asarray(image.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise VolumeError(f"{path}: affine is singular or not finite:\n{affine}")
@@ -191,9 +218,12 @@ def _dcmread(path: Path, stop_before_pixels: bool) -> pydicom.Dataset:
 class _DicomSeries:
     """Headers of one DICOM series folder, checked and sorted along the slice normal."""
 
-    def __init__(self, folder: Path, tolerance: float, with_pixels: bool):
+    def __init__(self, folder: Path, tolerance: float, max_volume_bytes: int, with_pixels: bool):
         self.folder = folder
-        slices = [(path, self._read(path, with_pixels)) for path in dicom_series_files(folder)]
+        slices = [(path, self._read_header(path)) for path in dicom_series_files(folder)]
+        self._check_claimed_size(slices, max_volume_bytes)
+        if with_pixels:
+            slices = [(path, self._read_pixels(path, header)) for path, header in slices]
         self._check_uniform(slices)
         self.slices, self.affine = self._sort_and_place(slices, tolerance)
         patient_ids = {str(ds.get("PatientID", "")).strip() for _, ds in self.slices} - {""}
@@ -211,23 +241,32 @@ class _DicomSeries:
                                                   patient_ids.pop() if patient_ids else None, "CT")
 
     @staticmethod
-    def _read(path: Path, with_pixels: bool) -> pydicom.Dataset:
+    def _read_header(path: Path) -> pydicom.Dataset:
         ds = _dcmread(path, stop_before_pixels=True)
-        if with_pixels:
-            # A file cut inside its pixel data reads as an EMPTY dataset (pydicom only warns), so the headers are
-            # read first, without pixels, and a full read that lost them means the pixel data is truncated.
-            with_data = _dcmread(path, stop_before_pixels=False)
-            if "PixelData" not in with_data or len(with_data) <= len(ds):
-                raise VolumeError(f"{path}: truncated: the file ends inside its pixel data (or has none)")
-            ds = with_data
         modality = ds.get("Modality")
         if modality != "CT":
             raise VolumeError(f"{path}: Modality is {modality!r}, only CT series are accepted")
         if int(ds.get("NumberOfFrames", 1) or 1) != 1:
             raise VolumeError(f"{path}: multi-frame DICOM ({ds.NumberOfFrames} frames) is not supported")
         for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns",
-                        "RescaleSlope", "RescaleIntercept"):
+                        "BitsAllocated", "RescaleSlope", "RescaleIntercept"):
             _required(ds, path, keyword)
+        return ds
+
+    def _check_claimed_size(self, headers: list[tuple[Path, pydicom.Dataset]], limit: int) -> None:
+        """What the headers claim, at its largest (uniformity is checked later), must fit `limit`."""
+        rows, cols, bits = (max(int(ds.get(keyword)) for _, ds in headers)
+                            for keyword in ("Rows", "Columns", "BitsAllocated"))
+        _check_size(self.folder, f"the headers of its {len(headers)} files claim", (len(headers), rows, cols),
+                    math.ceil(bits / 8), f"{bits} bits", limit)
+
+    @staticmethod
+    def _read_pixels(path: Path, header: pydicom.Dataset) -> pydicom.Dataset:
+        # A file cut inside its pixel data reads as an EMPTY dataset (pydicom only warns), so the headers are
+        # read first, without pixels, and a full read that lost them means the pixel data is truncated.
+        ds = _dcmread(path, stop_before_pixels=False)
+        if "PixelData" not in ds or len(ds) <= len(header):
+            raise VolumeError(f"{path}: truncated: the file ends inside its pixel data (or has none)")
         return ds
 
     def _check_uniform(self, slices: list[tuple[Path, pydicom.Dataset]]) -> None:

@@ -167,7 +167,8 @@ def baseline_report(
     per_volume: dict[str, VolumeBaselines] = {}
     for factor in factors:
         data_k = data.model_copy(update={"thick": data.thick.model_copy(update={"factor": int(factor)})})
-        manifest = build_manifest(dataset_dir, data_k.split, data_k.thick, data_k.slice_spacing_tolerance)
+        manifest = build_manifest(dataset_dir, data_k.split, data_k.thick, data_k.slice_spacing_tolerance,
+                                  data_k.max_volume_bytes)
         entries = _select(manifest["volumes"], volume_ids, dataset_dir)
         for entry in entries:
             volume = (cache.load(dataset_dir, entry, data_k) if cache is not None

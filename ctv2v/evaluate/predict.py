@@ -179,7 +179,7 @@ def predict_file(predictor: Predictor, input_path: Path, out: Path, out_dicom: P
     appears unless both are written); a summary dict. Outputs are checked first (check_outputs)."""
     input_path, out = Path(input_path), Path(out)
     check_outputs(input_path, out, out_dicom, overwrite)
-    volume = read_volume(input_path)
+    volume = read_volume(input_path, max_volume_bytes=predictor.config.data.max_volume_bytes)  # the model's limit
     thin = predictor.predict(volume.array, volume.spacing, volume.affine, source=str(input_path), factor=factor)
     summary = {"input": str(input_path), "input_shape": list(volume.array.shape),
                "input_spacing_mm": list(volume.spacing), "factor": thin.factor,

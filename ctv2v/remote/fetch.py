@@ -2,8 +2,9 @@
 
 Sources:
 - `hf://OWNER/REPO/PATH/IN/REPO@REVISION` (Hugging Face Hub, through huggingface_hub.hf_hub_download);
-- `https://...` / `http://...` (retried by ctv2v.remote.retry's policy; an interrupted download resumes with
-  an HTTP Range request from the partial file's size);
+- `https://...` / `http://...` (retried by ctv2v.remote.retry's policy, an attempt slower than
+  storage.min_bytes_per_s is cut off; an interrupted download resumes with an HTTP Range request from the
+  partial file's size);
 - `s3://BUCKET/KEY` (the cluster's object store, ctv2v.remote.storage);
 - `file:///ABSOLUTE/PATH`.
 
@@ -36,7 +37,7 @@ from urllib.parse import unquote, urlsplit
 
 from ctv2v.config import StorageConfig
 from ctv2v.files import atomic_path, atomic_write_text, cache_root, new_hidden_file
-from ctv2v.remote.retry import RetriesExhausted, RetryPolicy, remote_policy
+from ctv2v.remote.retry import MinThroughput, RetriesExhausted, RetryPolicy, remote_policy
 from ctv2v.remote.storage import StorageAccessDeniedError, StorageError, download, upload
 
 log = logging.getLogger(__name__)
@@ -299,7 +300,7 @@ def _fetch(parsed: _Source, source: str, staged: Path, retry: RetryPolicy, stora
         elif parsed.scheme == "hf":
             _hf_download(parsed, staged)
         else:
-            http_download(parsed.location, staged, retry=retry, timeout_s=storage.timeout_s)
+            http_download(parsed.location, staged, retry=retry, storage=storage)
     except (OSError, StorageError, http.client.HTTPException, RetriesExhausted) as exc:
         # Access denied: the server was reached, so mirroring would not help (the message names the credentials).
         reachability = parsed.scheme != "file" and not isinstance(exc, StorageAccessDeniedError)
@@ -323,15 +324,17 @@ def _hf_download(parsed: _Source, staged: Path) -> None:
         shutil.rmtree(hub_cache, ignore_errors=True)
 
 
-def http_download(url: str, dest: Path, *, retry: RetryPolicy, timeout_s: float) -> None:
+def http_download(url: str, dest: Path, *, retry: RetryPolicy, storage: StorageConfig) -> None:
     """Download `url` into `dest`, resuming from `dest`'s size with a Range request after an interruption.
 
-    Connection errors, timeouts, truncated bodies and 5xx/408/429 replies are retried by `retry`; other HTTP
-    errors fail at once (an OSError naming the status).
+    Each request times out after storage.timeout_s, an attempt slower than storage.min_bytes_per_s fails.
+    Connection errors, timeouts, too slow or truncated bodies and 5xx/408/429 replies are retried by `retry`;
+    other HTTP errors fail at once (an OSError naming the status).
     """
     dest = Path(dest)
     try:
-        retry.call(f"download of {url}", lambda: _http_attempt(url, dest, timeout_s), _is_transient)
+        retry.call(f"download of {url}", lambda: _http_attempt(url, dest, storage.timeout_s, MinThroughput.of(storage)),
+                   _is_transient)
     except urllib.error.HTTPError as exc:
         raise OSError(f"HTTP {exc.code} {exc.reason}") from exc
 
@@ -343,7 +346,7 @@ def _is_transient(exc: Exception) -> bool:
     return isinstance(exc, (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError))
 
 
-def _http_attempt(url: str, dest: Path, timeout_s: float) -> None:
+def _http_attempt(url: str, dest: Path, timeout_s: float, min_throughput: MinThroughput) -> None:
     have = dest.stat().st_size if dest.exists() else 0
     request = urllib.request.Request(url, headers={"User-Agent": "ctv2v"})
     if have:
@@ -372,7 +375,7 @@ def _http_attempt(url: str, dest: Path, timeout_s: float) -> None:
             length = response.headers.get("Content-Length")
             expected_total = int(length) if length is not None else None
         with open(dest, mode) as out:
-            while block := response.read(_CHUNK):
+            for block in min_throughput.blocks(response.read1, _CHUNK):
                 out.write(block)
     size = dest.stat().st_size
     if expected_total is not None and size != expected_total:

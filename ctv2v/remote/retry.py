@@ -3,7 +3,8 @@
 A failed call is retried only when the failure is transient (the caller says which are), after a delay that
 doubles from `Backoff.first_s` up to `Backoff.max_s`. Time is bounded twice: at most `attempts` attempts, and no
 retry starts once it would begin after `deadline_s` from the first attempt; each attempt is bounded by its
-own I/O timeouts. Every retry is logged with what failed and how long the wait is.
+own I/O timeouts and, for a transfer, by a minimum throughput (`MinThroughput`: a server that trickles bytes
+never trips a read timeout). Every retry is logged with what failed and how long the wait is.
 
 Callers that must never wait on a remote (a training step tracking to MLflow) use a `RetryGate` with the same
 back-off instead: after a failure the gate stays shut for the back-off delay, and the caller skips the remote
@@ -14,9 +15,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
+
+from ctv2v.config import StorageConfig
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,40 @@ class RetryPolicy:
 def remote_policy(deadline_s: float) -> RetryPolicy:
     """Storage and checkpoint downloads: 4 attempts, 1 s / 2 s / 4 s apart, no retry started after `deadline_s`."""
     return RetryPolicy(deadline_s=deadline_s)
+
+
+class TransferTooSlowError(TimeoutError):
+    """A transfer brought fewer bytes than its minimum throughput over a window (retried like a timeout)."""
+
+
+@dataclass(frozen=True)
+class MinThroughput:
+    """At least `bytes_per_s`, averaged over each `window_s` of a transfer (storage.min_bytes_per_s over
+    storage.timeout_s)."""
+
+    bytes_per_s: float
+    window_s: float
+
+    @classmethod
+    def of(cls, storage: StorageConfig) -> MinThroughput:
+        """The configured minimum: storage.min_bytes_per_s, measured over storage.timeout_s windows."""
+        return cls(storage.min_bytes_per_s, storage.timeout_s)
+
+    def blocks(self, read1: Callable[[int], bytes], chunk: int) -> Iterator[bytes]:
+        """A response body as it arrives, through `read1(chunk)` (at most `chunk` bytes, returning as soon as any
+        came: a full-buffer read of a trickle would never return), until b""; TransferTooSlowError once a window
+        brought too few bytes."""
+        window_start, window_bytes = time.monotonic(), 0
+        for block in iter(lambda: read1(chunk), b""):
+            yield block
+            window_bytes += len(block)
+            elapsed_s = time.monotonic() - window_start
+            if elapsed_s >= self.window_s:
+                if window_bytes < self.bytes_per_s * elapsed_s:
+                    raise TransferTooSlowError(
+                        f"transfer too slow: {window_bytes} bytes in {elapsed_s:.1f} s, below storage.min_bytes_per_s "
+                        f"= {self.bytes_per_s:g} B/s (measured over storage.timeout_s = {self.window_s:g} s windows)")
+                window_start, window_bytes = time.monotonic(), 0
 
 
 class RetryGate:

@@ -7,7 +7,8 @@ StorageError that names the s3:// URI and the endpoint. S3-compatible servers di
 errors: MinIO sends XML bodies that minio-py parses into S3Error, `rclone serve s3` sends text/xml that minio-py
 raises as InvalidResponseError; both are translated here. Connection failures and 500/502/503/504 replies are
 retried by ctv2v.remote.retry's policy (urllib3's own retries are off, so there is one retry mechanism): each
-request times out after storage.timeout_s, and no retry starts after storage.deadline_s. A 403 reply is
+request times out after storage.timeout_s, a download slower than storage.min_bytes_per_s is retried like a
+timeout, and no retry starts after storage.deadline_s. A 403 reply is
 StorageAccessDeniedError, whose message points at the credentials rather than at reachability.
 """
 
@@ -25,7 +26,7 @@ from minio.error import InvalidResponseError, MinioException, S3Error, ServerErr
 
 from ctv2v.config import StorageConfig
 from ctv2v.files import atomic_path
-from ctv2v.remote.retry import RetriesExhausted, RetryPolicy, remote_policy
+from ctv2v.remote.retry import MinThroughput, RetriesExhausted, RetryPolicy, TransferTooSlowError, remote_policy
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ _TRANSIENT_TRANSPORT = (
     urllib3.exceptions.MaxRetryError,  # with urllib3's retries off: refused, unreachable, connect/read timeout
     urllib3.exceptions.ProtocolError,  # the connection dropped mid-reply
     urllib3.exceptions.TimeoutError,  # a read timeout while streaming a body
+    TransferTooSlowError,  # a body trickling in below storage.min_bytes_per_s
 )
 
 
@@ -106,6 +108,7 @@ class _Store:
     def __init__(self, storage: StorageConfig | None, retry: RetryPolicy | None):
         storage = storage or StorageConfig()
         self.retry = retry or remote_policy(storage.deadline_s)
+        self.min_throughput = MinThroughput.of(storage)
         self.endpoint, host, secure = _endpoint(storage)
         missing = [name for name in (ACCESS_KEY_ENV, SECRET_KEY_ENV) if not os.environ.get(name)]
         if missing:
@@ -161,7 +164,7 @@ class _Store:
             response = self.client.get_object(bucket, key)
             try:
                 with atomic_path(dest) as tmp, open(tmp, "wb") as out:
-                    for block in response.stream(_CHUNK):
+                    for block in self.min_throughput.blocks(response.read1, _CHUNK):
                         out.write(block)
             finally:
                 response.close()

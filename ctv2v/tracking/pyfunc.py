@@ -27,7 +27,10 @@ from mlflow.types.schema import Schema, TensorSpec
 from packaging.version import Version
 
 import ctv2v
+from ctv2v.config import TrackingConfig
 from ctv2v.models.artifacts import read_model_meta
+from ctv2v.tracking.journal import REMOTE_ERRORS, is_server_unreachable
+from ctv2v.tracking.runs import configure_client_http, existing_store
 
 TRAINED_MODEL_ARTIFACT = "trained_model"
 MLFLOW_MODEL_NAME = "model"
@@ -127,14 +130,48 @@ def log_pyfunc_model(tracking_uri: str, run_id: str, model_dir: Path) -> str:
     return logged.model_id
 
 
-def download_trained_model(model_uri: str, tracking_uri: str | None, dst: Path) -> Path:
+class ModelLookupError(RuntimeError):
+    """A models:/ URI could not be resolved or downloaded; the message names the URI and the tracking server."""
+
+
+def download_trained_model(model_uri: str, tracking_uri: str | None, dst: Path,
+                           tracking: TrackingConfig | None = None) -> Path:
     """The trained-model folder inside the MLflow model at `model_uri` (e.g. models:/ctv2v-main@champion),
-    downloaded into `dst`."""
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst),
-                                                     tracking_uri=tracking_uri))
+    downloaded into `dst` from the tracking server `tracking_uri` (default: MLFLOW_TRACKING_URI).
+
+    Requests are bounded like every tracking call (`tracking`'s HTTP timeout and retries, default TrackingConfig's),
+    the registry is the same server, and a URI naming no existing store is refused (ctv2v.tracking.runs.
+    existing_store). Any failure to resolve or download is one ModelLookupError.
+    """
+    tracking = tracking or TrackingConfig()
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise ModelLookupError(f"{model_uri}: no tracking server to look it up in: give one (--tracking-uri) or set "
+                               "MLFLOW_TRACKING_URI")
+    existing_store(uri)
+    configure_client_http(tracking)
+    try:
+        # MLflow resolves a models:/ name through the process-wide registry URI, whatever tracking_uri= says.
+        with _tracking_uri(uri):
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst),
+                                                             tracking_uri=uri))
+    except REMOTE_ERRORS as exc:
+        if is_server_unreachable(exc):
+            reason = (f"no answer (timeout {tracking.request_timeout_s:g} s per request, retries "
+                      f"{tracking.max_retries}): {_innermost(exc)}")
+        else:
+            reason = str(exc).splitlines()[0]
+        raise ModelLookupError(f"{model_uri}: {reason} (tracking server {uri})") from exc
     flavor = Model.load(local).flavors.get("python_function", {})
     artifact = flavor.get("artifacts", {}).get(TRAINED_MODEL_ARTIFACT)
     if artifact is None or not (local / artifact["path"] / "model.json").is_file():
         raise FileNotFoundError(f"{model_uri}: not a ctv2v MLflow model (no pyfunc artifact "
                                 f"{TRAINED_MODEL_ARTIFACT!r} holding model.json)")
     return local / artifact["path"]
+
+
+def _innermost(exc: BaseException) -> str:
+    """The first cause MLflow and requests wrapped `exc` around (e.g. "Connection refused"), as one line."""
+    while (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

@@ -52,6 +52,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from mlflow import MlflowClient
 from mlflow.entities import RunStatus
@@ -108,9 +109,12 @@ __all__ = [
     "ModelRegistration",
     "PendingUpload",
     "Tracker",
+    "TrackingStoreError",
+    "TrackingSyncError",
     "VersionFacts",
     "configure_client_http",
     "end_pipeline_run",
+    "existing_store",
     "git_commit",
     "new_pipeline_run_id",
     "replay_journal",
@@ -571,6 +575,31 @@ def tracking_uri(config: TrackingConfig) -> str | None:
     return config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
+class TrackingStoreError(ValueError):
+    """A tracking URI names a local store (an SQLite file, an mlruns folder) that does not exist."""
+
+
+def existing_store(uri: str) -> str:
+    """`uri` when it names a server, or a local store that exists; TrackingStoreError otherwise.
+
+    MLflow creates an empty local store (e.g. ./mlflow.db) on first use of a URI that names none; a lookup or an
+    upload must never leave one behind.
+    """
+    parts = urlsplit(uri)
+    if parts.scheme == "sqlite":
+        path = Path(uri.removeprefix("sqlite:///"))  # sqlite:///relative.db or sqlite:////absolute.db
+        exists, kind = path.is_file(), "SQLite file"
+    elif parts.scheme in ("file", ""):
+        path = Path(unquote(parts.path) if parts.scheme == "file" else uri)
+        exists, kind = path.is_dir(), "folder"
+    else:
+        return uri
+    if not exists:
+        raise TrackingStoreError(f"tracking URI {uri}: no such {kind} {path}; ctv2v never creates a tracking store as "
+                                 "a side effect: give a server URL or an existing store")
+    return uri
+
+
 def _common_tags(pipeline_run_id: str, kfp_run_id: str | None) -> dict[str, str]:
     tags = {TAG_PIPELINE_RUN_ID: pipeline_run_id, MLFLOW_GIT_COMMIT: git_commit(),
             TAG_IMAGE: os.environ.get("CTV2V_IMAGE", "unknown")}
@@ -588,15 +617,22 @@ class PendingUpload:
     step_name: str
     run_id: str | None
     sent: dict[str, int]
-    """Entries accepted by the server, by kind (params, metrics, inputs, artifacts, registrations)."""
+    """What the server accepted, by kind (runs created, params, metrics, inputs, artifacts, registrations)."""
     complete: bool
     """Nothing is left: the journal file is gone."""
     skipped: str | None = None
     """Why the journal was not touched (its step still runs, another process took it)."""
+    server: str | None = None
+    """The tracking server it was sent to (None when skipped)."""
 
 
-def replay_journal(journal: Path, *, steps_ended: bool) -> PendingUpload:
-    """Upload what a pending journal holds, into the run and tracking server it names.
+class TrackingSyncError(RuntimeError):
+    """The server refused (rather than failed to answer) part of a pending journal; the rest is kept."""
+
+
+def replay_journal(journal: Path, *, steps_ended: bool, server: str | None = None) -> PendingUpload:
+    """Upload what a pending journal holds into the run it names, on `server` (default: the server it names; another
+    address of the same server, e.g. a port-forward, keeps its run ids valid; the journal keeps its own address).
 
     A journal whose step has not closed it is left alone unless `steps_ended` (the pipeline is over, so its
     step died before closing): then its run is ended FAILED. Renaming is the claim: of two processes
@@ -618,26 +654,33 @@ def replay_journal(journal: Path, *, steps_ended: bool) -> PendingUpload:
         if not state.kfp_managed:
             state.end_status, state.end_time_ms = RunStatus.to_string(RunStatus.FAILED), _now_ms()
         log.warning("MLflow: step %r ended without closing its run (killed?); its run ends FAILED", state.step_name)
-    before = state.counts()
+    before, run_before = state.counts(), state.run_id
+    named_server, state.tracking_uri = state.tracking_uri, server or state.tracking_uri
     try:
         _sync(MlflowClient(state.tracking_uri), state, {})
     except REMOTE_ERRORS as exc:
         if not is_server_unreachable(exc):
-            raise
+            raise TrackingSyncError(f"{journal}: {state.tracking_uri} refused the upload: "
+                                    f"{str(exc).splitlines()[0]}; the journal keeps what is left to send") from exc
         log.warning("MLflow: %s not uploaded, server %s unreachable (%s)", journal, state.tracking_uri, exc)
     finally:
+        used_server, state.tracking_uri = state.tracking_uri, named_server
         state.save(journal)
         claimed.unlink()
     after = state.counts()
-    sent = {kind: before[kind] - after[kind] for kind in before}
+    sent = {"runs": int(run_before is None and state.run_id is not None),
+            **{kind: before[kind] - after[kind] for kind in before}}
     if state.synced():
         log.info("MLflow: uploaded what step %r left pending in %s", state.step_name, journal)
-    return PendingUpload(journal, state.step_name, state.run_id, sent, state.synced())
+    return PendingUpload(journal, state.step_name, state.run_id, sent, state.synced(), server=used_server)
 
 
-def upload_pending(folders: list[Path], config: TrackingConfig, *, steps_ended: bool) -> list[PendingUpload]:
-    """Upload every pending journal under `folders` (searched recursively) to the server each names, with the
-    HTTP timeout and retries of `config`; one result per journal found."""
+def upload_pending(folders: list[Path], config: TrackingConfig, *, steps_ended: bool,
+                   server: str | None = None) -> list[PendingUpload]:
+    """Upload every pending journal under `folders` (searched recursively) to `server` (default: the server each
+    names), with the HTTP timeout and retries of `config`; one result per journal found."""
+    if server is not None:
+        existing_store(server)
     configure_client_http(config)
     results = []
     for folder in folders:
@@ -645,7 +688,7 @@ def upload_pending(folders: list[Path], config: TrackingConfig, *, steps_ended: 
         if not folder.is_dir():
             raise NotADirectoryError(f"{folder}: not a folder")
         for journal in sorted(folder.rglob(f"{PENDING_PREFIX}*.json")):
-            results.append(replay_journal(journal, steps_ended=steps_ended))
+            results.append(replay_journal(journal, steps_ended=steps_ended, server=server))
     return results
 
 

@@ -278,7 +278,7 @@ def test_a_diverging_run_stops_naming_phase_epoch_and_last_finite_loss_and_keeps
     from ctv2v.train.loop import TrainingError
 
     config = trained["config"].model_copy(deep=True)
-    config.training.frozen.lr = 1e38  # finite, but the first update overflows the weights
+    config.training.frozen.lr = 1e30  # finite, but after the first update the forward pass overflows
     out = tmp_path / "diverged"
     with pytest.raises(TrainingError) as stopped:
         train_step(config, "frozen", trained["data"], trained["root"] / "vae", None, out)

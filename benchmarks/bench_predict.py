@@ -77,7 +77,7 @@ def child(args: argparse.Namespace) -> int:
         if args.volume == "demo-512":
             thick = thick[:args.before_slices]
         settings.tile_frames, settings.tile_height, settings.tile_width = clip.frames, clip.height, clip.width
-        settings.tile_overlap, settings.tile_batch_size = clip.eval_overlap, args.before_batch
+        settings.tile_overlap, settings.tile_batch_size = clip.eval_overlap, args.before_batch_child
         predictor.config.data.resample.pixel_mm = None
     series = ThickSeries(thick, FACTOR, spacing[0], spacing[0], "slab_average")
     covered = covered_slices(series)
@@ -151,7 +151,7 @@ def main() -> int:
     parser.add_argument("--before-slices", type=int, default=8, help="thick slices the `before` setting runs on")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--setting", choices=("before", "new"), help=argparse.SUPPRESS)
-    parser.add_argument("--before-batch-child", dest="before_batch", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--before-batch-child", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
         args.volume = args.volume[0]

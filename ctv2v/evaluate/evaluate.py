@@ -323,11 +323,22 @@ def tile_peak_bytes(model: ClipSampler, config: RunConfig, size: tuple[int, int,
     return tracker.peak
 
 
+CGROUP_MEMORY = Path("/sys/fs/cgroup")
+"""cgroup v2's memory files of this process's container: a pod's memory limit is not in the host's free RAM."""
+
+
 def available_memory_bytes(device: torch.device) -> int:
-    """Free memory on `device`: the GPU's free memory, or the RAM available to new allocations on CPU."""
+    """Free memory on `device`: the GPU's free memory; on CPU the RAM available to new allocations, within the
+    container's memory limit (cgroup v2 memory.max - memory.current) when it has one."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    return int(psutil.virtual_memory().available)
+    available = int(psutil.virtual_memory().available)
+    limit_file, current_file = CGROUP_MEMORY / "memory.max", CGROUP_MEMORY / "memory.current"
+    if limit_file.is_file() and current_file.is_file():
+        limit = limit_file.read_text().strip()
+        if limit != "max":
+            available = min(available, int(limit) - int(current_file.read_text().strip()))
+    return max(available, 0)
 
 
 def attends(model: ClipSampler) -> bool:

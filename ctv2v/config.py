@@ -372,8 +372,21 @@ class EvaluationConfig(_Section):
     max_volumes: int | None = Field(None, ge=1)
     volume_ids: list[str] | None = None
     """Only these test-split volumes (by manifest id); None: the whole test split."""
-    tile_batch_size: int = Field(1, ge=1)
-    """Tiles sampled together in one model.sample call (throughput on a GPU; memory grows with it)."""
+    tile_frames: Annotated[int, Field(ge=2)] | Literal["auto"] = "auto"
+    """Thin slices per inference tile, a multiple of data.thick.factor (tiles start on thick slices); auto:
+    data.clip.frames, the length the model was trained on."""
+    tile_height: Annotated[int, Field(ge=8)] | Literal["auto"] = "auto"
+    """Rows per inference tile; auto: the whole slice where the memory budget holds it, else the largest square
+    tile that fits (never below data.clip's). `tile_width` alike for columns."""
+    tile_width: Annotated[int, Field(ge=8)] | Literal["auto"] = "auto"
+    tile_overlap: Annotated[float, Field(ge=0, lt=1)] | Literal["auto"] = "auto"
+    """Overlap of neighbouring tiles, a share of the tile size; auto: along z the least blending allows
+    (neighbours share one thick slice), in-plane data.clip.eval_overlap."""
+    tile_batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    """Tiles sampled together in one model.sample call; auto: as many as the memory budget holds."""
+    tile_memory_share: float = Field(0.5, gt=0, le=1)
+    """The share of the memory available when prediction starts (free RAM on CPU, free memory on the GPU) that
+    one tile batch may use; auto tile sizes and batches are chosen from a measured peak per tile voxel."""
     data_consistency: bool = False
     """Make the blended prediction agree with the measured thick series (ctv2v.data.thick.project_to_thick):
     `subsample` puts the thick slices back; `slab_average` projects so that every slab average equals its

@@ -15,10 +15,10 @@ from PIL import Image
 from ctv2v.data.interpolation import interpolate
 from ctv2v.models.artifacts import save_trained_model
 from ctv2v.data.cache import PreprocessCache
-from ctv2v.data.clips import Tile, eval_tiles
+from ctv2v.data.clips import Tile, covering_tiles, eval_tiles
 from ctv2v.data.readers import read_volume
-from ctv2v.evaluate.evaluate import (MODEL, REPORT_FILE, EvaluationError, EvaluationReport, manifest_sha256,
-                                    tile_weights)
+from ctv2v.evaluate.evaluate import (MODEL, REPORT_FILE, EvaluationError, EvaluationReport, attends,
+                                    manifest_sha256, plan_tiles, tile_weights)
 from ctv2v.evaluate.metrics import METRIC_NAMES, SLICE_SETS, from_json
 from ctv2v.models.v2v import build_model
 from ctv2v.tracking.runs import TAG_PHASE, TAG_STEP, TAG_TEST_PSNR, TAG_VARIANT, TAG_WEIGHTS
@@ -41,11 +41,15 @@ class NaNSampler(LinearInterpolationSampler):
         return out
 
 
+IN_PLANE_TILES = ("evaluation.tile_height=16", "evaluation.tile_width=16")
+
+
 @pytest.fixture(scope="module")
 def linear_run(tmp_path_factory):
     """The linear stand-in evaluated on two synthetic volumes (slab-average x4 thick series)."""
     root = tmp_path_factory.mktemp("linear")
-    config = evaluation_config()
+    # Tiles smaller than the slices, so in-plane blending is part of what is checked.
+    config = evaluation_config(*IN_PLANE_TILES)
     data_dir = prepared_phantoms(root / "data", config, volumes=2, shape=EVALUATION_PHANTOM)
     out_dir = root / "eval"
     report = run_evaluate(LinearInterpolationSampler(config.data.thick.factor), data_dir, config, out_dir)
@@ -94,7 +98,9 @@ def test_tiles_cover_every_scored_slice_with_positive_weight(linear_run):
         n_thick, k = volume.n_thick, config.data.thick.factor
         shape = tuple(volume.thin_shape)
         total = np.zeros(volume.scored_slices)
-        for tile in eval_tiles(shape, config.data.clip, k, n_thick=n_thick):
+        plan = plan_tiles(LinearInterpolationSampler(k), config, shape, k, torch.device("cpu"), n_thick)
+        assert plan.size[1:] == (16, 16) and plan.size[1] < shape[1]
+        for tile in covering_tiles(shape, plan.size, plan.strides, k, n_thick):
             z = tile_weights(tile, n_thick)[:, tile.height // 2, tile.width // 2]
             stop = min(tile.z0 + tile.frames, len(total))
             total[tile.z0:stop] += z[:stop - tile.z0]
@@ -292,3 +298,49 @@ def test_volume_ids_select_test_volumes_and_refuse_others():
     assert [e["id"] for e in evaluation_entries(manifest, 1, None)] == ["a"]
     with pytest.raises(EvaluationError, match=r"\['c'\] are not in the test split"):
         evaluation_entries(manifest, None, ["c"])
+
+
+CPU = torch.device("cpu")
+
+
+def test_auto_tiles_are_whole_slices_without_attention_and_the_training_crop_with_it():
+    config = evaluation_config("evaluation.tile_batch_size=auto")
+    shape, k = (29, 43, 30), config.data.thick.factor
+    plan = plan_tiles(LinearInterpolationSampler(k), config, shape, k, CPU)
+    assert plan.size == (config.data.clip.frames, 43, 30)
+    assert plan.strides[0] == config.data.clip.frames - k  # neighbours share one thick slice, the least possible
+    assert 1 <= plan.batch_size <= len(covering_tiles(shape, plan.size, plan.strides, k))
+    assert plan.batch_size * plan.tile_peak_bytes <= plan.budget_bytes
+    # MONAI's DiffusionModelUNet has self-attention in its middle block whatever denoiser.attention_levels says.
+    model = build_model(config, build_untrained_vae(config))
+    assert attends(model) and not attends(LinearInterpolationSampler(k))
+    plan = plan_tiles(model, config, shape, k, CPU)
+    assert plan.size == (config.data.clip.frames, config.data.clip.height, config.data.clip.width)
+    assert plan.tile_peak_bytes > 0
+
+
+def test_a_small_memory_budget_shrinks_whole_slice_tiles_to_the_training_crop():
+    config = evaluation_config("evaluation.tile_memory_share=1e-9", "evaluation.tile_batch_size=auto")
+    k = config.data.thick.factor
+    plan = plan_tiles(LinearInterpolationSampler(k), config, (29, 130, 70), k, CPU)
+    assert plan.size == (config.data.clip.frames, config.data.clip.height, config.data.clip.width)
+    assert plan.batch_size == 1
+
+
+def test_fixed_tile_settings_cut_the_volume_as_the_training_crop_tiles_did():
+    config = evaluation_config("evaluation.tile_frames=8", "evaluation.tile_height=16", "evaluation.tile_width=16",
+                               "evaluation.tile_overlap=0.25", "evaluation.tile_batch_size=3")
+    shape, k = (29, 43, 30), config.data.thick.factor
+    plan = plan_tiles(LinearInterpolationSampler(k), config, shape, k, CPU)
+    assert plan.tile_peak_bytes is None and plan.batch_size == 3
+    assert covering_tiles(shape, plan.size, plan.strides, k) == eval_tiles(shape, config.data.clip, k)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("evaluation.tile_frames=6", "evaluation.tile_frames=6 must be a multiple of the thick factor 4"),
+    ("evaluation.tile_frames=4", "hold at least 2 thick slices"),
+])
+def test_tile_frames_that_do_not_start_on_thick_slices_are_refused(override, message):
+    config = evaluation_config(override)
+    with pytest.raises(EvaluationError, match=message):
+        plan_tiles(LinearInterpolationSampler(4), config, (29, 43, 30), 4, CPU)

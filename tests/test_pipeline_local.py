@@ -12,6 +12,14 @@ from ctv2v.config import ClusterConfig
 from pipeline.cli import main as cli_main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CHEAPER_THAN_SMOKE = [
+    "data.clip.clips_per_volume=1",
+    "training.val_clips=1", "training.val_sample_clips=1", "training.val_sample_steps=1",
+    "evaluation.sample_steps=1", "evaluation.tile_height=64", "evaluation.tile_width=64",
+]
+"""smoke.yaml's one epoch per phase with one clip per volume, one validation clip sampled in one step, and the test
+volume cut into 18 tiles of 16 x 64 x 64 sampled in one step (smoke's 32 x 32 crop made 60 tiles of 4 steps): every
+step of both branches still runs end to end, in less time on a busy machine."""
 
 
 @pytest.mark.slow
@@ -21,8 +29,9 @@ def test_run_local_runs_both_branches_to_the_compare_table(mlflow_server, demo_d
     # The cluster's workspace mount: a local run must not write there (nor anywhere else outside --out).
     cluster_workspace = Path(ClusterConfig().workspace_mount) / "runs"
     before = sorted(cluster_workspace.iterdir()) if cluster_workspace.is_dir() else None
+    cheaper = [arg for override in CHEAPER_THAN_SMOKE for arg in ("--set", override)]
     code = cli_main(["pipeline", "run-local", "--config", str(CONFIGS / "smoke.yaml"), "--weights", "stand-in",
-                     "--set", "tracking.experiment=ctv2v-e2e", "--out", str(tmp_path / "run")])
+                     "--set", "tracking.experiment=ctv2v-e2e", *cheaper, "--out", str(tmp_path / "run")])
     assert code == 0
     assert [p.name for p in tmp_path.iterdir()] == ["run"], "the run wrote next to --out"
     after = sorted(cluster_workspace.iterdir()) if cluster_workspace.is_dir() else None

@@ -14,6 +14,8 @@ import pytest
 
 from ctv2v.data.readers import dicom_series_files, read_volume
 from ctv2v.files import output_set
+from ctv2v.evaluate.evaluate import write_prediction_nifti
+from ctv2v.evaluate.predict import Predictor, predict_file
 from pipeline.cli import main as cli_main
 from tests.tiny_model import SMALL_SERIES_SLICES, small_demo_series, tiny_model
 
@@ -170,3 +172,36 @@ def test_a_failure_renaming_the_second_output_puts_the_first_back(tmp_path, monk
             new_second.mkdir()
     assert first.read_bytes() == b"an earlier result" and not second.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["thin.nii.gz"]
+
+
+def test_the_same_scan_at_two_pixel_spacings_gives_the_same_result_on_the_model_grid(tmp_path, demo_dir):
+    series = read_volume(small_demo_series(demo_dir, tmp_path / "thick-dicom"))
+    pixel_mm = float(series.spacing[1])
+    predictor = Predictor(tiny_model(tmp_path / "model", f"data.resample.pixel_mm={pixel_mm}"), "cpu")
+    # The same scan with every pixel split in 2 x 2: half the spacing, the same anatomy.
+    fine_hu = np.repeat(np.repeat(series.array, 2, axis=1), 2, axis=2)
+    fine_spacing = (series.spacing[0], pixel_mm / 2, pixel_mm / 2)
+    on_model_grid, _ = predictor.predict_on_model_grid(series.array, series.spacing)
+    fine_on_model_grid, _ = predictor.predict_on_model_grid(fine_hu, fine_spacing)
+    np.testing.assert_allclose(fine_on_model_grid, on_model_grid, atol=1e-3)
+    coarse = predictor.predict(series.array, series.spacing)
+    fine_affine = series.affine.copy()
+    fine_affine[:3, 1:3] /= 2
+    write_prediction_nifti(tmp_path / "fine.nii.gz", fine_hu, fine_affine)
+    assert read_volume(tmp_path / "fine.nii.gz").spacing == pytest.approx(fine_spacing)
+    summary = predict_file(predictor, tmp_path / "fine.nii.gz", tmp_path / "thin.nii.gz")
+    fine = read_volume(tmp_path / "thin.nii.gz")
+    assert summary["model_grid_mm"] == pytest.approx([series.spacing[0] / FACTOR, pixel_mm, pixel_mm])
+    assert coarse.model_grid_mm == pytest.approx((series.spacing[0] / FACTOR, pixel_mm, pixel_mm))
+    assert fine.array.shape == (coarse.hu.shape[0], *fine_hu.shape[1:])
+    assert fine.spacing == pytest.approx((series.spacing[0] / FACTOR, pixel_mm / 2, pixel_mm / 2))
+    assert np.isfinite(fine.array).all()
+
+
+def test_the_nifti_and_dicom_outputs_name_the_grid_the_model_ran_on(predicted):
+    root, _, _ = predicted
+    thin = read_volume(root / "thin.nii.gz")
+    expected = f"ctv2v x{FACTOR}, model grid {thin.spacing[0]:g}x{thin.spacing[1]:g}x{thin.spacing[2]:g} mm"
+    assert nib.load(root / "thin.nii.gz").header["descrip"].item().decode() == expected
+    first = pydicom.dcmread(dicom_series_files(root / "thin-dicom")[0], stop_before_pixels=True)
+    assert first.ImageComments == expected

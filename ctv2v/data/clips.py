@@ -99,24 +99,39 @@ def _starts(extent: int, size: int, stride: int) -> list[int]:
 
 
 def eval_tiles(shape: tuple[int, int, int], clip: ClipConfig, factor: int, n_thick: int | None = None) -> list[Tile]:
-    """Overlapping tiles covering thin slices 0 .. (n_thick-1)*k and the full in-plane extent of `shape`.
+    """Overlapping clip-sized tiles covering thin slices 0 .. (n_thick-1)*k and the full in-plane extent of `shape`.
 
-    `shape` is the thin volume's; `n_thick` defaults to the simulated count ceil(slices / k) (give it for a
-    real paired series). z starts are multiples of k, and the last tile in z ends with the k thin slices of
-    the last thick slice, so every tile's thick slices exist. Neighbouring tiles overlap by about
-    `clip.eval_overlap` of the tile size (z strides rounded down to a multiple of k, at least k).
+    Neighbouring tiles overlap by about `clip.eval_overlap` of the tile size (z strides rounded down to a
+    multiple of k, at least k); see covering_tiles.
     """
     check_frames(clip.frames, factor)
-    slices, rows, cols = shape
-    n_thick = -(-slices // factor) if n_thick is None else n_thick
     z_stride = max(factor, int(clip.frames * (1 - clip.eval_overlap)) // factor * factor)
     y_stride = max(1, int(clip.height * (1 - clip.eval_overlap)))
     x_stride = max(1, int(clip.width * (1 - clip.eval_overlap)))
-    z_starts = _starts(n_thick * factor, clip.frames, z_stride)
-    return [Tile(z0, y0, x0, clip.frames, clip.height, clip.width, factor)
-            for z0 in z_starts
-            for y0 in _starts(rows, clip.height, y_stride)
-            for x0 in _starts(cols, clip.width, x_stride)]
+    return covering_tiles(shape, (clip.frames, clip.height, clip.width), (z_stride, y_stride, x_stride), factor,
+                          n_thick)
+
+
+def covering_tiles(shape: tuple[int, int, int], size: tuple[int, int, int], strides: tuple[int, int, int],
+                   factor: int, n_thick: int | None = None) -> list[Tile]:
+    """Tiles of `size` (frames, height, width), `strides` apart, covering thin slices 0 .. (n_thick-1)*k and the
+    full in-plane extent of `shape`.
+
+    `shape` is the thin volume's; `n_thick` defaults to the simulated count ceil(slices / k) (give it for a
+    real paired series). z starts are multiples of k (the z stride must be one), and the last tile in z ends
+    with the k thin slices of the last thick slice, so every tile's thick slices exist.
+    """
+    frames, height, width = size
+    check_frames(frames, factor)
+    if strides[0] % factor:
+        raise ValueError(f"z stride {strides[0]} is not a multiple of the thick factor {factor}: tiles must start on "
+                         "thick slices")
+    slices, rows, cols = shape
+    n_thick = -(-slices // factor) if n_thick is None else n_thick
+    return [Tile(z0, y0, x0, frames, height, width, factor)
+            for z0 in _starts(n_thick * factor, frames, strides[0])
+            for y0 in _starts(rows, height, strides[1])
+            for x0 in _starts(cols, width, strides[2])]
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Test-set evaluation: whole volumes through overlapping tiles, scored in HU next to the interpolation baselines.
 
-Each test volume's thick series is cut into the overlapping clips of ctv2v.data.clips.eval_tiles; the model
-samples the thin clip of each, and the clips are blended back with smooth weights (a sine bump per axis,
+Each test volume's thick series is cut into overlapping tiles (plan_tiles: evaluation.tile_*, by default whole
+slices where the model has no attention and memory allows, as many per model call as fit); the model samples the
+thin clip of each, and the clips are blended back with smooth weights (a sine bump per axis,
 highest in a tile's centre, so no seam shows where tiles meet). Along z a tile's weight is zero after its last
 real thick slice: those frames would be extrapolated from one side only, and the tile that holds the next
 thick slice interpolates them instead. Every thin slice from the first to the last thick position is
@@ -22,19 +23,26 @@ import gzip
 import hashlib
 import json
 import logging
+import math
+import weakref
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
 import nibabel as nib
 import numpy as np
+import psutil
 import torch
+from monai.networks.blocks import CrossAttentionBlock, SABlock
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakIdKeyDictionary
 from tqdm import tqdm
 
 from ctv2v.config import RunConfig
 from ctv2v.data.cache import Preprocessed, PreprocessCache
 from ctv2v.data.interpolation import Interpolation, covered_slices, interpolate
-from ctv2v.data.clips import Tile, eval_tiles, extract_clip
+from ctv2v.data.clips import Tile, covering_tiles, extract_clip
 from ctv2v.data.thick import project_to_thick
 from ctv2v.files import atomic_path, atomic_write_text
 from ctv2v.intensity import Intensity
@@ -126,7 +134,7 @@ class EvaluationReport:
     sample_steps: int
     seed: int
     tiles: dict[str, Any]
-    """Tile frames, height, width and overlap (data.clip)."""
+    """The evaluation.tile_* settings (`auto` ones are resolved per volume and logged) and data.clip's crop."""
     test_volumes_in_split: int
     baselines: list[str]
     scored_range: str
@@ -255,27 +263,167 @@ def tile_weights(tile: Tile, n_thick: int) -> np.ndarray:
         np.float32)
 
 
+def clip_to_hu(clip: np.ndarray, intensity: Intensity) -> np.ndarray:
+    """A sampled thin clip in HU: the model's output range is the intensity window it was trained on, [0, 1]."""
+    return intensity.to_hu(np.clip(clip, 0.0, 1.0))
+
+
+# ------------------------------------------------------------------------------------------- tiles
+@dataclass(frozen=True)
+class TilePlan:
+    """How a volume is cut for the model: tile size and strides (thin slices, rows, columns), tiles per call."""
+
+    size: tuple[int, int, int]
+    strides: tuple[int, int, int]
+    batch_size: int
+    tile_peak_bytes: int | None = None
+    """The measured peak memory of one tile through model.sample (None: every setting fixed, nothing measured)."""
+    budget_bytes: int | None = None
+    """The memory one tile batch may use (evaluation.tile_memory_share of the memory available)."""
+
+    def describe(self) -> str:
+        """One line for the log: sizes, strides, batch and memory."""
+        text = (f"tiles {'x'.join(map(str, self.size))} (thin slices x rows x columns), strides "
+                f"{'/'.join(map(str, self.strides))}, {self.batch_size} per model call")
+        if self.tile_peak_bytes is not None and self.budget_bytes is not None:
+            text += (f", {self.batch_size * self.tile_peak_bytes / 2**20:.0f} MiB per call of a "
+                     f"{self.budget_bytes / 2**20:.0f} MiB budget")
+        return text
+
+
+class _PeakTensorBytes(TorchDispatchMode):
+    """The peak bytes of tensor storage created under this mode and alive at once (weights and inputs made before
+    it are not counted): what one model call needs beyond the model itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._tracked: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def _release(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                if storage not in self._tracked:
+                    self._tracked[storage] = storage.nbytes()
+                    self.live += storage.nbytes()
+                    weakref.finalize(storage, self._release, storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def tile_peak_bytes(model: ClipSampler, config: RunConfig, size: tuple[int, int, int], device: torch.device) -> int:
+    """The peak memory of one tile of `size` through model.sample, measured on a blank tile."""
+    frames, height, width = size
+    factor = config.data.thick.factor
+    thick = torch.zeros((1, 1, frames // factor, height, width), device=device)
+    inputs = {"interp": torch.zeros((1, 1, frames, height, width), device=device)
+              } if model.interpolation is not None else {}
+    tracker = _PeakTensorBytes()
+    with torch.inference_mode(), tracker:
+        model.sample(thick, steps=config.evaluation.sample_steps, generator=None, **inputs)
+    return tracker.peak
+
+
+CGROUP_MEMORY = Path("/sys/fs/cgroup")
+"""cgroup v2's memory files of this process's container: a pod's memory limit is not in the host's free RAM."""
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Free memory on `device`: the GPU's free memory; on CPU the RAM available to new allocations, within the
+    container's memory limit (cgroup v2 memory.max - memory.current) when it has one."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    available = int(psutil.virtual_memory().available)
+    limit_file, current_file = CGROUP_MEMORY / "memory.max", CGROUP_MEMORY / "memory.current"
+    if limit_file.is_file() and current_file.is_file():
+        limit = limit_file.read_text().strip()
+        if limit != "max":
+            available = min(available, int(limit) - int(current_file.read_text().strip()))
+    return max(available, 0)
+
+
+def attends(model: ClipSampler) -> bool:
+    """Whether a layer of `model` attends over positions: its output at a voxel then depends on the whole tile."""
+    return isinstance(model, torch.nn.Module) and any(
+        isinstance(module, (SABlock, CrossAttentionBlock, torch.nn.MultiheadAttention)) for module in model.modules())
+
+
+def plan_tiles(model: ClipSampler, config: RunConfig, shape: tuple[int, int, int], factor: int,
+               device: torch.device, n_thick: int | None = None) -> TilePlan:
+    """The tiles for a thin volume of `shape` (evaluation.tile_*): fixed settings as given, `auto` ones from memory.
+
+    Auto in-plane sizes: for a model without attention, the whole slice where one tile of it fits the memory
+    budget, else halved (never below data.clip's crop) until it fits; a model with attention (MONAI's
+    DiffusionModelUNet always has it in its middle block) keeps the training crop, because attention makes every
+    output voxel depend on the whole tile and its cost grows with the square of the tile's voxels. The auto batch
+    is as many tiles as the budget holds. Memory per tile is measured on one blank tile of the training crop and
+    scaled by voxels (exact for the crop itself; linear in voxels without attention).
+    """
+    settings, clip = config.evaluation, config.data.clip
+    frames = clip.frames if settings.tile_frames == "auto" else settings.tile_frames
+    if frames % factor or frames < 2 * factor:
+        raise EvaluationError(f"evaluation.tile_frames={frames} must be a multiple of the thick factor {factor} and "
+                              f"hold at least 2 thick slices ({2 * factor} thin slices)")
+    _, rows, cols = shape
+    whole = not attends(model)
+    auto_height, auto_width = settings.tile_height == "auto", settings.tile_width == "auto"
+    height = (rows if whole else clip.height) if auto_height else settings.tile_height
+    width = (cols if whole else clip.width) if auto_width else settings.tile_width
+    peak = budget = None
+    if auto_height or auto_width or settings.tile_batch_size == "auto":
+        budget = int(available_memory_bytes(device) * settings.tile_memory_share)
+        crop = (frames, clip.height, clip.width)
+        per_voxel = tile_peak_bytes(model, config, crop, device) / math.prod(crop)
+        while per_voxel * frames * height * width > budget and (
+                (auto_height and height > clip.height) or (auto_width and width > clip.width)):
+            height = max(clip.height, -(-height // 2)) if auto_height else height
+            width = max(clip.width, -(-width // 2)) if auto_width else width
+        peak = int(per_voxel * frames * height * width)
+    batch = max(1, budget // max(peak, 1)) if settings.tile_batch_size == "auto" else settings.tile_batch_size
+    overlap = settings.tile_overlap
+    in_plane = clip.eval_overlap if overlap == "auto" else overlap
+    # Along z a tile's weight ends at its last thick slice, so neighbours must share at least one thick slice.
+    most = frames - factor
+    z_stride = most if overlap == "auto" else min(most, max(factor, int(frames * (1 - overlap)) // factor * factor))
+    strides = (z_stride, max(1, int(height * (1 - in_plane))), max(1, int(width * (1 - in_plane))))
+    n_tiles = len(covering_tiles(shape, (frames, height, width), strides, factor, n_thick))
+    return TilePlan((frames, height, width), strides, min(batch, n_tiles), peak, budget)
+
+
 def predict_volume(
     model: ClipSampler,
     volume: Preprocessed,
     config: RunConfig,
     generator: torch.Generator,
+    plan: TilePlan | None = None,
 ) -> np.ndarray:
-    """The model's thin series in HU over the covered range (thin slices 0..(n_thick-1)*k), blended from tiles."""
+    """The model's thin series in HU over the covered range (thin slices 0..(n_thick-1)*k), blended from tiles.
+
+    `plan` defaults to plan_tiles for this volume (evaluation.tile_*).
+    """
     intensity = Intensity.from_config(config.data.intensity)
     thick = volume.thick
     n_thick = thick.array.shape[0]
     covered = covered_slices(thick)
     rows, cols = volume.thin.shape[1:]
-    tiles = eval_tiles(volume.thin.shape, config.data.clip, thick.factor, n_thick=n_thick)
+    device = generator.device
+    if plan is None:
+        plan = plan_tiles(model, config, volume.thin.shape, thick.factor, device, n_thick)
+    log.info("%s: %s", volume.volume_id, plan.describe())
+    tiles = covering_tiles(volume.thin.shape, plan.size, plan.strides, thick.factor, n_thick)
+    frames, height, width = plan.size
     total = np.zeros((covered, rows, cols), dtype=np.float32)
     weight_sum = np.zeros_like(total)
-    batch_size = config.evaluation.tile_batch_size
-    device = generator.device
     interpolated = model.interpolation.of(volume) if model.interpolation is not None else None
-    for start in tqdm(range(0, len(tiles), batch_size), desc=f"evaluate {volume.volume_id}", unit="batch",
+    for start in tqdm(range(0, len(tiles), plan.batch_size), desc=f"evaluate {volume.volume_id}", unit="batch",
                       leave=False):
-        batch = tiles[start:start + batch_size]
+        batch = tiles[start:start + plan.batch_size]
         arrays = [extract_clip(volume, tile, intensity, interpolated) for tile in batch]
         clips = np.stack([a["thick"] for a in arrays])[:, None]
         inputs = {"interp": torch.from_numpy(np.stack([a["interp"] for a in arrays])[:, None]).to(device)
@@ -283,7 +431,7 @@ def predict_volume(
         with torch.inference_mode():
             thin = model.sample(torch.from_numpy(clips).to(device), steps=config.evaluation.sample_steps,
                                 generator=generator, **inputs)
-        expected = (len(batch), 1, config.data.clip.frames, config.data.clip.height, config.data.clip.width)
+        expected = (len(batch), 1, frames, height, width)
         if tuple(thin.shape) != expected:
             raise EvaluationError(f"volume {volume.volume_id}: model.sample returned shape {tuple(thin.shape)} for "
                                   f"thick clips of shape {clips.shape}; expected {expected}")
@@ -294,8 +442,7 @@ def predict_volume(
                     f"volume {volume.volume_id}: the model's prediction has {int((~np.isfinite(clip)).sum())} "
                     f"NaN/Inf values in the tile at thin slice {tile.z0}, row {tile.y0}, column {tile.x0}"
                 )
-            # The model's output range is the intensity window it was trained on: [0, 1].
-            clip_hu = intensity.to_hu(np.clip(clip, 0.0, 1.0))
+            clip_hu = clip_to_hu(clip, intensity)
             weights = tile_weights(tile, n_thick)
             region = (slice(tile.z0, min(tile.z0 + tile.frames, covered)),
                       slice(tile.y0, min(tile.y0 + tile.height, rows)),
@@ -325,9 +472,13 @@ def with_input_range(windowed_hu: np.ndarray, interpolated_hu: np.ndarray, inten
 
 
 # ------------------------------------------------------------------------------------------- outputs
-def write_prediction_nifti(path: Path, prediction_hu: np.ndarray, affine: np.ndarray) -> Path:
-    """Write a (slice, row, col) HU prediction as NIfTI with the thin volume's affine (slice 0 = thin slice 0)."""
+def write_prediction_nifti(path: Path, prediction_hu: np.ndarray, affine: np.ndarray, description: str = "") -> Path:
+    """Write a (slice, row, col) HU prediction as NIfTI with the thin volume's affine (slice 0 = thin slice 0);
+    `description` goes into the header's 80-character `descrip` field."""
+    if len(description) > 80:
+        raise ValueError(f"NIfTI description {description!r} is longer than the header's 80 characters")
     image = nib.Nifti1Image(prediction_hu.astype(np.float32), np.asarray(affine, dtype=np.float64))
+    image.header["descrip"] = description
     image.header.set_xyzt_units("mm")
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
@@ -468,8 +619,11 @@ def evaluate(
         thick={"method": thick.method, "factor": thick.factor, "thickness_mm": thick.thickness_mm},
         sample_steps=settings.sample_steps,
         seed=config.seed,
-        tiles={"frames": config.data.clip.frames, "height": config.data.clip.height,
-               "width": config.data.clip.width, "overlap": config.data.clip.eval_overlap},
+        tiles={"frames": settings.tile_frames, "height": settings.tile_height, "width": settings.tile_width,
+               "overlap": settings.tile_overlap, "batch_size": settings.tile_batch_size,
+               "memory_share": settings.tile_memory_share, "training_crop": [config.data.clip.frames,
+                                                                              config.data.clip.height,
+                                                                              config.data.clip.width]},
         test_volumes_in_split=len(all_test),
         baselines=list(settings.baselines),
         **glossary(settings.hu_min, settings.hu_max),

@@ -8,6 +8,11 @@ Geometry: the input is read by ctv2v.data.readers (slice axis first, RAS+ affine
 slice 0, so the output keeps the input's origin and orientation; only the slice step shrinks by the factor k:
 thin affine column 0 = thick affine column 0 / k. The output has (n_thick - 1) * k + 1 slices.
 
+The model's grid: a model trained on one in-plane pixel spacing (data.resample.pixel_mm, recorded with the rest of
+its config in model.json) runs on that spacing: the input is resampled in-plane to it, predicted there, brought back
+to the input's pixels, then projected onto the measured thick series (evaluation.data_consistency). The output
+records the grid the model ran on (model_grid_mm in the summary, the NIfTI descrip, DICOM ImageComments).
+
 What the model accepts: a CT in HU (a DICOM series whose Modality is not CT is refused by the reader; a NIfTI
 whose values hold no air, i.e. nothing at or below AIR_MAX_HU, is not a CT in HU) with a slice spacing that fits
 the thick spacing the model was trained on (model.json `thick_spacing_mm`, within THICK_SPACING_TOLERANCE).
@@ -27,10 +32,11 @@ import torch
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from ctv2v.config import RunConfig
+from ctv2v.config import ResampleConfig, RunConfig
 from ctv2v.data.cache import Preprocessed
+from ctv2v.data.interpolation import Interpolation, covered_slices
 from ctv2v.data.readers import Volume, dicom_series_files, read_volume
-from ctv2v.data.thick import ThickSeries
+from ctv2v.data.thick import ThickSeries, project_to_thick, resample_spacing
 from ctv2v.evaluate.evaluate import predict_volume, write_prediction_nifti
 from ctv2v.files import check_creatable, check_output_folder, output_set, record_created
 from ctv2v.models.artifacts import CheckpointError, load_trained_model, read_model_meta
@@ -59,6 +65,13 @@ class ThinSeries:
     affine: np.ndarray
     spacing: tuple[float, float, float]
     factor: int
+    model_grid_mm: tuple[float, float, float]
+    """The (slice, row, col) spacing the model ran at: the thin slice spacing and data.resample.pixel_mm in-plane
+    (the input's pixels when the model was trained on each scan's own)."""
+
+    def describe(self) -> str:
+        """Where the series comes from, for the file's own description (NIfTI descrip, DICOM ImageComments)."""
+        return f"ctv2v x{self.factor}, model grid {'x'.join(f'{mm:g}' for mm in self.model_grid_mm)} mm"
 
 
 class Predictor:
@@ -107,27 +120,93 @@ class Predictor:
                 f"{THICK_SPACING_TOLERANCE:.0%})")
         return factor
 
+    @property
+    def pixel_mm(self) -> float | None:
+        """The in-plane pixel spacing the model was trained on (data.resample.pixel_mm); None: each scan's own."""
+        return self.config.data.resample.pixel_mm
+
+    def model_grid(self, spacing: tuple[float, float, float]) -> tuple[float, float] | None:
+        """The in-plane (row, column) spacing the model runs at for an input of `spacing`; None: the input's own."""
+        if self.pixel_mm is None or all(abs(float(s) - self.pixel_mm) <= 1e-6 * self.pixel_mm for s in spacing[1:]):
+            return None
+        return self.pixel_mm, self.pixel_mm
+
+    def predict_on_model_grid(self, hu: np.ndarray, spacing: tuple[float, float, float], source: str = "input"
+                              ) -> tuple[np.ndarray, ThickSeries]:
+        """(the model's blended thin series in HU, the thick series it read), both on the model's in-plane grid.
+
+        The input is resampled in-plane to data.resample.pixel_mm (box weights, as training data were); no data
+        consistency yet.
+        """
+        hu = np.ascontiguousarray(hu, dtype=np.float32)
+        if self.model_grid(spacing) is not None:
+            hu, spacing, _ = resample_spacing(hu, spacing, np.eye(4), ResampleConfig(pixel_mm=self.pixel_mm))
+        _, rows, cols = hu.shape
+        thick = ThickSeries(hu, self.factor, float(spacing[0]), float(spacing[0]), "input series")
+        thin_spacing = (float(spacing[0]) / self.factor, float(spacing[1]), float(spacing[2]))
+        # predict_volume reads only the thin grid's shape and the thick series: no thin truth exists here, so a
+        # broadcast array (no memory) stands for the thin grid.
+        grid = np.broadcast_to(np.float32(self.config.data.intensity.hu_min), (covered_slices(thick), rows, cols))
+        volume = Preprocessed(Path(source).name, grid, thick, thin_spacing, np.diag([*thin_spacing, 1.0]))
+        generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        with self.precision.autocast(self.device):
+            return predict_volume(self.model, volume, self.config, generator), thick
+
     def predict(self, hu: np.ndarray, spacing: tuple[float, float, float], affine: np.ndarray | None = None,
                 source: str = "input", factor: int | None = None) -> ThinSeries:
-        """The thin series of a thick (slice, row, col) HU volume with (slice, row, col) `spacing` in mm."""
+        """The thin series of a thick (slice, row, col) HU volume with (slice, row, col) `spacing` in mm.
+
+        The model runs on its own in-plane grid (model_grid); its result comes back to the input's pixels as the
+        upsampled prediction plus the in-plane detail finer than the model's pixels, which the interpolation it
+        starts from (v2v.interpolation) holds at the input's pixels. Then, with evaluation.data_consistency, the
+        thin series is projected onto the measured thick series on the output grid.
+        """
         hu = np.ascontiguousarray(hu, dtype=np.float32)
         factor = self.check_input(hu, spacing, source, factor)
         if affine is None:
             affine = np.diag([*(float(s) for s in spacing), 1.0])
-        n_thick, rows, cols = hu.shape
-        covered = (n_thick - 1) * factor + 1
-        thick = ThickSeries(hu, factor, float(spacing[0]), float(spacing[0]), "input series")
         thin_affine = np.asarray(affine, dtype=np.float64).copy()
         thin_affine[:3, 0] /= factor
         thin_spacing = (float(spacing[0]) / factor, float(spacing[1]), float(spacing[2]))
-        # predict_volume reads only the thin grid's shape and the thick series: no thin truth exists here, so a
-        # broadcast array (no memory) stands for the thin grid.
-        grid = np.broadcast_to(np.float32(self.config.data.intensity.hu_min), (covered, rows, cols))
-        volume = Preprocessed(Path(source).name, grid, thick, thin_spacing, thin_affine)
-        generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
-        with self.precision.autocast(self.device):
-            thin = predict_volume(self.model, volume, self.config, generator)
-        return ThinSeries(thin.astype(np.float32), thin_affine, thin_spacing, factor)
+        thin, model_thick = self.predict_on_model_grid(hu, spacing, source)
+        thick = ThickSeries(hu, factor, float(spacing[0]), float(spacing[0]), "input series")
+        grid = self.model_grid(spacing)
+        if grid is not None:
+            interpolation = Interpolation(self.config.v2v.interpolation, self.config.v2v.consistent_interpolation)
+            detail = _interpolated(interpolation, thick) - upsample_in_plane(
+                _interpolated(interpolation, model_thick), hu.shape[1:], grid, spacing[1:])
+            thin = upsample_in_plane(thin, hu.shape[1:], grid, spacing[1:]) + detail
+        if self.config.evaluation.data_consistency:
+            thin = project_to_thick(thin, thick, thin.shape[0])
+        return ThinSeries(thin.astype(np.float32), thin_affine, thin_spacing, factor,
+                          (thin_spacing[0], *(grid or thin_spacing[1:])))
+
+
+def upsample_in_plane(volume: np.ndarray, shape: tuple[int, int], spacing: tuple[float, float],
+                      new_spacing: tuple[float, float]) -> np.ndarray:
+    """A (slice, row, col) volume on a grid of `spacing` brought to `shape` pixels of `new_spacing` by linear
+    interpolation (constant beyond the outermost pixel centres).
+
+    Both grids start at the same edge, as ctv2v.data.thick.resample_spacing makes them: pixel i's centre lies at
+    (i + 1/2) x spacing.
+    """
+    out = volume.astype(np.float32)
+    for axis, (n_new, old_mm, new_mm) in enumerate(zip(shape, spacing, new_spacing), start=1):
+        positions = (np.arange(n_new) + 0.5) * new_mm / old_mm - 0.5
+        low = np.clip(np.floor(positions).astype(int), 0, out.shape[axis] - 1)
+        high = np.minimum(low + 1, out.shape[axis] - 1)
+        along = [1, 1, 1]
+        along[axis] = n_new
+        fraction = np.clip(positions - low, 0.0, 1.0).astype(np.float32).reshape(along)
+        out = np.take(out, low, axis=axis) * (1 - fraction) + np.take(out, high, axis=axis) * fraction
+    return out
+
+
+def _interpolated(interpolation: Interpolation, thick: ThickSeries) -> np.ndarray:
+    """`interpolation` of a thick series on its covered thin slices, in HU."""
+    covered = covered_slices(thick)
+    grid = np.broadcast_to(np.float32(0), (covered, *thick.array.shape[1:]))
+    return interpolation.of(Preprocessed("interpolation", grid, thick, (1.0, 1.0, 1.0), np.eye(4)))
 
 
 def check_outputs(input_path: Path, out: Path, out_dicom: Path | None = None, overwrite: bool = False) -> None:
@@ -184,9 +263,10 @@ def predict_file(predictor: Predictor, input_path: Path, out: Path, out_dicom: P
     summary = {"input": str(input_path), "input_shape": list(volume.array.shape),
                "input_spacing_mm": list(volume.spacing), "factor": thin.factor,
                "output": str(out), "output_shape": list(thin.hu.shape), "output_spacing_mm": list(thin.spacing),
+               "model_grid_mm": list(thin.model_grid_mm),
                "weights": predictor.weights_label, "sample_steps": predictor.config.evaluation.sample_steps}
     with output_set([out, *([Path(out_dicom)] if out_dicom is not None else [])]) as staged:
-        write_prediction_nifti(staged[0], thin.hu, thin.affine)
+        write_prediction_nifti(staged[0], thin.hu, thin.affine, thin.describe())
         if out_dicom is not None:
             summary.update({"output_dicom": str(out_dicom),
                             "series_instance_uid": write_dicom_series(staged[1], thin, volume)})
@@ -238,6 +318,7 @@ def write_dicom_series(out_dir: Path, thin: ThinSeries, source: Volume) -> str:
         ds.Modality = "CT"
         ds.ImageType = ["DERIVED", "SECONDARY"]
         ds.SeriesDescription = f"{SERIES_DESCRIPTION} x{thin.factor}"
+        ds.ImageComments = thin.describe()
         ds.SeriesNumber = 9000 + thin.factor
         ds.SeriesDate, ds.SeriesTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
         ds.InstanceNumber = index + 1

@@ -223,7 +223,7 @@ def _applied_fields(target: str) -> set[str]:
 
 @pytest.mark.parametrize("target", sorted(KFP_BACKENDS))
 def test_each_backend_target_gets_only_the_fields_its_backend_applies(target, tmp_path, caplog):
-    config = load_config([CONFIGS / "pretrained.yaml"], [f"cluster.kfp_backend={target}"])
+    config = load_config([CONFIGS / "pretrained.yaml"], [f"cluster.kfp_backend='{target}'"])
     out = compile_pipeline(config, tmp_path / "p.yaml")
     validate_pipeline_yaml(out)
     pipeline_doc, platform_doc = list(yaml.safe_load_all(out.read_text()))

@@ -467,6 +467,10 @@ V100_32GB_PRODUCTS: tuple[str, ...] = ("Tesla-V100-SXM2-32GB", "Tesla-V100-PCIE-
 """Values of the node label `nvidia.com/gpu.product` (NVIDIA GPU feature discovery: the driver's product name,
 spaces as hyphens) of V100 cards by memory: SXM2 (DGX-1, AWS p3), PCIe, V100S PCIe, SXM3 (DGX-2)."""
 IMAGE_DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
+KfpBackend = Literal["2.5", "2.15", "2.16", "2.17"]
+"""KFP backend releases a package can be compiled for (major.minor). Kubeflow 1.10.0's KFP 2.4.1 is not one:
+its backend passes the run-id placeholder through unresolved (resolved from KFP 2.5.0 on, kubeflow/pipelines
+#11599), and every step needs the run id."""
 
 
 class ClusterConfig(_Section):
@@ -497,7 +501,13 @@ class ClusterConfig(_Section):
     step_timeout_s: int = Field(172800, ge=60)
     train_retries: int = Field(2, ge=0)
     run_ttl_s: int | None = Field(7 * 24 * 3600, ge=60)
-    """Seconds KFP keeps a finished run's pods and workflow before deleting them (needs KFP >= 2.17); None: kept."""
+    """Seconds KFP keeps a finished run's pods and workflow before deleting them; None: kept. Only KFP >= 2.17
+    applies it: for an older cluster.kfp_backend it is left out of the package (compile says so)."""
+    kfp_backend: KfpBackend = "2.15"
+    """The Kubeflow Pipelines backend the package is compiled for: each feature is compiled only where that
+    backend applies it (pipeline.compile.BACKEND_FEATURES). 2.5: Kubeflow 1.10.1 and 1.10.2; 2.15: Kubeflow 1.11;
+    2.16: Kubeflow 26.03; 2.17: KFP standalone. The default is the older of the current Kubeflow release (26.03)
+    and the previous one (1.11), so the default package runs on both."""
     scratch_cleanup: Literal["never", "on_success", "always"] = "on_success"
     """When the exit handler deletes the run's folder <workspace_mount>/runs/<run id> (checkpoints, step folders):
     on_success keeps a failed run's checkpoints, so that retrying the run resumes from them."""

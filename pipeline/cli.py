@@ -209,9 +209,16 @@ def _images_lock_argument(parser: argparse.ArgumentParser) -> None:
                              "`scripts/build-images.sh --push` (e.g. build/images.lock.json)")
 
 
+def _variant_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--variant", "--branches", dest="branches", choices=BRANCHES, default="both",
+                        help="which variant's branch the pipeline holds: main, pretrained, or both (default; "
+                             "with the compare step)")
+
+
 def _compile_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, required=False)
     parser.add_argument("-o", "--output", required=True, type=Path)
+    _variant_argument(parser)
     _images_lock_argument(parser)
 
 
@@ -219,8 +226,9 @@ def _compile(args: argparse.Namespace) -> int:
     from pipeline.compile import compile_pipeline, required_backend_version
 
     config = _pipeline_config(args)
-    print(compile_pipeline(config, args.output, images_lock=args.images_lock))
-    print(f"needs Kubeflow Pipelines >= {required_backend_version(config.cluster)}", file=sys.stderr)
+    print(compile_pipeline(config, args.output, images_lock=args.images_lock, variants=args.branches))
+    print(f"compiled for KFP {config.cluster.kfp_backend} (cluster.kfp_backend); needs Kubeflow Pipelines >= "
+          f"{required_backend_version(config.cluster)}", file=sys.stderr)
     return 0
 
 
@@ -231,8 +239,7 @@ def _submit_arguments(parser: argparse.ArgumentParser) -> None:
                              "$KF_PIPELINES_ENDPOINT, else KFP's in-cluster address")
     parser.add_argument("--namespace", default=None, help="profile namespace (multi-user Kubeflow)")
     parser.add_argument("--experiment", default="ctv2v", help="KFP experiment name (default: ctv2v)")
-    parser.add_argument("--variant", "--branches", dest="branches", choices=BRANCHES, default="both",
-                        help="which variant's branch to run: main, pretrained, or both (default)")
+    _variant_argument(parser)
     parser.add_argument("--run-name", default=None)
     # Never a token itself as an argument: other users see arguments in `ps`, shells keep them in history.
     auth = parser.add_mutually_exclusive_group()
@@ -254,14 +261,13 @@ def _submit(args: argparse.Namespace) -> int:
     config = _pipeline_config(args)
     connection = resolve_connection(args.host, args.token_file, args.token_env, args.cookie_env)
     print(submit(config, connection=connection, namespace=args.namespace, experiment=args.experiment,
-                 branches=args.branches, run_name=args.run_name, wait=args.wait, images_lock=args.images_lock))
+                 variants=args.branches, run_name=args.run_name, wait=args.wait, images_lock=args.images_lock))
     return 0
 
 
 def _run_local_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--variant", "--branches", dest="branches", choices=BRANCHES, default="both",
-                        help="which variant's branch to run: main, pretrained, or both (default)")
+    _variant_argument(parser)
     parser.add_argument("--weights", choices=("pretrained", "stand-in"), default=None,
                         help="MAISI weights for the pretrained branch; `stand-in` builds random weights in "
                              "MAISI's layout (offline demos), labelled so everywhere")

@@ -136,30 +136,32 @@ def submit(
     connection: Connection,
     namespace: str | None,
     experiment: str,
-    branches: str,
+    variants: str,
     run_name: str | None = None,
     wait: bool = False,
     timeout_s: int = 7 * 24 * 3600,
     poll_s: int | None = None,
     images_lock: Path | None = None,
 ) -> str:
-    """Compile, check the server's version, submit one run with the resolved config as its argument, optionally
-    wait; returns the run id."""
+    """Compile the branches of `variants` (main, pretrained or both), check the server's version, submit one run
+    with the resolved config as its argument (the typed run parameters keep their defaults, the config's values),
+    optionally wait; returns the run id."""
     client = connection.client(namespace)
     server = check_backend_version(client, required_backend_version(config.cluster))
     log.info("KFP API server %s, version %s", connection.describe(), server)
     with tempfile.TemporaryDirectory() as tmp:
-        package = compile_pipeline(config, Path(tmp) / "ctv2v-pipeline.yaml", images_lock=images_lock)
+        package = compile_pipeline(config, Path(tmp) / "ctv2v-pipeline.yaml", images_lock=images_lock,
+                                   variants=variants)
         result = client.create_run_from_pipeline_package(
             str(package),
-            arguments={"config": config_argument(config), "branches": branches},
-            run_name=run_name or f"ctv2v-{branches}-{datetime.datetime.now():%Y%m%d-%H%M%S}",
+            arguments={"config": config_argument(config)},
+            run_name=run_name or f"ctv2v-{variants}-{datetime.datetime.now():%Y%m%d-%H%M%S}",
             experiment_name=experiment,
             namespace=namespace,
             service_account=config.cluster.service_account or None,
         )
     run_id = result.run_id
-    log.info("submitted run %s (experiment %s, branches %s)", run_id, experiment, branches)
+    log.info("submitted run %s (experiment %s, branches %s)", run_id, experiment, variants)
     if wait:
         run = client.wait_for_run_completion(run_id, timeout=timeout_s,
                                            sleep_duration=DEFAULT_POLL_S if poll_s is None else poll_s)

@@ -1,15 +1,22 @@
-"""End to end: the DAG under kfp.local on the demo CT data, both branches, against real MLflow and S3 servers."""
-
-from __future__ import annotations
+"""End to end: the DAG under kfp.local on the demo CT data, both branches, against real MLflow and S3 servers; and
+kfp.local's task cache reusing the pretrained VAE's steps in a second run."""
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
+from kfp import dsl
+from kfp.dsl import Model
 from mlflow.tracking import MlflowClient
 
 from ctv2v.config import ClusterConfig
+from ctv2v.config_io import load_config
+from ctv2v.steps.pipeline_inputs import run_parameter_defaults
 from pipeline.cli import main as cli_main
+from pipeline.compile import backend_plan
+from pipeline.dag import Build, config_argument, pretrained_vae, resolve_and_prepare
+from pipeline.local import init_local
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CHEAPER_THAN_SMOKE = [
@@ -70,3 +77,40 @@ def test_run_local_runs_both_branches_to_the_compare_table(mlflow_server, demo_d
     for variant in ("main", "pretrained"):
         version = client.get_model_version_by_alias(f"ctv2v-{variant}", "candidate")
         assert version.version
+
+
+def _pretrained_vae_pipeline(config, given: dict):
+    """A pipeline of the DAG's own pieces up to the pretrained VAE: resolve-config, prepare-data, fetch-checkpoint,
+    match-architecture, built for kfp.local as run-local builds it, with the run parameters `given`."""
+    build = Build(config.cluster, backend_plan(config.cluster), "test-commit", local=True)
+    compiled = run_parameter_defaults(config, with_scratch_vae=True)
+    run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+
+    @dsl.pipeline(name="ctv2v-pretrained-vae")
+    def pretrained_vae_pipeline(config_text: str, workspace_root: str) -> Model:
+        resolved, prepared = resolve_and_prepare(build, config_text, workspace_root, run_id, compiled, given)
+        return pretrained_vae(build, resolved, prepared, run_id, workspace_root).outputs["vae"]
+
+    return pretrained_vae_pipeline
+
+
+@pytest.mark.slow
+def test_a_second_run_reuses_fetch_and_match_when_only_training_settings_change(demo_dir, tmp_path, monkeypatch,
+                                                                              caplog):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = load_config([CONFIGS / "pretrained.yaml", CONFIGS / "smoke.yaml"], ["vae.maisi.weights=stand-in"])
+    outputs = init_local(tmp_path)
+    arguments = {"config_text": config_argument(config), "workspace_root": str(tmp_path / "workspace")}
+    caplog.set_level(logging.INFO)
+    first = _pretrained_vae_pipeline(config, {})(**arguments)
+    assert "cache hit" not in caplog.text
+    caplog.clear()
+    # Another run id, other training lengths and learning rates: nothing the VAE depends on.
+    second = _pretrained_vae_pipeline(config, {"frozen_epochs": 3, "full_lr": 1e-5, "sample_steps": 2})(**arguments)
+    assert "Task fetch-checkpoint-op cache hit" in caplog.text
+    assert "Task match-architecture-op cache hit" in caplog.text
+    assert second.output.uri == first.output.uri, "the second run made a VAE of its own"
+    [first_run, second_run] = sorted(outputs.glob("ctv2v-pretrained-vae-*"))
+    assert (first_run / "match-architecture-op").is_dir() and not (second_run / "match-architecture-op").exists()
+    assert (second_run / "prepare-data-op").is_dir(), "prepare-data is never cached: it fills the run's folder"
+    assert len(list((tmp_path / "workspace" / "runs").iterdir())) == 2

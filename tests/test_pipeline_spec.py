@@ -1,6 +1,8 @@
 """The compiled DAG: strict protobuf validation and checks of what the cluster reads from the compiled YAML: images
 per kind of step (and digests), V100 node affinity, resources and limits on every step, the GPU count as a
-compile-time constant, the commit, the TTL, the exit handler's cleanup option, and the KFP version it needs."""
+compile-time constant, the commit, the TTL, the exit handler's cleanup option, the KFP version it needs, only
+fields the target backend applies, the branches chosen at compile time, cacheable steps keyed on what decides their
+output, and the typed run parameters."""
 
 from __future__ import annotations
 
@@ -15,11 +17,19 @@ import re
 from kubernetes.utils import parse_quantity
 from packaging.version import Version
 
-from ctv2v.config import V100_16GB_PRODUCTS, V100_32GB_PRODUCTS, ClusterConfig
+from ctv2v.config import V100_16GB_PRODUCTS, V100_32GB_PRODUCTS, ClusterConfig, ConfigError
 from ctv2v.config_io import load_config
+from ctv2v.steps.pipeline_inputs import (
+    MATCH_KEYS,
+    RUN_PARAMETERS,
+    cache_key_config,
+    resolve_run_config,
+    run_parameter_defaults,
+)
 from ctv2v.tracking.runs import git_commit
 from pipeline.cli import main as cli_main
 from pipeline.compile import (
+    KFP_BACKENDS,
     ImagesLockError,
     PipelineSpecError,
     backend_requirements,
@@ -27,10 +37,12 @@ from pipeline.compile import (
     required_backend_version,
     validate_pipeline_yaml,
 )
+from pipeline.dag import config_argument
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TRAINING_EXECUTORS = ("train-vae-op", "train-op", "train-op-2", "train-op-3", "train-op-4")
-CPU_STEPS = ("prepare-data-op", "fetch-checkpoint-op", "compare-op", "finish-run-op")
+BACKEND_FIELDS = json.loads((Path(__file__).parent / "schemas" / "kfp-backend-fields.json").read_text())["releases"]
+"""Per KFP release: the KubernetesExecutorConfig fields its backend applies, and whether it applies a run TTL."""
+CPU_STEPS = ("resolve-config-op", "prepare-data-op", "fetch-checkpoint-op", "compare-op", "finish-run-op")
 GPU_STEPS = ("train-op", "train-vae-op", "match-architecture-op", "evaluate-op")
 NODES = {1: (8, 61), 4: (32, 244), 8: (64, 488)}
 """Common V100 machines: GPUs -> (vCPUs, GiB of memory), e.g. AWS p3.2xlarge, p3.8xlarge, p3.16xlarge."""
@@ -62,7 +74,7 @@ def test_compiled_yaml_parses_strictly_into_kfp_protobufs(compiled):
     out, pipeline_doc, _ = compiled
     pipeline_spec, platform_spec = validate_pipeline_yaml(out)
     assert pipeline_spec.pipeline_info.name == "ctv2v"
-    assert set(pipeline_spec.root.input_definitions.parameters) == {"config", "branches", "workspace_root"}
+    assert set(pipeline_spec.root.input_definitions.parameters) == {"config", "workspace_root", *RUN_PARAMETERS}
     assert "kubernetes" in platform_spec.platforms
 
 
@@ -195,14 +207,56 @@ def test_the_gpu_count_is_a_compile_time_constant_not_read_from_the_runtime_conf
             f"{label} reads the GPU count from the runtime config")
 
 
-def test_the_compiled_pipeline_records_its_commit_and_ttl(compiled):
+def test_the_compiled_pipeline_records_its_commit(compiled):
     _, pipeline_doc, platform_doc = compiled
     commit = git_commit()
     assert commit in pipeline_doc["pipelineInfo"]["description"]
     for label, cfg in _executors(platform_doc).items():
         assert cfg["podMetadata"]["annotations"]["ctv2v.io/git-commit"] == commit, label
-    assert platform_doc["platforms"]["kubernetes"]["pipelineConfig"] == {
-        "resourceTtlOnCompletion": ClusterConfig().run_ttl_s}
+
+
+def _applied_fields(target: str) -> set[str]:
+    """The camelCase keys of the Kubernetes executor fields KFP `target`'s backend applies."""
+    return {re.sub(r"_([a-z])", lambda m: m[1].upper(), name)
+            for name in BACKEND_FIELDS[str(KFP_BACKENDS[target])]["applied_executor_fields"]}
+
+
+@pytest.mark.parametrize("target", sorted(KFP_BACKENDS))
+def test_each_backend_target_gets_only_the_fields_its_backend_applies(target, tmp_path, caplog):
+    config = load_config([CONFIGS / "pretrained.yaml"], [f"cluster.kfp_backend='{target}'"])
+    out = compile_pipeline(config, tmp_path / "p.yaml")
+    validate_pipeline_yaml(out)
+    pipeline_doc, platform_doc = list(yaml.safe_load_all(out.read_text()))
+    release = BACKEND_FIELDS[str(KFP_BACKENDS[target])]
+    applied = _applied_fields(target)
+    gpu_configs = []
+    for label, cfg in _executors(platform_doc).items():
+        assert set(cfg) <= applied, f"{label}: {sorted(set(cfg) - applied)} would be ignored by KFP {target}"
+        if "tolerations" in cfg:
+            gpu_configs.append(cfg)
+    assert gpu_configs
+    products = list(V100_32GB_PRODUCTS)
+    for cfg in gpu_configs:
+        if "nodeAffinity" in applied:
+            assert _affinity_products(cfg) == products and "nodeSelector" not in cfg
+        else:
+            # One product by nodeSelector (the fallback), said once at compile.
+            assert cfg["nodeSelector"] == {"labels": {"nvidia.com/gpu.product": products[0]}}
+    ttl = platform_doc["platforms"]["kubernetes"].get("pipelineConfig")
+    assert ttl == ({"resourceTtlOnCompletion": ClusterConfig().run_ttl_s} if release["applies_run_ttl"] else None)
+    notes = [r.getMessage() for r in caplog.records if r.name == "pipeline.compile"]
+    assert any("no run TTL" in note for note in notes) == (not release["applies_run_ttl"])
+    assert any("no node affinity" in note and products[1] in note for note in notes) == ("nodeAffinity" not in applied)
+    assert required_backend_version(config.cluster) <= KFP_BACKENDS[target]
+    assert f"KFP {target}" in pipeline_doc["pipelineInfo"]["description"]
+
+
+def test_the_default_target_runs_on_the_current_and_the_previous_kubeflow_release():
+    """Kubeflow 26.03 ships KFP 2.16.0, Kubeflow 1.11 KFP 2.15.0 (pipeline.compile.KFP_BACKENDS)."""
+    default = ClusterConfig()
+    assert default.kfp_backend == "2.15"
+    assert required_backend_version(default) <= Version("2.15.0")
+    assert required_backend_version(default) <= Version("2.16.0")
 
 
 def test_the_exit_handler_gets_the_scratch_cleanup_policy(compiled):
@@ -212,11 +266,12 @@ def test_the_exit_handler_gets_the_scratch_cleanup_policy(compiled):
     assert finish["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED", "an exit handler runs always"
 
 
-def test_the_backend_version_follows_the_features_used():
-    assert required_backend_version(ClusterConfig()) == Version("2.17.0")
-    without_ttl = ClusterConfig(run_ttl_s=None)
-    assert required_backend_version(without_ttl) == Version("2.14.0")
-    assert max(backend_requirements(without_ttl), key=backend_requirements(without_ttl).get).startswith("node affinity")
+def test_the_backend_version_follows_the_features_compiled():
+    assert required_backend_version(ClusterConfig(kfp_backend="2.17")) == Version("2.17.0")
+    assert required_backend_version(ClusterConfig(kfp_backend="2.17", run_ttl_s=None)) == Version("2.14.0")
+    default = backend_requirements(ClusterConfig())
+    assert max(default, key=default.get).startswith("node affinity")
+    assert required_backend_version(ClusterConfig(kfp_backend="2.5")) == Version("2.5.0")
 
 
 DIGEST_CPU, DIGEST_TRAINER = "sha256:" + "c" * 64, "sha256:" + "7" * 64
@@ -298,13 +353,13 @@ def test_training_retries_and_caching(compiled):
     _, pipeline_doc, _ = compiled
     tasks = _all_tasks(pipeline_doc)
     train = [t for name, t in tasks.items() if name.startswith(("train-op", "train-vae-op"))]
-    assert len(train) == 10  # per branch group: frozen + full (x2 variants in `both`) and train-vae
+    assert len(train) == 5  # frozen + full of each variant, and train-vae
     for task in train:
         assert task["retryPolicy"]["maxRetryCount"] == 2
         assert task["retryPolicy"]["backoffDuration"] == "60s"
         assert not task["cachingOptions"].get("enableCache", False)
     for name, task in tasks.items():
-        if name.startswith(("evaluate-op", "compare-op", "prepare-data-op")):
+        if name.startswith(("evaluate-op", "compare-op", "prepare-data-op", "resolve-config-op")):
             assert not task["cachingOptions"].get("enableCache", False), name
         if name.startswith(("fetch-checkpoint-op", "match-architecture-op")):
             assert task["cachingOptions"]["enableCache"], name
@@ -335,9 +390,84 @@ def test_compile_command_writes_a_valid_package_and_names_the_kfp_version_it_nee
                      "--set", "cluster.gpu_products=[Tesla-V100-SXM2-16GB]",
                      "--set", "cluster.trainer_image=registry.test/ctv2v/trainer:9.9.9", "-o", str(out)]) == 0
     validate_pipeline_yaml(out)
-    assert "needs Kubeflow Pipelines >= 2.17.0" in capsys.readouterr().err
+    assert "compiled for KFP 2.15 (cluster.kfp_backend); needs Kubeflow Pipelines >= 2.14.0" in capsys.readouterr().err
     docs = list(yaml.safe_load_all(out.read_text()))
     gpu = [cfg for cfg in _executors(docs[1]).values() if "nodeAffinity" in cfg]
     assert gpu and all(_affinity_products(cfg) == ["Tesla-V100-SXM2-16GB"] for cfg in gpu)
     images = {e["container"]["image"] for e in docs[0]["deploymentSpec"]["executors"].values()}
     assert images == {"registry.test/ctv2v/trainer:9.9.9", "ctv2v/cpu:0.1.0"}
+
+
+@pytest.mark.parametrize("variants, evaluates, absent", [
+    ("both", 2, set()),
+    ("main", 1, {"fetch-checkpoint-op", "match-architecture-op", "compare-op"}),
+    ("pretrained", 1, {"train-vae-op", "compare-op"}),
+])
+def test_the_package_holds_only_the_branches_chosen_at_compile_time_and_no_condition(variants, evaluates, absent,
+                                                                                    tmp_path):
+    out = compile_pipeline(load_config([CONFIGS / "pretrained.yaml"]), tmp_path / "p.yaml", variants=variants)
+    pipeline_doc, _ = list(yaml.safe_load_all(out.read_text()))
+    tasks = _all_tasks(pipeline_doc)
+    components = {_component_of(name) for name in tasks}
+    assert not absent & components
+    assert len([name for name in tasks if name.startswith("evaluate-op")]) == evaluates
+    assert len([name for name in tasks if name.startswith("train-op")]) == 2 * evaluates
+    assert ("compare-op" in components) == (variants == "both")
+    # No dsl.If/Elif: KFP does not propagate the final status through conditions to the exit handler (#11979).
+    assert not [name for name, task in tasks.items() if "condition" in task.get("triggerPolicy", {})]
+    assert not [name for name in pipeline_doc["components"] if name.startswith("comp-condition")]
+    scratch = {"vae_epochs", "vae_lr"}
+    parameters = set(pipeline_doc["root"]["inputDefinitions"]["parameters"])
+    assert (scratch <= parameters) == (variants != "pretrained"), "scratch VAE parameters only with its branch"
+
+
+def _parameter_sources(task: dict) -> list[dict]:
+    return list(task.get("inputs", {}).get("parameters", {}).values())
+
+
+def test_cacheable_steps_take_no_run_id_and_no_whole_config(compiled):
+    _, pipeline_doc, platform_doc = compiled
+    tasks = _all_tasks(pipeline_doc)
+    cached = {name: task for name, task in tasks.items() if task.get("cachingOptions", {}).get("enableCache")}
+    assert {_component_of(name) for name in cached} == {"fetch-checkpoint-op", "match-architecture-op"}
+    for name, task in cached.items():
+        for source in _parameter_sources(task):
+            constant = source.get("runtimeValue", {}).get("constant")
+            assert not (isinstance(constant, str) and "{{$.pipeline_job" in constant), f"{name}: the run id"
+            assert source.get("componentInputParameter") not in ("config", "pipelinechannel--config"), name
+            assert source.get("taskOutputParameter", {}).get("outputParameterKey") != "config", name
+        assert not task.get("inputs", {}).get("artifacts", {}).get("data"), f"{name}: prepare-data's fresh artifact"
+    # The run id reaches match-architecture from its pod's label, outside the cache key.
+    [match_cfg] = [cfg for label, cfg in _executors(platform_doc).items() if label.startswith("exec-match")]
+    assert match_cfg["fieldPathAsEnv"] == [{"name": "CTV2V_PIPELINE_RUN_ID",
+                                            "fieldPath": "metadata.labels['pipeline/runid']"}]
+
+
+def test_the_match_key_ignores_training_lengths_but_not_what_the_vae_sees():
+    config = load_config([CONFIGS / "pretrained.yaml"])
+    key = cache_key_config(config, MATCH_KEYS)
+    text, compiled = config_argument(config), run_parameter_defaults(config, with_scratch_vae=True)
+    other_run = resolve_run_config(text, compiled, {"frozen_epochs": 9, "full_lr": 1e-6, "sample_steps": 2,
+                                                    "vae_epochs": 1, "data_source": "demo"})
+    assert cache_key_config(other_run, MATCH_KEYS) == key
+    assert "pipeline_run_id" not in key and '"training":{"precision"' in key
+    thicker = resolve_run_config(text, compiled, {"thick_factor": 3})
+    assert cache_key_config(thicker, MATCH_KEYS) != key
+
+
+def test_run_parameters_override_the_config_through_its_schema():
+    config = load_config([CONFIGS / "main.yaml"])
+    text, compiled = config_argument(config), run_parameter_defaults(config, with_scratch_vae=True)
+    resolved = resolve_run_config(text, compiled, {**compiled, "frozen_epochs": 2, "data_source": "s3://b/ct"})
+    assert resolved.training.frozen.epochs == 2 and resolved.data.source == "s3://b/ct"
+    assert resolved.training.full.epochs == config.training.full.epochs
+    # A key edited in the config text, its parameter left alone: the config's value stands.
+    evaluation = '"evaluation":{"hu_min":-1000.0,"hu_max":1000.0,"sample_steps":'
+    edited = text.replace(f'{evaluation}{config.evaluation.sample_steps},', f'{evaluation}7,')
+    assert edited != text
+    assert resolve_run_config(edited, compiled, compiled).evaluation.sample_steps == 7
+    with pytest.raises(ConfigError, match="data.thick.factor"):
+        resolve_run_config(text, compiled, {"thick_factor": 1})  # ge=2
+    with pytest.raises(ConfigError, match="frozen_epochs=3 and the config's training.frozen.epochs=4"):
+        resolve_run_config(text.replace('"frozen":{"epochs":5', '"frozen":{"epochs":4', 1), compiled,
+                           {"frozen_epochs": 3})

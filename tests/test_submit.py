@@ -49,11 +49,13 @@ def test_submit_creates_the_experiment_and_a_run_with_the_resolved_config(kfp_st
     assert run["experiment_id"] == "exp-1"
     assert run["service_account"] == "ctv2v-pipeline"
     params = run["runtime_config"]["parameters"]
-    assert params["branches"] == "both"
+    assert set(params) == {"config"}, "the typed run parameters keep their defaults: the config's values"
     submitted = yaml.safe_load(params["config"])
     assert submitted["variant"] == "pretrained" and submitted["training"]["frozen"]["epochs"] == 3
     assert run["display_name"].startswith("ctv2v-both-")
     assert run["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "ctv2v"
+    defaults = run["pipeline_spec"]["pipeline_spec"]["root"]["inputDefinitions"]["parameters"]
+    assert defaults["frozen_epochs"]["defaultValue"] == 3 and defaults["data_source"]["defaultValue"] == "demo"
     executors = run["pipeline_spec"]["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert all(e["nodeAffinity"][0]["matchExpressions"][0]["values"][0] == "Tesla-V100-SXM2-32GB"
                for label, e in executors.items() if label.startswith("exec-train"))
@@ -67,7 +69,9 @@ def test_submit_with_a_cookie_of_an_old_install_sends_it(kfp_stub, monkeypatch):
                      "--cookie-env", "KFP_COOKIE", "--config", str(CONFIGS / "main.yaml"),
                      "--variant", "main"]) == 0
     run = _posts(stub, "/apis/v2beta1/runs")[0].json()
-    assert run["runtime_config"]["parameters"]["branches"] == "main"
+    executors = run["pipeline_spec"]["pipeline_spec"]["deploymentSpec"]["executors"]
+    assert "exec-train-vae-op" in executors and not {"exec-match-architecture-op", "exec-compare-op"} & set(executors)
+    assert run["display_name"].startswith("ctv2v-main-")
     assert all(r.headers.get("cookie") == "authservice_session=abc" for r in stub.requests)
 
 
@@ -144,14 +148,14 @@ def test_a_renewed_token_file_is_used_during_a_long_wait(kfp_stub, tmp_path, mon
 
 def test_a_server_older_than_the_pipeline_needs_is_refused_before_anything_is_created(kfp_stub, capsys):
     stub, host = kfp_stub
-    stub.server_version = "2.14.0"
+    stub.server_version = "2.5.0"  # Kubeflow 1.10.1
     assert cli_main(["pipeline", "submit", "--host", host, "--namespace", "team-ct",
                      "--config", str(CONFIGS / "main.yaml")]) == 1
-    assert "this pipeline needs KFP >= 2.17.0" in capsys.readouterr().err
+    assert "this pipeline needs KFP >= 2.14.0" in capsys.readouterr().err  # node affinity, for the default 2.15
     assert not [r for r in stub.requests if r.method == "POST"]
-    # Without the run TTL (the newest feature) 2.14 is enough.
+    # Compiled for that backend (nodeSelector instead of node affinity) it is accepted.
     assert cli_main(["pipeline", "submit", "--host", host, "--namespace", "team-ct",
-                     "--config", str(CONFIGS / "main.yaml"), "--set", "cluster.run_ttl_s=null"]) == 0
+                     "--config", str(CONFIGS / "main.yaml"), "--set", "cluster.kfp_backend='2.5'"]) == 0
 
 
 def test_a_token_on_the_command_line_is_not_accepted(capsys):

@@ -492,6 +492,9 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow server for models:/ URIs (default: MLFLOW_TRACKING_URI)")
+    parser.add_argument("--adapt", type=float, default=0.0, metavar="SECONDS",
+                        help="first fine-tune the denoiser on the scan's own in-plane axes for at most SECONDS "
+                             "(test-time adaptation; default 0: the model as trained)")
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -505,9 +508,10 @@ def _predict(args: argparse.Namespace) -> int:
 
         # The model is loaded into memory; its downloaded files are not kept.
         with tempfile.TemporaryDirectory(prefix="ctv2v-model-") as tmp:
-            predictor = Predictor(download_trained_model(args.model, args.tracking_uri, Path(tmp)), args.device)
+            predictor = Predictor(download_trained_model(args.model, args.tracking_uri, Path(tmp)), args.device,
+                                  args.adapt)
     else:
-        predictor = Predictor(Path(args.model), args.device)
+        predictor = Predictor(Path(args.model), args.device, args.adapt)
     _print_json(predict_file(predictor, args.input, args.out, args.out_dicom, args.factor, args.overwrite))
     return 0
 

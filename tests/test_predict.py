@@ -205,3 +205,18 @@ def test_the_nifti_and_dicom_outputs_name_the_grid_the_model_ran_on(predicted):
     assert nib.load(root / "thin.nii.gz").header["descrip"].item().decode() == expected
     first = pydicom.dcmread(dicom_series_files(root / "thin-dicom")[0], stop_before_pixels=True)
     assert first.ImageComments == expected
+
+
+def test_predict_adapt_fine_tunes_on_the_scan_and_says_so(tmp_path, demo_dir):
+    series = small_demo_series(demo_dir, tmp_path / "thick-dicom")
+    model_dir = tiny_model(tmp_path / "model", "evaluation.adapt.steps=2", "evaluation.adapt.batch_size=1")
+    out = tmp_path / "thin.nii.gz"
+    assert cli_main(["predict", "--model", str(model_dir), "--input", str(series), "--out", str(out),
+                     "--device", "cpu", "--adapt", "600"]) == 0
+    assert "adapted to this scan for 600 s" in nib.load(out).header["descrip"].tobytes().decode()
+    plain = Predictor(model_dir, "cpu")
+    adapted = Predictor(model_dir, "cpu", adapt_seconds=600.0)
+    volume = read_volume(series)
+    assert not np.array_equal(plain.predict(volume.array, volume.spacing).hu,
+                              adapted.predict(volume.array, volume.spacing).hu)
+    assert adapted.adaptation is not None and adapted.adaptation.steps == 2 and plain.adaptation is None

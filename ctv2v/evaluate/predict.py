@@ -37,6 +37,7 @@ from ctv2v.data.cache import Preprocessed
 from ctv2v.data.interpolation import Interpolation, covered_slices
 from ctv2v.data.readers import Volume, dicom_series_files, read_volume
 from ctv2v.data.thick import ThickSeries, project_to_thick, resample_spacing
+from ctv2v.evaluate.adapt import Adaptation, adapt_to_scan
 from ctv2v.evaluate.evaluate import predict_volume, write_prediction_nifti
 from ctv2v.files import check_creatable, check_output_folder, output_set, record_created
 from ctv2v.models.artifacts import CheckpointError, load_trained_model, read_model_meta
@@ -69,15 +70,25 @@ class ThinSeries:
     """The (slice, row, col) spacing the model ran at: the thin slice spacing and data.resample.pixel_mm in-plane
     (the input's pixels when the model was trained on each scan's own)."""
 
+    adapted_seconds: float = 0.0
+    """Test-time adaptation to this scan (`predict --adapt`; 0: the model as trained)."""
+
     def describe(self) -> str:
         """Where the series comes from, for the file's own description (NIfTI descrip, DICOM ImageComments)."""
-        return f"ctv2v x{self.factor}, model grid {'x'.join(f'{mm:g}' for mm in self.model_grid_mm)} mm"
+        adapted = f", adapted to this scan for {self.adapted_seconds:g} s" if self.adapted_seconds > 0 else ""
+        return f"ctv2v x{self.factor}, model grid {'x'.join(f'{mm:g}' for mm in self.model_grid_mm)} mm{adapted}"
 
 
 class Predictor:
     """A trained model ready to turn thick series into thin ones (sampling seeded with the model's config seed)."""
 
-    def __init__(self, model_dir: Path, device: str = "auto"):
+    def __init__(self, model_dir: Path, device: str = "auto", adapt_seconds: float = 0.0):
+        """`adapt_seconds` > 0: before each prediction, a copy of the denoiser fine-tunes on the scan's in-plane
+        axes for at most that long (ctv2v.evaluate.adapt); `adaptation` then says how it went."""
+        if adapt_seconds < 0:
+            raise PredictionError(f"--adapt {adapt_seconds:g}: a time budget in seconds, 0 or more")
+        self.adapt_seconds = adapt_seconds
+        self.adaptation: Adaptation | None = None
         model_dir = Path(model_dir)
         meta = read_model_meta(model_dir)
         self.config = RunConfig.model_validate(meta["config"])
@@ -149,8 +160,13 @@ class Predictor:
         grid = np.broadcast_to(np.float32(self.config.data.intensity.hu_min), (covered_slices(thick), rows, cols))
         volume = Preprocessed(Path(source).name, grid, thick, thin_spacing, np.diag([*thin_spacing, 1.0]))
         generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        model = self.model
+        if self.adapt_seconds > 0:
+            start = Interpolation(self.config.v2v.interpolation, self.config.v2v.consistent_interpolation).of(volume)
+            model, self.adaptation = adapt_to_scan(self.model, volume, start, self.config, self.device,
+                                                   self.adapt_seconds)
         with self.precision.autocast(self.device):
-            return predict_volume(self.model, volume, self.config, generator), thick
+            return predict_volume(model, volume, self.config, generator), thick
 
     def predict(self, hu: np.ndarray, spacing: tuple[float, float, float], affine: np.ndarray | None = None,
                 source: str = "input", factor: int | None = None) -> ThinSeries:
@@ -179,7 +195,7 @@ class Predictor:
         if self.config.evaluation.data_consistency:
             thin = project_to_thick(thin, thick, thin.shape[0])
         return ThinSeries(thin.astype(np.float32), thin_affine, thin_spacing, factor,
-                          (thin_spacing[0], *(grid or thin_spacing[1:])))
+                          (thin_spacing[0], *(grid or thin_spacing[1:])), self.adapt_seconds)
 
 
 def upsample_in_plane(volume: np.ndarray, shape: tuple[int, int], spacing: tuple[float, float],
@@ -264,6 +280,7 @@ def predict_file(predictor: Predictor, input_path: Path, out: Path, out_dicom: P
                "input_spacing_mm": list(volume.spacing), "factor": thin.factor,
                "output": str(out), "output_shape": list(thin.hu.shape), "output_spacing_mm": list(thin.spacing),
                "model_grid_mm": list(thin.model_grid_mm),
+               "adaptation": predictor.adaptation.to_dict() if predictor.adaptation is not None else None,
                "weights": predictor.weights_label, "sample_steps": predictor.config.evaluation.sample_steps}
     with output_set([out, *([Path(out_dicom)] if out_dicom is not None else [])]) as staged:
         write_prediction_nifti(staged[0], thin.hu, thin.affine, thin.describe())

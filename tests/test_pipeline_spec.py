@@ -471,3 +471,16 @@ def test_run_parameters_override_the_config_through_its_schema():
     with pytest.raises(ConfigError, match="frozen_epochs=3 and the config's training.frozen.epochs=4"):
         resolve_run_config(text.replace('"frozen":{"epochs":5', '"frozen":{"epochs":4', 1), compiled,
                            {"frozen_epochs": 3})
+
+
+@pytest.mark.parametrize("configs", [["main.yaml", "smoke.yaml"], ["pretrained.yaml", "smoke.yaml"],
+                                     ["main.yaml", "cpu-quality.yaml"], ["pretrained.yaml"]])
+def test_the_cached_steps_config_subsets_of_every_shipped_config_are_valid_configs(configs):
+    """A cacheable step rebuilds its config from the keys it is cached on: the subset must pass the same schema
+    (main.yaml's design needs training.latent_cache beside v2v, or match-architecture fails at its first line)."""
+    from ctv2v.config_io import config_from_text
+    from ctv2v.steps.pipeline_inputs import FETCH_KEYS
+
+    config = load_config([CONFIGS / name for name in configs], [])
+    for keys in (FETCH_KEYS, MATCH_KEYS):
+        config_from_text(cache_key_config(config, keys), "subset", ["variant=pretrained"])

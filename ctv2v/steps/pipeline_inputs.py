@@ -41,7 +41,7 @@ MATCH_KEYS: dict[str, Any] = {
     "seed": True, "device": True,
     "data": {"slice_spacing_tolerance", "intensity", "thick", "resample", "split", "clip"},
     "vae": {"maisi", "latent_scale_clips"}, "v2v": True,
-    "training": {"precision", "val_clips"}, "evaluation": {"hu_min", "hu_max"},
+    "training": {"precision", "val_clips", "latent_cache"}, "evaluation": {"hu_min", "hu_max"},
     "tracking": True,
 }
 """What match-architecture reads from the config (ctv2v.steps.match_architecture: the checkpoint's loading options,

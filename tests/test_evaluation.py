@@ -171,11 +171,12 @@ def test_report_states_settings_and_limits_volumes(tmp_path, linear_run):
     assert stand_in.weights_display == "stand-in (random MAISI-layout weights)"
 
 
-def test_panel_is_written_per_volume(linear_run):
+def test_panel_is_written_per_volume_with_what_the_model_changed(linear_run):
     _, _, out_dir, report = linear_run
     for volume in report.volumes:
         image = Image.open(out_dir / volume.panel_png)
-        assert image.format == "PNG" and image.width == 6 + 5 * (COLUMN_WIDTH_PX + 6)
+        # thick input, model, linear, truth, the model's start, |model - truth|, |model - start|
+        assert image.format == "PNG" and image.width == 6 + 7 * (COLUMN_WIDTH_PX + 6)
 
 
 def test_panel_height_follows_the_slice_spacing():

@@ -21,6 +21,9 @@ TINY = [
     # The model's mechanics on the thick-conditioned path from noise (the one the latent cache serves);
     # tests/test_quality.py covers main.yaml's flow from the interpolation.
     "diffusion.scheduler=ddpm", "diffusion.source=noise", "v2v.condition=thick", "v2v.residual_decoding=false",
+    # ... with the UNet denoiser and the plain clips of that path (main.yaml's reformat design is rflow-only).
+    "denoiser.architecture=unet", "denoiser.slab_phase=false", "training.image_loss_weight=0.0",
+    "data.augment.slab_phases=false", "data.augment.axes=false",
 ]
 CONFIGS = ["configs/main.yaml", "configs/smoke.yaml"]
 

@@ -450,7 +450,7 @@ def test_the_match_key_ignores_training_lengths_but_not_what_the_vae_sees():
     other_run = resolve_run_config(text, compiled, {"frozen_epochs": 9, "full_lr": 1e-6, "sample_steps": 2,
                                                     "vae_epochs": 1, "data_source": "demo"})
     assert cache_key_config(other_run, MATCH_KEYS) == key
-    assert "pipeline_run_id" not in key and '"training":{"precision"' in key
+    assert "pipeline_run_id" not in key and '"training":{"latent_cache":false,"precision"' in key
     thicker = resolve_run_config(text, compiled, {"thick_factor": 3})
     assert cache_key_config(thicker, MATCH_KEYS) != key
 

@@ -276,8 +276,8 @@ class DiffusionConfig(_Section):
     """Min-SNR-gamma loss weighting (Hang et al. 2023), DDPM only; None weights every timestep equally."""
     source: Literal["noise", "interpolation"] = "noise"
     """Where sampling starts. `interpolation` (rflow only): a flow from the interpolation's latent to the thin
-    latent, the velocity being their difference; with the denoiser's zero-initialised output layer an untrained
-    model returns the interpolation's latent."""
+    latent, the velocity being their difference; with the UNet's zero-initialised output layer an untrained
+    model returns the interpolation's latent (the reformat CNN's near-zero one: nearly)."""
     train_timesteps: Literal["uniform", "sampled"] = "uniform"
     """Which timesteps training draws. `uniform`: all of [0, T). `sampled` (rflow only): only those sampling
     visits with sample_steps; with one step that is t = T alone, so the denoiser learns exactly the one map it

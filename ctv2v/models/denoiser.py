@@ -7,8 +7,8 @@ The condition is the thick clip's latent (resampled along depth) or the latent o
 - `reformat`: ReformatCNN, 2D convolutions over reformat planes, (slice, row) and (slice, column), one shared
   network whose two outputs are averaged. A calibration on the project's protocol (shared/FIELD_NOTES.md) found
   the through-plane residual learnable from one patient in reformat planes (+0.37 dB, +0.67 with augmentation)
-  and not with 3D convolutions on 3D crops (0.00). Its last layer starts near zero (std 1e-3): exactly zero did
-  not learn there in 300 steps, near zero starts as the interpolation all the same.
+  and not with 3D convolutions on 3D crops (0.00). Its last layer starts near zero (LAST_LAYER_INIT_STD), so an
+  untrained model returns nearly, not exactly, its start.
 
 Slab phase (denoiser.slab_phase): clips start on a thick slice (ctv2v.data.clips), so thin frame t sits at
 phase t mod k inside its slab; the denoiser gets k one-hot channels of it, averaged over the thin frames of each

@@ -31,7 +31,7 @@ import torch
 from ctv2v.config import RunConfig, TrackingConfig
 from ctv2v.config_io import config_from_text, to_yaml
 from ctv2v.data.prepared import run_workspace
-from ctv2v.files import atomic_write_text
+from ctv2v.files import atomic_write_text, claim_output_folder
 from ctv2v.train.device import process_group
 from ctv2v.train.loop import Runtime, runtime_from_env
 
@@ -131,6 +131,16 @@ def distributed_runtime(config: RunConfig) -> Iterator[Runtime]:
         # Same initial weights on every rank; `seed_per_rank` then gives each rank its own noise stream.
         torch.manual_seed(config.seed)
         yield runtime
+
+
+def claim_output_folder_once(out_dir: Path, runtime: Runtime) -> None:
+    """The main process claims the output folder (ctv2v.files.claim_output_folder) and the others wait for it: a
+    check on every process raced with the main process's first writes (its marker's temporary file) and refused
+    the folder."""
+    if runtime.dist_info.is_main:
+        claim_output_folder(out_dir)
+    if runtime.dist_info.enabled:
+        torch.distributed.barrier()
 
 
 def seed_per_rank(config: RunConfig, runtime: Runtime) -> None:

@@ -20,10 +20,9 @@ from ctv2v.config_io import flatten, write_resolved
 from ctv2v.data.clips import TrainClips
 from ctv2v.data.latents import LatentClips, encode_training_volumes
 from ctv2v.data.prepared import MANIFEST_FILE, load_split_volumes
-from ctv2v.files import claim_output_folder
 from ctv2v.intensity import Intensity
 from ctv2v.models.artifacts import CheckpointError, load_trained_model, save_trained_model, weights_kind
-from ctv2v.steps.context import distributed_runtime, seed_per_rank, tracked_step
+from ctv2v.steps.context import claim_output_folder_once, distributed_runtime, seed_per_rank, tracked_step
 from ctv2v.train.loop import TrainingError, TrainJob, train_loop
 from ctv2v.train.objectives import DiffusionObjective
 from ctv2v.train.resume import CHECKPOINT_MODULES, check_training_folder
@@ -139,7 +138,7 @@ def train_step(
             raise TrainingError("full phase: the VAE is not in the optimizer")
         states = {name: getattr(model, name) for name in CHECKPOINT_MODULES[phase]}
 
-        claim_output_folder(out_dir)  # inputs read and checked: from here on the folder is this run's
+        claim_output_folder_once(out_dir, runtime)  # inputs read and checked: the folder is this run's from here
         weights = weights_kind(model.vae.weights_label)
         with tracked_step(config.tracking, out_dir, f"train-{phase}", pipeline_run_id, main=main,
                           variant=config.variant, phase=phase, weights=weights) as tracker:

@@ -16,10 +16,9 @@ from ctv2v.config import RunConfig
 from ctv2v.config_io import flatten, write_resolved
 from ctv2v.data.clips import TrainClips
 from ctv2v.data.prepared import MANIFEST_FILE, load_split_volumes
-from ctv2v.files import claim_output_folder
 from ctv2v.intensity import Intensity
 from ctv2v.models.vae import ScratchVAE, compute_latent_scale, save_vae_artifact
-from ctv2v.steps.context import distributed_runtime, seed_per_rank, tracked_step
+from ctv2v.steps.context import claim_output_folder_once, distributed_runtime, seed_per_rank, tracked_step
 from ctv2v.train.loop import TrainJob, train_loop
 from ctv2v.train.objectives import ScratchVAEObjective
 from ctv2v.train.resume import check_training_folder
@@ -67,7 +66,7 @@ def train_vae_step(
         train_clips = TrainClips(load_split_volumes(data_dir, config, "train"), config.data.clip, intensity,
                                  config.seed)
         val_clips = vae_val_clips(load_split_volumes(data_dir, config, "val"), config)
-        claim_output_folder(out_dir)  # inputs read and checked: from here on the folder is this run's
+        claim_output_folder_once(out_dir, runtime)  # inputs read and checked: the folder is this run's from here
         with tracked_step(config.tracking, out_dir, "train-vae", pipeline_run_id, main=main, variant=config.variant,
                           weights="scratch") as tracker:
             tracker.log_params(flatten(config))

@@ -323,9 +323,11 @@ def load_torch_file(path: Path, what: str) -> Any:
             ) from None
         raise UnsafeOrCorruptFileError(f"{path}: not a readable {what} (truncated, corrupt or not a torch "
                                        "file)") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise UnsafeOrCorruptFileError(f"{path}: not a readable {what} (truncated or corrupt?): "
-                                       f"{_first_line(exc)}") from None
+    except OSError as exc:
+        raise UnsafeOrCorruptFileError(f"{path}: cannot read the {what}: {exc.strerror or _first_line(exc)}") from None
+    except Exception as exc:  # torch's legacy (non-zip) reader raises KeyError, IndexError, ... on arbitrary bytes
+        raise UnsafeOrCorruptFileError(f"{path}: not a readable {what} (truncated, corrupt or not a torch "
+                                       f"file): {_first_line(exc)}") from None
 
 
 def _first_line(exc: BaseException) -> str:

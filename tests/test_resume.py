@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import signal
 import subprocess
 import sys
@@ -196,14 +197,20 @@ class _RunsCode:
         return os.system, ("echo pwned",)
 
 
-@pytest.mark.parametrize("content", ["random-bytes", "malicious-pickle"])
+# Random bytes reach different parts of torch's readers (the legacy one raised KeyError for one draw in CI); seeded
+# draws keep every run reproducible while covering several of those paths.
+@pytest.mark.parametrize("content", [f"random-bytes-{seed}" for seed in range(12)] + ["truncated", "malicious-pickle"])
 def test_an_unsafe_or_corrupt_checkpoint_is_one_error_naming_it(tmp_path, content):
     from ctv2v.files import UnsafeOrCorruptFileError
 
     path = tmp_path / "step-00000002.pt"
-    if content == "random-bytes":
-        path.write_bytes(os.urandom(5000))
-        expected = rf"{path}: not a readable training checkpoint \(truncated, corrupt or not a torch file\)$"
+    if content.startswith("random-bytes"):
+        path.write_bytes(random.Random(int(content.rsplit("-", 1)[1])).randbytes(5000))
+        expected = rf"{path}: not a readable training checkpoint \(truncated, corrupt or not a torch file\)"
+    elif content == "truncated":
+        torch.save({"weights": torch.zeros(1000)}, path)
+        path.write_bytes(path.read_bytes()[:2000])
+        expected = rf"{path}: not a readable training checkpoint \(truncated, corrupt or not a torch file\)"
     else:
         torch.save({"format": _RunsCode()}, path)
         expected = rf"{path}: refused as training checkpoint: unpickling it would import posix.system"

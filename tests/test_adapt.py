@@ -51,7 +51,10 @@ def test_adaptation_trains_a_copy_for_the_configured_steps_and_is_seeded(scan):
     changed = [k for k, v in adapted.denoiser.state_dict().items() if not torch.equal(v, before[f"denoiser.{k}"])]
     assert changed
     assert all(torch.equal(v, before[f"vae.{k}"]) for k, v in adapted.vae.state_dict().items())  # VAE frozen
+    torch.manual_seed(1234)
+    caller_stream = torch.get_rng_state()
     again, _ = adapt_to_scan(model, volume, start_of(config, volume), config, torch.device("cpu"), 600.0)
+    assert torch.equal(torch.get_rng_state(), caller_stream)  # the caller's random stream is left where it was
     for key, value in adapted.state_dict().items():
         torch.testing.assert_close(again.state_dict()[key], value)
 

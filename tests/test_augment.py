@@ -44,7 +44,7 @@ def test_in_plane_axes_only_leave_the_volumes_own_z_out():
 
 
 def test_axes_on_an_anisotropic_grid_are_refused_naming_the_volume():
-    with pytest.raises(ValueError, match=r"training volume v has spacing \(3\.0, 0\.8, 0\.8\) mm.*isotropic"):
+    with pytest.raises(ValueError, match=r"volume v has spacing \(3\.0, 0\.8, 0\.8\) mm.*isotropic"):
         training_views(volume(spacing=(3.0, 0.8, 0.8)), AugmentConfig(axes=True), THICK)
 
 

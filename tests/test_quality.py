@@ -95,6 +95,25 @@ def test_validation_tiles_hold_tissue_and_are_never_constant():
         assert float((clip["thin"] > 0.25).float().mean()) > 0.5  # above -500 HU: tissue
 
 
+def test_a_short_isotropic_val_volume_is_validated_along_its_in_plane_axes_too():
+    from ctv2v.train.validation import val_clips_of
+
+    short = phantom_volume((13, 48, 40))  # the demo's val series: 13 slices at 3 mm hold 3 thick slabs
+    config = training_config("data.clip.frames=16", "data.clip.height=16", "data.clip.width=16",
+                             "training.val_clips=6", "data.augment.axes=true", "data.thick.factor=4")
+    clips = val_clips_of([short], config, Interpolation("cubic"))
+    assert [clip["volume_id"] for clip in clips] == ["phantom", "phantom:axis1:phase0", "phantom:axis2:phase0"] * 2
+    for clip in clips:
+        frames, rows, cols = clip["thin"].shape[2:]
+        assert clip["interp"].shape == clip["thin"].shape and clip["thick"].shape[2] * 4 == frames
+        assert rows <= 16 and cols <= 16
+        if clip["volume_id"] != "phantom":
+            assert frames == 16 and 13 in (rows, cols)  # a long stretch; the short axis clamps the tile
+    assert [tuple(clip["thin"].shape[2:]) for clip in val_clips_of([short], training_config(
+        "data.clip.frames=16", "data.clip.height=16", "data.clip.width=16", "training.val_clips=2"), None)] == [
+        (12, 16, 16)] * 2  # without data.augment.axes: the volume's own z only (its 3 whole slabs)
+
+
 # ------------------------------------------------------------------------------------ fix 2, 3: the VAE
 def test_vae_validation_loss_and_psnr_score_the_same_reconstruction():
     from ctv2v.train.device import resolve_precision

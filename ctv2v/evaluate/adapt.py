@@ -68,11 +68,14 @@ def adapt_to_scan(model: torch.nn.Module, volume: Preprocessed, interpolated_hu:
                        slice_axes=IN_PLANE_AXES)
     loader = DataLoader(clips, batch_size=settings.batch_size, shuffle=False, num_workers=0)
     optimizer = torch.optim.Adam(adapted.denoiser.parameters(), lr=settings.lr)
-    torch.manual_seed(config.seed)
     adapted.train()
     started = time.perf_counter()
     losses: list[float] = []
-    with torch.enable_grad():
+    # A forked RNG seeded with the run's seed: adaptation is reproducible, and predicting several scans (or what the
+    # caller draws next) does not depend on how many steps an earlier scan's time budget allowed.
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        torch.manual_seed(config.seed)
         for batch in loader:
             if time.perf_counter() - started >= seconds:
                 break

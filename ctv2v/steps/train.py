@@ -26,7 +26,7 @@ from ctv2v.steps.context import claim_output_folder_once, distributed_runtime, s
 from ctv2v.train.loop import TrainingError, TrainJob, train_loop
 from ctv2v.train.objectives import DiffusionObjective
 from ctv2v.train.resume import CHECKPOINT_MODULES, check_training_folder
-from ctv2v.train.validation import fixed_val_clips, validate_diffusion
+from ctv2v.train.validation import val_clips_of, validate_diffusion
 
 PHASES = ("frozen", "full")
 MODEL_DIR = "model"
@@ -117,8 +117,7 @@ def train_step(
         seed_per_rank(config, runtime)
         intensity = Intensity.from_config(config.data.intensity)
         train_volumes = load_split_volumes(data_dir, config, "train")
-        val_clips = fixed_val_clips(load_split_volumes(data_dir, config, "val"), config.data.clip, intensity,
-                                    config.training.val_clips, model.interpolation)
+        val_clips = val_clips_of(load_split_volumes(data_dir, config, "val"), config, model.interpolation)
         thick_spacings = [volume.thick.spacing_mm for volume in train_volumes]
         thick_spacing_mm = (min(thick_spacings), max(thick_spacings))
         settings = config.training.frozen if phase == "frozen" else config.training.full

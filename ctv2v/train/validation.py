@@ -14,6 +14,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from ctv2v.train.loop import TrainingError
 from ctv2v.config import ClipConfig, RunConfig
+from ctv2v.data.augment import validation_views
 from ctv2v.data.cache import Preprocessed
 from ctv2v.data.clips import eval_tiles, extract_clip
 from ctv2v.data.interpolation import Interpolation, covered_slices
@@ -30,45 +31,59 @@ TISSUE_HU = -500.0
 """Voxels above this HU count as tissue when validation clips are picked (air and lung lie below)."""
 
 
+def val_clips_of(volumes: list[Preprocessed], config: RunConfig, interpolation: Interpolation | None) -> list[dict]:
+    """training.val_clips fixed clips of the val volumes' validation views (data.augment.axes: every axis of an
+    isotropic val volume as the slice axis), holding `interpolation`'s clip when it is given."""
+    views = [view for volume in volumes
+             for view in validation_views(volume, config.data.augment, config.data.thick)]
+    return fixed_val_clips(views, config.data.clip, Intensity.from_config(config.data.intensity),
+                           config.training.val_clips, interpolation)
+
+
 def vae_val_clips(volumes: list[Preprocessed], config: RunConfig) -> list[dict]:
-    """training.val_clips fixed val clips holding the interpolation the model starts from (config.v2v): a VAE's
-    validation scores its ceiling decode(encode(thin)) beside that interpolation (validate_vae's val_interp_*)."""
-    return fixed_val_clips(volumes, config.data.clip, Intensity.from_config(config.data.intensity),
-                           config.training.val_clips,
-                           Interpolation(config.v2v.interpolation, config.v2v.consistent_interpolation))
+    """Val clips holding the interpolation the model starts from (config.v2v): a VAE's validation scores its
+    ceiling decode(encode(thin)) beside that interpolation (validate_vae's val_interp_*)."""
+    return val_clips_of(volumes, config, Interpolation(config.v2v.interpolation, config.v2v.consistent_interpolation))
 
 
 def fixed_val_clips(volumes: list[Preprocessed], clip: ClipConfig, intensity: Intensity, count: int,
                     interpolation: Interpolation | None = None) -> list[dict]:
-    """The `count` evaluation tiles of the val volumes with the most tissue: the same clips every epoch.
+    """`count` evaluation tiles of the val volumes, those with the most tissue first, taken from each volume in
+    turn: the same clips every epoch.
 
     With `interpolation`, each clip also holds the clip of its volume's interpolation (`interp`).
 
     Spreading picks over the tiles took the volume's corners, i.e. air, whose constant clips made val_loss
-    and val PSNR measure nothing. Ties keep tile order, so the pick is deterministic.
+    and val PSNR measure nothing. Taking the volumes in turn keeps every view scored (one view's tiles can all hold
+    more tissue than another's). Ties keep tile order, so the pick is deterministic.
     """
-    tiles = []
+    ranked_per_volume = []
     for volume in volumes:
-        # A val volume shorter than the clip gets clips of the whole thick slabs it holds: frames past its end
-        # would be scored against padding, not against slices.
+        # A val volume smaller than the clip gets clips of the whole thick slabs and rows it holds: voxels past its
+        # end would be scored against padding, not against the scan.
         k = volume.thick.factor
         frames = min(clip.frames, max((covered_slices(volume.thick) - 1) // k * k, -(-4 // k) * k))
-        for tile in eval_tiles(volume.thin.shape, clip.model_copy(update={"frames": frames}), k,
-                               volume.thick.array.shape[0]):
+        size = clip.model_copy(update={"frames": frames, "height": min(clip.height, volume.thin.shape[1]),
+                                       "width": min(clip.width, volume.thin.shape[2])})
+        tiles = []
+        for tile in eval_tiles(volume.thin.shape, size, k, volume.thick.array.shape[0]):
             thin = volume.thin[tile.z0:tile.z0 + tile.frames, tile.y0:tile.y0 + tile.height,
                                tile.x0:tile.x0 + tile.width]
             tiles.append((float((thin > TISSUE_HU).mean()), volume, tile))
-    if not tiles:
+        ranked_per_volume.append(sorted(tiles, key=lambda picked: -picked[0]))
+    picks = [ranked[rank] for rank in range(max(map(len, ranked_per_volume), default=0))
+             for ranked in ranked_per_volume if rank < len(ranked)]
+    if not picks:
         raise TrainingError("validation needs at least one val volume")
-    ranked = sorted(range(len(tiles)), key=lambda i: -tiles[i][0])
     clips = []
-    for index in ranked[:count]:
-        tissue, volume, tile = tiles[index]
+    interpolated = {}
+    for tissue, volume, tile in picks[:count]:
         if tissue == 0.0:
             raise TrainingError(f"val volume {volume.volume_id}: tile at {tile} holds no voxel above {TISSUE_HU} HU; "
                                 f"only {len(clips)} val tiles hold tissue, training.val_clips is {count}")
-        interpolated = interpolation.of(volume) if interpolation is not None else None
-        arrays = extract_clip(volume, tile, intensity, interpolated)
+        if interpolation is not None and volume.volume_id not in interpolated:
+            interpolated[volume.volume_id] = interpolation.of(volume)
+        arrays = extract_clip(volume, tile, intensity, interpolated.get(volume.volume_id))
         clips.append({name: torch.from_numpy(array)[None, None] for name, array in arrays.items()}
                      | {"volume_id": volume.volume_id})
     return clips

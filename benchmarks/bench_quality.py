@@ -30,6 +30,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,7 +187,20 @@ def unseen_scores(out: Path, path: Path, adapt_seconds: float) -> tuple[dict, st
     return result.metrics, description
 
 
-def curves(out: Path) -> dict[str, list[str]]:
+@dataclass(frozen=True)
+class ValPoint:
+    """One epoch's validation line: val PSNR of the model and of its start on the same val clips."""
+
+    epoch: int
+    psnr_db: float
+    start_psnr_db: float
+    loss: float
+
+    def __str__(self) -> str:
+        return f"epoch {self.epoch}: {self.psnr_db:.2f} dB (start {self.start_psnr_db:.2f}, val_loss {self.loss:.4f})"
+
+
+def curves(out: Path) -> dict[str, list[ValPoint]]:
     """Val PSNR (synthesized slices of the val clips) per epoch of each phase, from the train steps' logs."""
     found = {}
     for phase in ("frozen", "full"):
@@ -195,13 +209,19 @@ def curves(out: Path) -> dict[str, list[str]]:
             match = VALIDATION_LINE.search(line)
             if match and match.group(1) == phase:
                 values = dict(item.rsplit(" ", 1) for item in match.group(3).split(", "))
-                points.append(f"epoch {match.group(2)}: {float(values['val_psnr_db_synthesized']):.2f} dB "
-                              f"(start {float(values['val_interp_psnr_db_synthesized']):.2f}, "
-                              f"val_loss {float(values['val_loss']):.4f})")
+                points.append(ValPoint(int(match.group(2)), float(values["val_psnr_db_synthesized"]),
+                                       float(values["val_interp_psnr_db_synthesized"]), float(values["val_loss"])))
         if not points:
             raise SystemExit(f"{out}/train-{phase}.log holds no validation line of phase {phase}")
         found[phase] = points
     return found
+
+
+def curve_floor(frozen: list[ValPoint]) -> tuple[str, bool]:
+    """Issue 18: the val PSNR rises over training (the frozen phase's last epoch above its first)."""
+    first, last = frozen[0], frozen[-1]
+    return (f"val PSNR rises over the frozen phase (epoch {first.epoch} {first.psnr_db:.2f} dB -> epoch "
+            f"{last.epoch} {last.psnr_db:.2f} dB; start {last.start_psnr_db:.2f})", last.psnr_db > first.psnr_db)
 
 
 def fmt(score: dict, start: dict) -> str:
@@ -287,12 +307,13 @@ def main() -> int:
               | {k: v for k, v in scores.items() if k not in (START, "model", "model+adapt")}, scores[START])
         print()
         headline["unseen " + args.unseen.name] = scores
+    val_curves = curves(out)
     print("## floors (issue 18)")
-    for text, passed in floors(headline):
+    for text, passed in [*floors(headline), curve_floor(val_curves["frozen"])]:
         print(f"- {'PASS' if passed else 'FAIL'}: {text}")
     print()
-    for phase, points in curves(out).items():
-        print(f"val PSNR over training, {phase} phase: " + "; ".join(points))
+    for phase, points in val_curves.items():
+        print(f"val PSNR over training, {phase} phase: " + "; ".join(map(str, points)))
     print("\nwall time per step: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in walls.items())
           + f"; total {sum(walls.values()) / 60:.1f} min")
     return 0

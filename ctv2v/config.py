@@ -357,7 +357,9 @@ class AdaptConfig(_Section):
     seconds: float = Field(0.0, ge=0)
     """Time budget per scan (0: off). Training stops at `steps` or when the budget is spent, whichever first."""
     steps: int = Field(300, ge=1)
-    lr: float = Field(3.0e-4, gt=0)
+    lr: float = Field(1.0e-3, gt=0)
+    """1e-3: an untrained cpu-quality denoiser adapted 300 steps gained +0.68 dB on example_ct_sm (3e-4: +0.25 dB
+    in 90 s; its loss rose)."""
     batch_size: int = Field(4, ge=1)
 
 

@@ -21,7 +21,7 @@ from pipeline.local import init_local
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CHEAPER_THAN_SMOKE = [
     "data.clip.clips_per_volume=1",
-    "training.val_clips=1", "training.val_sample_clips=1", "training.val_sample_steps=1",
+    "training.val_clips=1", "training.val_sample_steps=1",
     "evaluation.sample_steps=1", "evaluation.tile_height=64", "evaluation.tile_width=64",
 ]
 """smoke.yaml's one epoch per phase with one clip per volume, one validation clip sampled in one step, and the test

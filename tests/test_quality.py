@@ -114,6 +114,39 @@ def test_a_short_isotropic_val_volume_is_validated_along_its_in_plane_axes_too()
         (12, 16, 16)] * 2  # without data.augment.axes: the volume's own z only (its 3 whole slabs)
 
 
+def test_validation_scores_a_whole_val_view_as_the_evaluate_step_scores_it(tmp_path):
+    from ctv2v.evaluate.evaluate import MODEL, evaluate_volume
+    from ctv2v.models.v2v import build_model
+    from ctv2v.models.vae import build_untrained_vae
+    from ctv2v.train.device import resolve_precision
+    from ctv2v.train.validation import scored_val_views, val_clips_of, validate_diffusion
+
+    config = training_config(*BRIDGE, "v2v.consistent_interpolation=true", "evaluation.data_consistency=true",
+                             "training.val_scored_views=1",
+                             "training.val_sample_steps=1",
+                             "evaluation.sample_steps=1", "evaluation.write_nifti=false")
+    torch.manual_seed(0)
+    model = build_model(config, build_untrained_vae(config)).eval()
+    val = phantom_volume((21, 24, 28))
+    cpu = torch.device("cpu")
+    metrics = validate_diffusion(model, val_clips_of([val], config, model.interpolation),
+                                 scored_val_views([val], config), None, config, cpu, resolve_precision("fp32", cpu))
+    report = evaluate_volume(model, val, config, tmp_path, torch.Generator(cpu).manual_seed(config.seed), "stand-in")
+    scores = report.metrics[MODEL]["synthesized"]
+    assert metrics["val_psnr_db_synthesized"] == pytest.approx(scores["psnr_db"], abs=1e-4)
+    assert metrics["val_interp_psnr_db_synthesized"] == pytest.approx(
+        report.metrics["cubic+dc"]["synthesized"]["psnr_db"], abs=1e-4)
+
+
+def test_a_val_view_too_small_to_score_is_one_error_naming_it_and_the_key():
+    from ctv2v.train.loop import TrainingError
+    from ctv2v.train.validation import scored_val_views
+
+    with pytest.raises(TrainingError, match=r"val view phantom: 9 covered slices x 24 x 28 is smaller than SSIM's "
+                                            r"11-voxel window; lower training.val_scored_views"):
+        scored_val_views([phantom_volume((12, 24, 28))], training_config("training.val_scored_views=1"))
+
+
 # ------------------------------------------------------------------------------------ fix 2, 3: the VAE
 def test_vae_validation_loss_and_psnr_score_the_same_reconstruction():
     from ctv2v.train.device import resolve_precision
@@ -270,12 +303,12 @@ def test_tiny_end_to_end_run_improves_on_its_first_validation(tmp_path):
     from ctv2v.models.v2v import build_model
     from ctv2v.train.loop import TrainJob, train_loop
     from ctv2v.train.objectives import DiffusionObjective
-    from ctv2v.train.validation import fixed_val_clips, validate_diffusion
+    from ctv2v.train.validation import fixed_val_clips, scored_val_views, validate_diffusion
     from ctv2v.models.vae import load_vae_artifact
 
     torch.set_flush_denormal(True)  # as the steps do (ctv2v.train.loop.runtime_from_env): denormals are ~15x slower
     config = training_config(*BRIDGE, "vae.scratch.epochs=2", "vae.scratch.lr=3e-3", "data.clip.clips_per_volume=4",
-                             "training.val_sample_clips=1", "training.val_sample_steps=1")
+                             "training.val_sample_steps=1")
     data = prepared_phantoms(tmp_path, config, 4, TRAINING_PHANTOM)
     train_vae_step(config, data, tmp_path / "vae")
     cpu, intensity = torch.device("cpu"), Intensity.from_config(config.data.intensity)
@@ -283,11 +316,13 @@ def test_tiny_end_to_end_run_improves_on_its_first_validation(tmp_path):
     model = build_model(config, load_vae_artifact(tmp_path / "vae"))
     val_clips = fixed_val_clips(load_split_volumes(data, config, "val"), config.data.clip, intensity, 2,
                                 model.interpolation)
+    val_views = scored_val_views(load_split_volumes(data, config, "val"), config)
+    assert len(val_views) == 1
     precision = resolve_precision("fp32", cpu)
     history = []
 
     def validate(ema):
-        history.append(validate_diffusion(model, val_clips, ema, config, cpu, precision))
+        history.append(validate_diffusion(model, val_clips, val_views, ema, config, cpu, precision))
         return history[-1]
 
     train_loop(TrainJob(
@@ -299,7 +334,8 @@ def test_tiny_end_to_end_run_improves_on_its_first_validation(tmp_path):
         validate=validate))
     assert len(history) == 4
     curve = [(round(h["val_loss"], 5), round(h["val_psnr_db_synthesized"], 3)) for h in history]
-    # The flow's loss on held-out clips is the validation score (it picks best-model); on these smooth phantoms
-    # the sampled PSNR moves by hundredths of a dB in so few steps, so it only must not fall.
+    # The flow's loss on held-out clips picks best-model; the whole val volume predicted as evaluate predicts it is
+    # scored beside its start. On these smooth phantoms its PSNR moves by hundredths of a dB in so few steps, so it
+    # only must not fall.
     assert history[-1]["val_loss"] < 0.9 * history[0]["val_loss"], curve
     assert history[-1]["val_psnr_db_synthesized"] > history[0]["val_psnr_db_synthesized"] - 0.05, curve

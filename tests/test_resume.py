@@ -30,7 +30,7 @@ RESUME_OVERRIDES = [
     "training.full.epochs=1",
     "training.grad_accum_steps=2",
     "training.ema_decay=0.9",
-    "training.val_sample_clips=0",  # validation loss only: it still draws noise, under its own forked RNG
+    "training.val_scored_views=0",  # validation loss only: it still draws noise, under its own forked RNG
 ]
 KILL_AFTER_STEP = 1
 """Mid-epoch: the epoch has 2 optimizer steps."""

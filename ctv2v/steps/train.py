@@ -26,7 +26,7 @@ from ctv2v.steps.context import claim_output_folder_once, distributed_runtime, s
 from ctv2v.train.loop import TrainingError, TrainJob, train_loop
 from ctv2v.train.objectives import DiffusionObjective
 from ctv2v.train.resume import CHECKPOINT_MODULES, check_training_folder
-from ctv2v.train.validation import val_clips_of, validate_diffusion
+from ctv2v.train.validation import scored_val_views, val_clips_of, validate_diffusion
 
 PHASES = ("frozen", "full")
 MODEL_DIR = "model"
@@ -117,7 +117,9 @@ def train_step(
         seed_per_rank(config, runtime)
         intensity = Intensity.from_config(config.data.intensity)
         train_volumes = load_split_volumes(data_dir, config, "train")
-        val_clips = val_clips_of(load_split_volumes(data_dir, config, "val"), config, model.interpolation)
+        val_volumes = load_split_volumes(data_dir, config, "val")
+        val_clips = val_clips_of(val_volumes, config, model.interpolation)
+        val_views = scored_val_views(val_volumes, config)
         thick_spacings = [volume.thick.spacing_mm for volume in train_volumes]
         thick_spacing_mm = (min(thick_spacings), max(thick_spacings))
         settings = config.training.frozen if phase == "frozen" else config.training.full
@@ -149,7 +151,7 @@ def train_step(
                 train_set=train_set, epochs=settings.epochs, batch_size=settings.batch_for(config.variant),
                 warmup_steps=settings.warmup_steps, states=states, out_dir=out_dir, device=runtime.device,
                 precision=runtime.precision, dist_info=runtime.dist_info, ema_of=model.denoiser,
-                validate=lambda ema: validate_diffusion(model, val_clips, ema, config, runtime.device,
+                validate=lambda ema: validate_diffusion(model, val_clips, val_views, ema, config, runtime.device,
                                                         runtime.precision),
                 on_best=lambda ema: save_trained_model(model, out_dir / BEST_MODEL_DIR, config, ema, phase=phase,
                                                         thick_spacing_mm=thick_spacing_mm),

@@ -20,7 +20,9 @@ from ctv2v.data.clips import eval_tiles, extract_clip
 from ctv2v.data.interpolation import Interpolation, covered_slices
 from ctv2v.train.device import Precision
 from ctv2v.intensity import Intensity
-from ctv2v.evaluate.metrics import score_volume
+from ctv2v.data.thick import project_to_thick
+from ctv2v.evaluate.evaluate import predict_volume
+from ctv2v.evaluate.metrics import SSIM_WINDOW, score_volume
 from ctv2v.models.vae import ClipVAE
 
 log = logging.getLogger(__name__)
@@ -31,13 +33,29 @@ TISSUE_HU = -500.0
 """Voxels above this HU count as tissue when validation clips are picked (air and lung lie below)."""
 
 
+def val_views_of(volumes: list[Preprocessed], config: RunConfig) -> list[Preprocessed]:
+    """The val volumes' validation views (data.augment.axes: every axis of an isotropic val volume as the slice
+    axis), volume by volume."""
+    return [view for volume in volumes for view in validation_views(volume, config.data.augment, config.data.thick)]
+
+
 def val_clips_of(volumes: list[Preprocessed], config: RunConfig, interpolation: Interpolation | None) -> list[dict]:
-    """training.val_clips fixed clips of the val volumes' validation views (data.augment.axes: every axis of an
-    isotropic val volume as the slice axis), holding `interpolation`'s clip when it is given."""
-    views = [view for volume in volumes
-             for view in validation_views(volume, config.data.augment, config.data.thick)]
-    return fixed_val_clips(views, config.data.clip, Intensity.from_config(config.data.intensity),
-                           config.training.val_clips, interpolation)
+    """training.val_clips fixed clips of the val volumes' validation views, holding `interpolation`'s clip when it
+    is given."""
+    return fixed_val_clips(val_views_of(volumes, config), config.data.clip,
+                           Intensity.from_config(config.data.intensity), config.training.val_clips, interpolation)
+
+
+def scored_val_views(volumes: list[Preprocessed], config: RunConfig) -> list[Preprocessed]:
+    """The first training.val_scored_views validation views, each large enough to be scored."""
+    views = val_views_of(volumes, config)[:config.training.val_scored_views]
+    for view in views:
+        scored = (covered_slices(view.thick), *view.thin.shape[1:])
+        if min(scored) < SSIM_WINDOW:
+            raise TrainingError(f"val view {view.volume_id}: {scored[0]} covered slices x {scored[1]} x {scored[2]} "
+                                f"is smaller than SSIM's {SSIM_WINDOW}-voxel window; lower training.val_scored_views "
+                                "(0 tracks the val loss only)")
+    return views
 
 
 def vae_val_clips(volumes: list[Preprocessed], config: RunConfig) -> list[dict]:
@@ -104,39 +122,44 @@ def denoiser_swapped(model: nn.Module, denoiser: nn.Module | None) -> Iterator[n
 
 
 @torch.no_grad()
-def validate_diffusion(model: nn.Module, clips: list[dict], ema: AveragedModel | None, config: RunConfig,
-                       device: torch.device, precision: Precision) -> dict[str, float]:
-    """Loss on fixed val clips and PSNR/SSIM (HU, evaluation window) of clips sampled with few steps.
+def validate_diffusion(model: nn.Module, clips: list[dict], views: list[Preprocessed], ema: AveragedModel | None,
+                       config: RunConfig, device: torch.device, precision: Precision) -> dict[str, float]:
+    """Loss on fixed val clips, and PSNR/SSIM (HU, evaluation window, synthesized and all slices) of whole val
+    views predicted as the evaluate step predicts a scan: tiles, training.val_sample_steps sampling steps, data
+    consistency when evaluation.data_consistency is on.
 
-    When the clips hold their interpolation, its scores on the same clips are reported too (`val_interp_*`):
-    the model's starting point, which it should beat.
+    When the model starts from an interpolation, that start's scores on the same views are reported too
+    (`val_interp_*`): the number the model should beat.
 
     Runs under a forked RNG seeded with the run's seed: the numbers are comparable across epochs and the
     training RNG stream (and hence an exact resume) is untouched.
     """
     settings = config.training
     window = Intensity(config.evaluation.hu_min, config.evaluation.hu_max)
-    data_window = Intensity.from_config(config.data.intensity)
+    as_validated = config.model_copy(update={"evaluation": config.evaluation.model_copy(
+        update={"sample_steps": settings.val_sample_steps})})
     losses, scores, interp_scores = [], [], []
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), denoiser_swapped(model, ema.module if ema else None) as scored:
         torch.manual_seed(config.seed)
-        for index, clip in enumerate(clips):
+        for clip in clips:
             thin, thick = clip["thin"].to(device), clip["thick"].to(device)
             interp = clip["interp"].to(device) if "interp" in clip else None
             with precision.autocast(device):
                 loss, _ = scored.loss(thick, thin, interp=interp)
             losses.append(float(loss))
-            if index < settings.val_sample_clips:
-                with precision.autocast(device):
-                    pred = scored.sample(thick, steps=settings.val_sample_steps, interp=interp)
-                pred_hu = data_window.to_hu(pred.float().clamp(0, 1))[0, 0].cpu().numpy()
-                true_hu = data_window.to_hu(thin.float())[0, 0].cpu().numpy()
-                scores.append(score_volume(pred_hu, true_hu, config.data.thick.factor, window.hu_min, window.hu_max))
-                if interp is not None:
-                    interp_hu = data_window.to_hu(interp.float())[0, 0].cpu().numpy()
-                    interp_scores.append(score_volume(interp_hu, true_hu, config.data.thick.factor, window.hu_min,
-                                                      window.hu_max))
+        for view in views:
+            covered = covered_slices(view.thick)
+            truth = view.thin[:covered]
+            with precision.autocast(device):
+                prediction = predict_volume(scored, view, as_validated, torch.Generator(device).manual_seed(config.seed))
+            if config.evaluation.data_consistency:
+                prediction = project_to_thick(prediction, view.thick, view.thin.shape[0])
+            k = view.thick.factor
+            scores.append(score_volume(prediction, truth, k, window.hu_min, window.hu_max))
+            if scored.interpolation is not None:
+                start = scored.interpolation.of(view)[:covered]
+                interp_scores.append(score_volume(start, truth, k, window.hu_min, window.hu_max))
     return {"val_loss": float(np.mean(losses)), **_mean_scores(scores), **_mean_scores(interp_scores, "val_interp")}
 
 

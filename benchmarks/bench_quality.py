@@ -177,19 +177,23 @@ def unseen_scores(out: Path, path: Path, adapt_seconds: float) -> tuple[dict, st
     thin, spacing, affine = resample_spacing(volume.array, volume.spacing, volume.affine, config.data.resample)
     unseen = Preprocessed(path.name.split(".")[0], thin, simulate_thick(thin, spacing[0], config.data.thick),
                           spacing, affine)
-    model = load_trained_model(out / "full" / "model", config).eval()
     started = time.monotonic()
-    result = evaluate_volume(model, unseen, config, out / "unseen", torch.Generator().manual_seed(config.seed),
-                             model.vae.weights_label)
+    results = {}
+    for name, model_dir in (("model", out / "full" / "model"), ("adapt only", out / "untrained" / "model")):
+        model = load_trained_model(model_dir, config).eval()
+        results[name] = evaluate_volume(model, unseen, config, out / "unseen" / name.replace(" ", "-"),
+                                        torch.Generator().manual_seed(config.seed), model.vae.weights_label)
+    metrics = results["model"].metrics | {"adapt only": results["adapt only"].metrics["model+adapt"]}
     description = (f"{path} resampled to {tuple(round(s, 2) for s in spacing)} mm, shape {thin.shape}, "
-                   f"{result.thick_description}, {result.scored_slices} scored slices, "
+                   f"{results['model'].thick_description}, {results['model'].scored_slices} scored slices; "
+                   f"adaptation {results['model'].adaptation}; adapt only {results['adapt only'].adaptation}; "
                    f"{time.monotonic() - started:.0f} s")
-    return result.metrics, description
+    return metrics, description
 
 
 @dataclass(frozen=True)
 class ValPoint:
-    """One epoch's validation line: val PSNR of the model and of its start on the same val clips."""
+    """One epoch's validation line: val PSNR of the model and of its start on the same val views."""
 
     epoch: int
     psnr_db: float
@@ -201,7 +205,8 @@ class ValPoint:
 
 
 def curves(out: Path) -> dict[str, list[ValPoint]]:
-    """Val PSNR (synthesized slices of the val clips) per epoch of each phase, from the train steps' logs."""
+    """Val PSNR (synthesized slices of the val views predicted whole) per epoch of each phase, from the train steps'
+    logs."""
     found = {}
     for phase in ("frozen", "full"):
         points = []
@@ -303,8 +308,9 @@ def main() -> int:
         metrics, description = unseen_scores(out, args.unseen.resolve(), args.adapt)
         scores = {method: s["synthesized"] for method, s in metrics.items()}
         print(f"## unseen body region: {description}")
-        table({name: scores[name] for name in [START, "model", "model+adapt"]}
-              | {k: v for k, v in scores.items() if k not in (START, "model", "model+adapt")}, scores[START])
+        order = [START, "model", "model+adapt", "adapt only"]
+        table({name: scores[name] for name in order} | {k: v for k, v in scores.items() if k not in order},
+              scores[START])
         print()
         headline["unseen " + args.unseen.name] = scores
     val_curves = curves(out)

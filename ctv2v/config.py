@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Variant = Literal["main", "pretrained"]
 VARIANTS: tuple[str, ...] = get_args(Variant)
-"""The pipeline's two branches (see ctv2v.models.artifacts for how they relate to VAE and weights kinds)."""
+"""The pipeline's two branches (see ctv2v.models.weights for how they relate to VAE and weights kinds)."""
 
 
 class ConfigError(ValueError):

@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 
-from ctv2v.models.artifacts import (CheckpointError, WeightsLabelError, check_weights_label, weights_display,
-                                    weights_kind)
+from ctv2v.models.weights import CheckpointError, WeightsLabelError, check_weights_label, weights_display, weights_kind
 from ctv2v.models.vae import (
     ScratchVAE,
     compute_latent_scale,

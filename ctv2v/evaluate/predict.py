@@ -40,7 +40,8 @@ from ctv2v.data.thick import ThickSeries, project_to_thick, resample_spacing
 from ctv2v.evaluate.adapt import Adaptation, adapt_to_scan
 from ctv2v.evaluate.evaluate import predict_volume, write_prediction_nifti
 from ctv2v.files import check_creatable, check_output_folder, output_set, record_created
-from ctv2v.models.artifacts import CheckpointError, load_trained_model, read_model_meta
+from ctv2v.models.artifacts import load_trained_model, read_model_meta
+from ctv2v.models.weights import CheckpointError
 from ctv2v.train.device import Precision, resolve_precision, select_device
 
 log = logging.getLogger(__name__)

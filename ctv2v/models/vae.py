@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.networks.blocks import Convolution, Upsample
 from monai.networks.nets.autoencoderkl import AEKLResBlock
@@ -27,8 +26,9 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from ctv2v.config import MaisiVAEConfig, RunConfig, ScratchVAEConfig
 from ctv2v.files import atomic_torch_save, atomic_write_text, load_torch_file, sha256_file
-from ctv2v.models.artifacts import VAE_KINDS, WEIGHTS_KINDS, load_state_strictly
 from ctv2v.models.maisi import MAISI_CT_ARCH, build_autoencoder
+from ctv2v.models.shapes import crop_to, pad_to_multiple
+from ctv2v.models.weights import VAE_KINDS, WEIGHTS_KINDS, load_state_strictly
 
 logger = logging.getLogger(__name__)
 
@@ -53,30 +53,11 @@ def check_clip(name: str, tensor: torch.Tensor, channels: int = 1, min_frames: i
         raise ValueError(f"{name}: {bad} NaN/Inf value(s) in tensor of shape {shape}")
 
 
-def pad_to_multiple(x: torch.Tensor, multiples: tuple[int, int, int]) -> torch.Tensor:
-    """Pad the last three axes of a 5D tensor at their end up to the given multiples (reflect, else replicate)."""
-    for axis, multiple in zip((2, 3, 4), multiples):
-        size = x.shape[axis]
-        pad = -size % multiple
-        if pad == 0:
-            continue
-        spec = [0] * 6
-        spec[2 * (4 - axis) + 1] = pad  # F.pad lists the last axis first, (before, after) per axis
-        x = F.pad(x, spec, mode="reflect" if pad < size else "replicate")
-    return x
-
-
-def crop_to(x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
-    """The leading `size` voxels of the last three axes (undoes `pad_to_multiple`)."""
-    depth, height, width = size
-    return x[..., :depth, :height, :width]
-
-
 class ClipVAE(nn.Module, ABC):
     """A KL-regularized clip autoencoder: (B, 1, T, H, W) in [0, 1] <-> (B, C, T/depth_factor, H/s, W/s)."""
 
     kind: str
-    """One of VAE_KINDS (ctv2v.models.artifacts)."""
+    """One of VAE_KINDS (ctv2v.models.weights)."""
     autoencoder: nn.Module
     """The network whose state dict is the artifact's `vae.pt` (for MAISI: exactly AutoencoderKlMaisi's)."""
 
@@ -87,7 +68,7 @@ class ClipVAE(nn.Module, ABC):
         self.spatial_factor = spatial_factor
         self.register_buffer("latent_scale", torch.tensor(1.0))
         self.weights_label: str | None = None
-        """Set by `load_vae_artifact`: which weights these are (a weights label, ctv2v.models.artifacts)."""
+        """Set by `load_vae_artifact`: which weights these are (a weights label, ctv2v.models.weights)."""
 
     # -- what subclasses provide
     @abstractmethod

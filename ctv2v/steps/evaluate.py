@@ -32,7 +32,8 @@ from ctv2v.evaluate.evaluate import (
     evaluate,
 )
 from ctv2v.files import atomic_write_text
-from ctv2v.models.artifacts import load_trained_model, read_model_meta, weights_kind
+from ctv2v.models.artifacts import load_trained_model, read_model_meta
+from ctv2v.models.weights import weights_kind
 from ctv2v.steps.context import tracked_step
 from ctv2v.tracking.registry import VersionFacts, sha256_json
 from ctv2v.tracking.runs import git_commit

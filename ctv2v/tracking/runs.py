@@ -63,7 +63,7 @@ from mlflow.utils.validation import MAX_DATASET_DIGEST_SIZE, MAX_PARAM_VAL_LENGT
 
 from ctv2v.config import TrackingConfig
 from ctv2v.files import atomic_write_text, sha256_file
-from ctv2v.models.artifacts import weights_kind
+from ctv2v.models.weights import weights_kind
 from ctv2v.remote.retry import Backoff, RetryGate
 from ctv2v.tracking.journal import (
     PENDING_PREFIX,

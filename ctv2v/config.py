@@ -505,7 +505,7 @@ class ClusterConfig(_Section):
     applies it: for an older cluster.kfp_backend it is left out of the package (compile says so)."""
     kfp_backend: KfpBackend = "2.15"
     """The Kubeflow Pipelines backend the package is compiled for: each feature is compiled only where that
-    backend applies it (pipeline.compile.BACKEND_FEATURES). 2.5: Kubeflow 1.10.1 and 1.10.2; 2.15: Kubeflow 1.11;
+    backend applies it (pipeline.backend.BACKEND_FEATURES). 2.5: Kubeflow 1.10.1 and 1.10.2; 2.15: Kubeflow 1.11;
     2.16: Kubeflow 26.03; 2.17: KFP standalone. The default is the older of the current Kubeflow release (26.03)
     and the previous one (1.11), so the default package runs on both."""
     scratch_cleanup: Literal["never", "on_success", "always"] = "on_success"

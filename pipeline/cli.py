@@ -223,7 +223,8 @@ def _compile_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from pipeline.compile import compile_pipeline, required_backend_version
+    from pipeline.backend import required_backend_version
+    from pipeline.compile import compile_pipeline
 
     config = _pipeline_config(args)
     print(compile_pipeline(config, args.output, images_lock=args.images_lock, variants=args.branches))

@@ -44,9 +44,9 @@ from components.resolve_config import resolve_config_op
 from components.train import train_op
 from components.train_vae import train_vae_op
 from ctv2v.config import ClusterConfig, RunConfig
+from ctv2v.provenance import git_commit
 from ctv2v.steps.pipeline_inputs import RUN_ID_ENV, RUN_PARAMETERS, run_parameter_defaults
-from ctv2v.tracking.runs import git_commit
-from pipeline.compile import BackendPlan, backend_plan
+from pipeline.backend import BackendPlan, backend_plan
 
 BRANCH_VARIANTS: dict[str, tuple[str, ...]] = {"both": ("main", "pretrained"), "main": ("main",),
                                                "pretrained": ("pretrained",)}

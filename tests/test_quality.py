@@ -97,7 +97,7 @@ def test_validation_tiles_hold_tissue_and_are_never_constant():
 
 # ------------------------------------------------------------------------------------ fix 2, 3: the VAE
 def test_vae_validation_loss_and_psnr_score_the_same_reconstruction():
-    from ctv2v.train.device import resolve_precision
+    from ctv2v.device import resolve_precision
     from ctv2v.evaluate.metrics import score_volume
     from ctv2v.train.validation import validate_vae
     from ctv2v.models.vae import ScratchVAE
@@ -247,7 +247,7 @@ def test_tiny_end_to_end_run_improves_on_its_first_validation(tmp_path):
     from ctv2v.steps.train_vae import train_vae_step
     from ctv2v.data.clips import TrainClips
     from ctv2v.data.prepared import load_split_volumes
-    from ctv2v.train.device import resolve_precision
+    from ctv2v.device import resolve_precision
     from ctv2v.models.v2v import build_model
     from ctv2v.train.loop import TrainJob, train_loop
     from ctv2v.train.objectives import DiffusionObjective

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ctv2v.train.device import DeviceError, arch_runs_on, check_gpu_supported, resolve_precision, select_device
+from ctv2v.device import DeviceError, arch_runs_on, check_gpu_supported, resolve_precision, select_device
 from tests.conftest import TRAINING_PHANTOM, prepared_phantoms, training_config
 
 

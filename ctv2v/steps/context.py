@@ -31,8 +31,8 @@ import torch
 from ctv2v.config import RunConfig, TrackingConfig
 from ctv2v.config_io import config_from_text, to_yaml
 from ctv2v.data.prepared import run_workspace
+from ctv2v.device import process_group
 from ctv2v.files import atomic_write_text, claim_output_folder
-from ctv2v.train.device import process_group
 from ctv2v.train.loop import Runtime, runtime_from_env
 
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"

@@ -29,8 +29,8 @@ from packaging.version import Version
 import ctv2v
 from ctv2v.config import TrackingConfig
 from ctv2v.models.artifacts import read_model_meta
-from ctv2v.tracking.journal import REMOTE_ERRORS, is_server_unreachable
-from ctv2v.tracking.runs import configure_client_http, existing_store
+from ctv2v.tracking.offline import REMOTE_ERRORS, is_server_unreachable
+from ctv2v.tracking.server import configure_client_http, existing_store
 
 TRAINED_MODEL_ARTIFACT = "trained_model"
 MLFLOW_MODEL_NAME = "model"

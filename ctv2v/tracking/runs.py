@@ -41,10 +41,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
-import subprocess
 import threading
 import time
 import uuid
@@ -52,7 +50,6 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 from mlflow import MlflowClient
 from mlflow.entities import RunStatus
@@ -64,18 +61,19 @@ from mlflow.utils.validation import MAX_DATASET_DIGEST_SIZE, MAX_PARAM_VAL_LENGT
 from ctv2v.config import TrackingConfig
 from ctv2v.files import atomic_write_text, sha256_file
 from ctv2v.models.weights import weights_kind
+from ctv2v.provenance import git_commit
 from ctv2v.remote.retry import Backoff, RetryGate
 from ctv2v.tracking.journal import (
     PENDING_PREFIX,
-    REMOTE_ERRORS,
     ArtifactEntry,
     DatasetEntry,
     Journal,
     RegistrationEntry,
-    is_server_unreachable,
     send_entries,
 )
+from ctv2v.tracking.offline import REMOTE_ERRORS, is_server_unreachable
 from ctv2v.tracking.registry import ModelRegistration, VersionFacts
+from ctv2v.tracking.server import configure_client_http, existing_store, tracking_uri
 from ctv2v.tracking.system_metrics import SystemMetricsSampler
 from ctv2v.tracking.tags import (
     TAG_IMAGE,
@@ -109,16 +107,11 @@ __all__ = [
     "ModelRegistration",
     "PendingUpload",
     "Tracker",
-    "TrackingStoreError",
     "TrackingSyncError",
     "VersionFacts",
-    "configure_client_http",
     "end_pipeline_run",
-    "existing_store",
-    "git_commit",
     "new_pipeline_run_id",
     "replay_journal",
-    "tracking_uri",
     "upload_pending",
 ]
 
@@ -131,34 +124,6 @@ LONG_PARAMS_FILE = "mlflow-long-params.json"
 
 _RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _MAX_BACKOFF_FACTOR = 16
-
-
-def configure_client_http(config: TrackingConfig) -> None:
-    """Set MLflow's HTTP timeout and retry count (process-wide environment) from the tracking config."""
-    settings = {
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(math.ceil(config.request_timeout_s)),
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(config.max_retries),
-    }
-    for name, value in settings.items():
-        previous = os.environ.get(name)
-        if previous is not None and previous != value:
-            log.info("%s=%s from the environment is replaced by %s from the tracking config", name, previous, value)
-        os.environ[name] = value
-
-
-def git_commit() -> str:
-    """The code's git commit: CTV2V_GIT_COMMIT (set in images), else `git rev-parse HEAD`, else "unknown"."""
-    from_env = os.environ.get("CTV2V_GIT_COMMIT")
-    if from_env:
-        return from_env
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-            capture_output=True, text=True, timeout=5, check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return result.stdout.strip() or "unknown"
 
 
 def new_pipeline_run_id() -> str:
@@ -568,36 +533,6 @@ def _pipeline_run(client: MlflowClient, experiment_id: str, pipeline_run_id: str
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def tracking_uri(config: TrackingConfig) -> str | None:
-    """The tracking URI: tracking.tracking_uri, else MLFLOW_TRACKING_URI; None means tracking is off."""
-    return config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
-
-
-class TrackingStoreError(ValueError):
-    """A tracking URI names a local store (an SQLite file, an mlruns folder) that does not exist."""
-
-
-def existing_store(uri: str) -> str:
-    """`uri` when it names a server, or a local store that exists; TrackingStoreError otherwise.
-
-    MLflow creates an empty local store (e.g. ./mlflow.db) on first use of a URI that names none; a lookup or an
-    upload must never leave one behind.
-    """
-    parts = urlsplit(uri)
-    if parts.scheme == "sqlite":
-        path = Path(uri.removeprefix("sqlite:///"))  # sqlite:///relative.db or sqlite:////absolute.db
-        exists, kind = path.is_file(), "SQLite file"
-    elif parts.scheme in ("file", ""):
-        path = Path(unquote(parts.path) if parts.scheme == "file" else uri)
-        exists, kind = path.is_dir(), "folder"
-    else:
-        return uri
-    if not exists:
-        raise TrackingStoreError(f"tracking URI {uri}: no such {kind} {path}; ctv2v never creates a tracking store as "
-                                 "a side effect: give a server URL or an existing store")
-    return uri
 
 
 def _common_tags(pipeline_run_id: str, kfp_run_id: str | None) -> dict[str, str]:

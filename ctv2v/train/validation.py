@@ -17,7 +17,7 @@ from ctv2v.config import ClipConfig, RunConfig
 from ctv2v.data.cache import Preprocessed
 from ctv2v.data.clips import eval_tiles, extract_clip
 from ctv2v.data.interpolation import Interpolation, covered_slices
-from ctv2v.train.device import Precision
+from ctv2v.device import Precision
 from ctv2v.intensity import Intensity
 from ctv2v.evaluate.metrics import score_volume
 from ctv2v.models.vae import ClipVAE

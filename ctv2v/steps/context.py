@@ -6,7 +6,7 @@
 - the process runtime (rank, device, precision) and the seeds of a distributed step;
 - the step's MLflow run (on rank 0; the other ranks get a tracker that records nothing);
 - running a step on N GPUs: the same function in N processes under torchrun (on several nodes: a TrainJob,
-  ctv2v.steps.trainjob);
+  ctv2v.remote.trainjob);
 - copying a step's final files from the workspace into its KFP artifact.
 """
 
@@ -33,6 +33,7 @@ from ctv2v.config_io import config_from_text, to_yaml
 from ctv2v.data.prepared import run_workspace
 from ctv2v.device import process_group
 from ctv2v.files import atomic_write_text, claim_output_folder
+from ctv2v.remote.trainjob import launch_folder, run_trainjob, stage_inputs
 from ctv2v.train.loop import Runtime, runtime_from_env
 
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
@@ -90,8 +91,6 @@ def run_on_gpus(step: Callable[..., Any], gpus: int, config: RunConfig, out_dir:
         return
     out_dir = Path(out_dir)
     if nodes > 1:
-        from ctv2v.steps.trainjob import launch_folder, run_trainjob, stage_inputs
-
         # Every node must read the call file and the inputs: they go on the workspace volume, beside out_dir.
         folder = launch_folder(config, out_dir)
         call_file = _write_call(folder, step, config, out_dir, stage_inputs(arguments, folder, Path(config.cluster.workspace_mount)))

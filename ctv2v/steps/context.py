@@ -43,10 +43,14 @@ Not in the output folder: a step that fails must not leave files there that look
 
 
 # ------------------------------------------------------------------------------------------ KFP side
-def component_config(config_json: str, variant: str | None = None) -> RunConfig:
-    """The run config a KFP component receives, with its branch's variant; INFO logs go to the pod's log."""
+def component_config(config_json: str, variant: str | None = None, gpus_per_step: int | None = None) -> RunConfig:
+    """The run config a KFP component receives, with its branch's variant and, for a GPU step, the GPUs compiled
+    next to its pod's GPU limit as cluster.gpus_per_step; INFO logs go to the pod's log."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    return config_from_text(config_json, "config_json", [f"variant={variant}"] if variant else [])
+    overrides = [f"variant={variant}"] if variant else []
+    if gpus_per_step is not None:
+        overrides.append(f"cluster.gpus_per_step={gpus_per_step}")
+    return config_from_text(config_json, "config_json", overrides)
 
 
 def workspace_dir(workspace_root: str | Path, pipeline_run_id: str, folder: str) -> Path:

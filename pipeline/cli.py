@@ -451,7 +451,7 @@ def _sync_server(args: argparse.Namespace, config: RunConfig) -> tuple[str | Non
 
 
 def _tracking_sync(args: argparse.Namespace) -> int:
-    from ctv2v.tracking.runs import TrackingSyncError, upload_pending
+    from ctv2v.tracking.pending import TrackingSyncError, upload_pending
 
     config = config_from_args(args)
     server, chosen_by = _sync_server(args, config)

@@ -162,7 +162,8 @@ def tracked_step(
     **run_tags: Any,
 ):
     """The step's nested MLflow run under the pipeline run (a new pipeline run id when none is given)."""
-    from ctv2v.tracking.runs import Tracker, new_pipeline_run_id
+    from ctv2v.tracking.hierarchy import new_pipeline_run_id
+    from ctv2v.tracking.runs import Tracker
 
     tracker = Tracker(tracking, out_dir, enabled=main)  # other ranks of a DDP step record nothing
     with tracker.step_run(step_name, pipeline_run_id or new_pipeline_run_id(), **run_tags):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -32,6 +33,11 @@ from ctv2v.tracking.registry import ModelRegistration, VersionFacts, register_ve
 log = logging.getLogger(__name__)
 
 PENDING_PREFIX = "mlflow-pending-"
+
+
+def now_ms() -> int:
+    """The wall-clock time in milliseconds, as journal entries and MLflow runs are stamped."""
+    return int(time.time() * 1000)
 @dataclass
 class ArtifactEntry:
     """A file or folder to upload from its path at sync time (a file replaced meanwhile goes in its newest version)."""

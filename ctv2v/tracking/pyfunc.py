@@ -140,7 +140,7 @@ def download_trained_model(model_uri: str, tracking_uri: str | None, dst: Path,
     downloaded into `dst` from the tracking server `tracking_uri` (default: MLFLOW_TRACKING_URI).
 
     Requests are bounded like every tracking call (`tracking`'s HTTP timeout and retries, default TrackingConfig's),
-    the registry is the same server, and a URI naming no existing store is refused (ctv2v.tracking.runs.
+    the registry is the same server, and a URI naming no existing store is refused (ctv2v.tracking.server.
     existing_store). Any failure to resolve or download is one ModelLookupError.
     """
     tracking = tracking or TrackingConfig()

@@ -47,7 +47,7 @@ def worker(out: Path, batch: int, steps: int) -> None:
 
     from ctv2v.models.v2v import build_model
     from ctv2v.models.vae import build_untrained_vae
-    from ctv2v.train.device import distributed_from_env, process_group
+    from ctv2v.device import distributed_from_env, process_group
     from ctv2v.train.estimate import random_batch, set_phase
     from ctv2v.train.objectives import DiffusionObjective
 

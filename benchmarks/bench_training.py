@@ -38,7 +38,7 @@ from ctv2v.config_io import load_config
 from ctv2v.data.cache import Preprocessed  # noqa: E402
 from ctv2v.data.clips import TrainClips  # noqa: E402
 from ctv2v.data.prepared import load_split_volumes, prepare_data  # noqa: E402
-from ctv2v.train.device import resolve_precision  # noqa: E402
+from ctv2v.device import resolve_precision  # noqa: E402
 from ctv2v.intensity import Intensity  # noqa: E402
 from ctv2v.models.v2v import build_model  # noqa: E402
 from ctv2v.data.latents import LatentClips, encode_training_volumes

@@ -32,8 +32,7 @@ def train_op(
     from ctv2v.steps.train import BEST_MODEL_DIR, MODEL_DIR, train_step
 
     data_dir = prepared_data_dir(data.metadata, data.uri)
-    config = component_config(config_json, variant)
-    config.cluster.gpus_per_step = gpus
+    config = component_config(config_json, variant, gpus_per_step=gpus)
     out_dir = workspace_dir(workspace_root, pipeline_run_id, f"train-{phase}-{variant}")
     run_on_gpus(train_step, gpus, config, out_dir, phase=phase, data_dir=data_dir,
                 vae_dir=Path(vae.path), init_dir=None if init is None else Path(init.path), resume=True,

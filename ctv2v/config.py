@@ -6,13 +6,13 @@ Reading, layering and overriding configs lives in ctv2v.config_io.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from typing import Annotated, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Variant = Literal["main", "pretrained"]
 VARIANTS: tuple[str, ...] = get_args(Variant)
-"""The pipeline's two branches (see ctv2v.models.artifacts for how they relate to VAE and weights kinds)."""
+"""The pipeline's two branches (see ctv2v.models.weights for how they relate to VAE and weights kinds)."""
 
 
 class ConfigError(ValueError):
@@ -510,7 +510,7 @@ class ClusterConfig(_Section):
     applies it: for an older cluster.kfp_backend it is left out of the package (compile says so)."""
     kfp_backend: KfpBackend = "2.15"
     """The Kubeflow Pipelines backend the package is compiled for: each feature is compiled only where that
-    backend applies it (pipeline.compile.BACKEND_FEATURES). 2.5: Kubeflow 1.10.1 and 1.10.2; 2.15: Kubeflow 1.11;
+    backend applies it (pipeline.backend.BACKEND_FEATURES). 2.5: Kubeflow 1.10.1 and 1.10.2; 2.15: Kubeflow 1.11;
     2.16: Kubeflow 26.03; 2.17: KFP standalone. The default is the older of the current Kubeflow release (26.03)
     and the previous one (1.11), so the default package runs on both."""
     scratch_cleanup: Literal["never", "on_success", "always"] = "on_success"
@@ -523,18 +523,24 @@ class ClusterConfig(_Section):
     service_account: str | None = "ctv2v-pipeline"
     """The run's Kubernetes service account (manifests/base); None: the one KFP is configured with."""
     env_config_map: str = "ctv2v-env"
-    """ConfigMap with MLFLOW_TRACKING_URI and S3_ENDPOINT."""
+    """ConfigMap with MLFLOW_TRACKING_URI and S3_ENDPOINT (ENV_CONFIG_MAP_KEYS)."""
     s3_secret: str = "ctv2v-s3"
     """Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for the object store."""
     mlflow_secret: str | None = None
     """Optional Secret with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."""
+    ENV_CONFIG_MAP_KEYS: ClassVar[tuple[str, ...]] = (
+        "MLFLOW_TRACKING_URI", "S3_ENDPOINT", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+        "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD", "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD")
+    """Keys of env_config_map every step pod and every node of a multi-node step gets as environment variables."""
+    S3_SECRET_KEYS: ClassVar[tuple[str, ...]] = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    MLFLOW_SECRET_KEYS: ClassVar[tuple[str, ...]] = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
     hf_secret: str | None = None
     """Optional Secret with HF_TOKEN for fetching from Hugging Face."""
     pod_label: str = "ctv2v-pipeline"
     """Value of `app.kubernetes.io/part-of` on every step pod (the NetworkPolicies select on it)."""
     nodes: int = Field(1, ge=1)
     """Nodes per training step. 1: torchrun in the step's pod. More: the step creates a Kubeflow Trainer v2
-    TrainJob of `nodes` x `gpus_per_step` processes (ctv2v.steps.trainjob) and waits for it."""
+    TrainJob of `nodes` x `gpus_per_step` processes (ctv2v.remote.trainjob) and waits for it."""
     trainer_runtime: str = Field("torch-distributed", min_length=1)
     """The ClusterTrainingRuntime a multi-node TrainJob references (Kubeflow Trainer's PyTorch runtime)."""
     trainjob_poll_s: float = Field(30.0, gt=0)
@@ -558,6 +564,13 @@ class ClusterConfig(_Section):
         # A colon after the last slash separates the tag; one before it is a registry's port (registry:5000/x).
         repository = name if name and "/" not in tag else image
         return f"{repository}@{digest}"
+
+    def step_secrets(self) -> dict[str, tuple[str, ...]]:
+        """Secret name -> its keys that every step pod and node gets as environment variables of the same names."""
+        secrets = {self.s3_secret: self.S3_SECRET_KEYS}
+        if self.mlflow_secret:
+            secrets[self.mlflow_secret] = self.MLFLOW_SECRET_KEYS
+        return secrets
 
     def gpu_step_resources(self, gpus: int) -> tuple[str, str, str]:
         """(CPU, memory, /dev/shm size) of a step with `gpus` GPUs, as Kubernetes quantities; CPU and memory are

@@ -223,7 +223,8 @@ def _compile_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from pipeline.compile import compile_pipeline, required_backend_version
+    from pipeline.backend import required_backend_version
+    from pipeline.compile import compile_pipeline
 
     config = _pipeline_config(args)
     print(compile_pipeline(config, args.output, images_lock=args.images_lock, variants=args.branches))
@@ -450,7 +451,7 @@ def _sync_server(args: argparse.Namespace, config: RunConfig) -> tuple[str | Non
 
 
 def _tracking_sync(args: argparse.Namespace) -> int:
-    from ctv2v.tracking.runs import TrackingSyncError, upload_pending
+    from ctv2v.tracking.pending import TrackingSyncError, upload_pending
 
     config = config_from_args(args)
     server, chosen_by = _sync_server(args, config)

@@ -44,9 +44,9 @@ from components.resolve_config import resolve_config_op
 from components.train import train_op
 from components.train_vae import train_vae_op
 from ctv2v.config import ClusterConfig, RunConfig
+from ctv2v.provenance import git_commit
 from ctv2v.steps.pipeline_inputs import RUN_ID_ENV, RUN_PARAMETERS, run_parameter_defaults
-from ctv2v.tracking.runs import git_commit
-from pipeline.compile import BackendPlan, backend_plan
+from pipeline.backend import BackendPlan, backend_plan
 
 BRANCH_VARIANTS: dict[str, tuple[str, ...]] = {"both": ("main", "pretrained"), "main": ("main",),
                                                "pretrained": ("pretrained",)}
@@ -61,10 +61,6 @@ SAFE_TO_EVICT_ANNOTATION = "cluster-autoscaler.kubernetes.io/safe-to-evict"
 """Set to "false" on GPU pods: a scale-down would otherwise evict a training step hours into its work."""
 LAUNCHER_CPU, LAUNCHER_MEMORY = "1", "2Gi"
 """A multi-node training step's own pod: it stages inputs, creates the TrainJob and streams its log."""
-S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
-ENV_CONFIG_MAP_KEYS = {key: key for key in (
-    "MLFLOW_TRACKING_URI", "S3_ENDPOINT", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
-    "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD", "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD")}
 
 
 def config_argument(config: RunConfig) -> str:
@@ -87,12 +83,9 @@ def _common(task: dsl.PipelineTask, cluster: ClusterConfig, name: str, kind: str
     if cluster.image_pull_secrets:
         kubernetes.set_image_pull_secrets(task, cluster.image_pull_secrets)
     kubernetes.mount_pvc(task, pvc_name=cluster.workspace_pvc, mount_path=cluster.workspace_mount)
-    kubernetes.use_config_map_as_env(task, cluster.env_config_map, ENV_CONFIG_MAP_KEYS)
-    kubernetes.use_secret_as_env(task, cluster.s3_secret, S3_SECRET_KEYS)
-    if cluster.mlflow_secret:
-        kubernetes.use_secret_as_env(task, cluster.mlflow_secret, {
-            "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
-            "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"})
+    kubernetes.use_config_map_as_env(task, cluster.env_config_map, {key: key for key in cluster.ENV_CONFIG_MAP_KEYS})
+    for secret, keys in cluster.step_secrets().items():
+        kubernetes.use_secret_as_env(task, secret, {key: key for key in keys})
     return task
 
 
@@ -134,7 +127,7 @@ def _timeout_and_retries(task: dsl.PipelineTask, cluster: ClusterConfig, retries
 def _training(task: dsl.PipelineTask, cluster: ClusterConfig, plan: BackendPlan, name: str, gpus: int, retries: int,
               commit: str) -> dsl.PipelineTask:
     """A training step. On one node it trains in its own V100 pod. With cluster.nodes > 1 its pod only launches
-    and follows the TrainJob whose nodes hold the GPUs (ctv2v.steps.trainjob): a small CPU pod on the cpu image,
+    and follows the TrainJob whose nodes hold the GPUs (ctv2v.remote.trainjob): a small CPU pod on the cpu image,
     with the step's timeout and retries (a retry replaces its own stale TrainJob)."""
     if cluster.nodes == 1:
         return _on_v100(task, cluster, plan, name, gpus, retries, commit)

@@ -22,7 +22,8 @@ from urllib.parse import urlsplit, urlunsplit
 from ctv2v.config import RunConfig
 from ctv2v.config_io import load_config
 from ctv2v.data.prepared import DATASET_DIR
-from ctv2v.tracking.runs import RUN_FILE_PREFIX, tracking_uri
+from ctv2v.tracking.runs import RUN_FILE_PREFIX
+from ctv2v.tracking.server import tracking_uri
 
 RESOLVED_CONFIG = "resolved-config.yaml"
 DATA_FOLDER = "data"

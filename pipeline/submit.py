@@ -26,7 +26,8 @@ from kfp.client.set_volume_credentials import ServiceAccountTokenVolumeCredentia
 from packaging.version import InvalidVersion, Version
 
 from ctv2v.config import RunConfig
-from pipeline.compile import compile_pipeline, required_backend_version
+from pipeline.backend import required_backend_version
+from pipeline.compile import compile_pipeline
 from pipeline.dag import config_argument
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ def check_backend_version(client: kfp.Client, required: Version) -> Version:
         raise SubmitError(f"the KFP API server reports version {tag!r}, which is not a version number") from exc
     if server < required:
         raise SubmitError(f"the KFP API server is {server}; this pipeline needs KFP >= {required} "
-                          f"(pipeline.compile.BACKEND_FEATURES lists what needs which version)")
+                          f"(pipeline.backend.BACKEND_FEATURES lists what needs which version)")
     return server
 
 

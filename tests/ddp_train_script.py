@@ -18,7 +18,7 @@ import torch
 from ctv2v.config_io import load_config
 from ctv2v.data.clips import TrainClips
 from ctv2v.data.prepared import load_split_volumes
-from ctv2v.train.device import process_group
+from ctv2v.device import process_group
 from ctv2v.intensity import Intensity
 from ctv2v.models.v2v import build_model
 from ctv2v.train.loop import TrainJob, runtime_from_env, train_loop

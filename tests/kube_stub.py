@@ -1,6 +1,6 @@
 """A loopback stub of the Kubernetes API for TrainJobs (Kubeflow Trainer cannot run here) that records requests.
 
-It serves what ctv2v.steps.trainjob uses: create/get/watch/delete of trainer.kubeflow.org/v1alpha1 trainjobs,
+It serves what ctv2v.remote.trainjob uses: create/get/watch/delete of trainer.kubeflow.org/v1alpha1 trainjobs,
 listing pods by label and following a pod's log. `outcome` decides how a created job ends: "Complete" or
 "Failed" (sent as a watch event), or None (it runs until deleted). A kubeconfig file points clients at it.
 """

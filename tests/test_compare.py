@@ -14,7 +14,7 @@ from components.compare import compare_op
 from ctv2v.steps.compare import compare_step
 from ctv2v.evaluate.compare import ComparisonError, compare, load_report
 from ctv2v.config import TrackingConfig
-from ctv2v.tracking.runs import TAG_PIPELINE_RUN_ID, TAG_STEP
+from ctv2v.tracking.tags import TAG_PIPELINE_RUN_ID, TAG_STEP
 from pipeline.cli import main as cli_main
 from tests.conftest import (EVALUATION_PHANTOM, LinearInterpolationSampler, evaluation_config, prepared_phantoms,
                             run_evaluate)

@@ -10,6 +10,7 @@ import yaml
 
 from ctv2v.config import ConfigError, RunConfig
 from ctv2v.config_io import flatten, load_config, to_yaml, write_resolved
+from ctv2v.steps.context import component_config
 from pipeline.cli import main as cli_main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -216,3 +217,11 @@ def test_duplicate_keys_are_refused_with_both_line_numbers(tmp_path):
                                   "duplicate key 'seed' at lines 1 and 7")
     with pytest.raises(ConfigError, match=r"--set 'data=\{seed: 1, seed: 2\}': value is not valid YAML: duplicate"):
         load_config([], ["data={seed: 1, seed: 2}"])
+
+
+def test_a_gpu_component_runs_with_the_gpus_compiled_next_to_its_pod_limit():
+    text = load_config(CONFIGS / "main.yaml").model_dump_json()
+    config = component_config(text, "main", gpus_per_step=4)
+    assert config.cluster.gpus_per_step == 4 != component_config(text, "main").cluster.gpus_per_step
+    with pytest.raises(ConfigError, match="gpus_per_step"):
+        component_config(text, "main", gpus_per_step=9)

@@ -21,7 +21,7 @@ from ctv2v.evaluate.evaluate import (MODEL, REPORT_FILE, EvaluationError, Evalua
                                     manifest_sha256, plan_tiles, tile_weights)
 from ctv2v.evaluate.metrics import METRIC_NAMES, SLICE_SETS, from_json
 from ctv2v.models.v2v import build_model
-from ctv2v.tracking.runs import TAG_PHASE, TAG_STEP, TAG_TEST_PSNR, TAG_VARIANT, TAG_WEIGHTS
+from ctv2v.tracking.tags import TAG_PHASE, TAG_STEP, TAG_TEST_PSNR, TAG_VARIANT, TAG_WEIGHTS
 from ctv2v.evaluate.panels import COLUMN_WIDTH_PX, render_panel
 from ctv2v.data.prepared import DATASET_DIR, MANIFEST_FILE, PREPROCESS_CACHE_DIR
 from ctv2v.models.vae import build_untrained_vae

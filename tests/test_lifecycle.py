@@ -15,13 +15,9 @@ from components.finish_run import finish_run_op
 from ctv2v.config import TrackingConfig
 from ctv2v.data.prepared import run_workspace
 from ctv2v.steps.finish_run import finish_run_step
-from ctv2v.tracking.runs import (
-    RUN_FILE_PREFIX,
-    TAG_PIPELINE_RUN_ID,
-    TAG_RUN_ROLE,
-    Tracker,
-    new_pipeline_run_id,
-)
+from ctv2v.tracking.hierarchy import new_pipeline_run_id
+from ctv2v.tracking.runs import RUN_FILE_PREFIX, Tracker
+from ctv2v.tracking.tags import TAG_PIPELINE_RUN_ID, TAG_RUN_ROLE
 from pipeline.cli import main as cli_main
 from tests.conftest import smoke_config
 from tests.lifecycle_components import logging_step_op

@@ -18,7 +18,7 @@ import threading
 import pytest
 import torch
 
-from ctv2v.models.artifacts import CheckpointError
+from ctv2v.models.weights import CheckpointError
 from ctv2v.steps.context import run_on_gpus
 from ctv2v.steps.train import train_step
 from tests.conftest import REPO, TRAINING_PHANTOM, prepared_phantoms, training_config

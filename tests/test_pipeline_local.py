@@ -14,7 +14,7 @@ from ctv2v.config import ClusterConfig
 from ctv2v.config_io import load_config
 from ctv2v.steps.pipeline_inputs import run_parameter_defaults
 from pipeline.cli import main as cli_main
-from pipeline.compile import backend_plan
+from pipeline.backend import backend_plan
 from pipeline.dag import Build, config_argument, pretrained_vae, resolve_and_prepare
 from pipeline.local import init_local
 

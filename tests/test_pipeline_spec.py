@@ -19,6 +19,7 @@ from packaging.version import Version
 
 from ctv2v.config import V100_16GB_PRODUCTS, V100_32GB_PRODUCTS, ClusterConfig, ConfigError
 from ctv2v.config_io import load_config
+from ctv2v.provenance import git_commit
 from ctv2v.steps.pipeline_inputs import (
     MATCH_KEYS,
     RUN_PARAMETERS,
@@ -26,17 +27,9 @@ from ctv2v.steps.pipeline_inputs import (
     resolve_run_config,
     run_parameter_defaults,
 )
-from ctv2v.tracking.runs import git_commit
 from pipeline.cli import main as cli_main
-from pipeline.compile import (
-    KFP_BACKENDS,
-    ImagesLockError,
-    PipelineSpecError,
-    backend_requirements,
-    compile_pipeline,
-    required_backend_version,
-    validate_pipeline_yaml,
-)
+from pipeline.backend import KFP_BACKENDS, backend_requirements, required_backend_version
+from pipeline.compile import ImagesLockError, PipelineSpecError, compile_pipeline, validate_pipeline_yaml
 from pipeline.dag import config_argument
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -252,7 +245,7 @@ def test_each_backend_target_gets_only_the_fields_its_backend_applies(target, tm
 
 
 def test_the_default_target_runs_on_the_current_and_the_previous_kubeflow_release():
-    """Kubeflow 26.03 ships KFP 2.16.0, Kubeflow 1.11 KFP 2.15.0 (pipeline.compile.KFP_BACKENDS)."""
+    """Kubeflow 26.03 ships KFP 2.16.0, Kubeflow 1.11 KFP 2.15.0 (pipeline.backend.KFP_BACKENDS)."""
     default = ClusterConfig()
     assert default.kfp_backend == "2.15"
     assert required_backend_version(default) <= Version("2.15.0")

@@ -149,7 +149,7 @@ def test_a_val_view_too_small_to_score_is_one_error_naming_it_and_the_key():
 
 # ------------------------------------------------------------------------------------ fix 2, 3: the VAE
 def test_vae_validation_loss_and_psnr_score_the_same_reconstruction():
-    from ctv2v.train.device import resolve_precision
+    from ctv2v.device import resolve_precision
     from ctv2v.evaluate.metrics import score_volume
     from ctv2v.train.validation import validate_vae
     from ctv2v.models.vae import ScratchVAE
@@ -299,7 +299,7 @@ def test_tiny_end_to_end_run_improves_on_its_first_validation(tmp_path):
     from ctv2v.steps.train_vae import train_vae_step
     from ctv2v.data.clips import TrainClips
     from ctv2v.data.prepared import load_split_volumes
-    from ctv2v.train.device import resolve_precision
+    from ctv2v.device import resolve_precision
     from ctv2v.models.v2v import build_model
     from ctv2v.train.loop import TrainJob, train_loop
     from ctv2v.train.objectives import DiffusionObjective

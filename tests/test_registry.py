@@ -18,8 +18,9 @@ from packaging.version import Version
 
 from ctv2v.config import TrackingConfig
 from ctv2v.data.readers import read_volume
+from ctv2v.tracking.hierarchy import new_pipeline_run_id
 from ctv2v.tracking.registry import CHAMPION_ALIAS, VersionFacts, register_version
-from ctv2v.tracking.runs import Tracker, new_pipeline_run_id
+from ctv2v.tracking.runs import Tracker
 from ctv2v.tracking.tags import (
     TAG_CONFIG_SHA256,
     TAG_EVALUATION_SHA256,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ctv2v.models.artifacts import CheckpointError
+from ctv2v.models.weights import CheckpointError
 from ctv2v.train.resume import (
     CHECKPOINT_MODULES,
     Progress,

@@ -19,14 +19,11 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from ctv2v.config import RunConfig, TrackingConfig
 from ctv2v.config_io import flatten
 from ctv2v.files import sha256_file
-from ctv2v.tracking.runs import (
-    LONG_PARAMS_FILE,
-    PENDING_PREFIX,
-    TAG_PIPELINE_RUN_ID,
-    TAG_RUN_ROLE,
-    Tracker,
-    new_pipeline_run_id,
-)
+from ctv2v.tracking.hierarchy import new_pipeline_run_id
+from ctv2v.tracking.journal import PENDING_PREFIX
+from ctv2v.tracking.params import LONG_PARAMS_FILE
+from ctv2v.tracking.runs import Tracker
+from ctv2v.tracking.tags import TAG_PIPELINE_RUN_ID, TAG_RUN_ROLE
 from tests.conftest import REPO
 from tests.servers import free_port
 from tests.tiny_model import FACTS, tiny_model

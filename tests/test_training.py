@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ctv2v.train.device import DeviceError, arch_runs_on, check_gpu_supported, resolve_precision, select_device
+from ctv2v.device import DeviceError, arch_runs_on, check_gpu_supported, resolve_precision, select_device
 from tests.conftest import TRAINING_PHANTOM, prepared_phantoms, training_config
 
 
@@ -153,7 +153,8 @@ def test_full_phase_fine_tunes_the_vae_from_the_frozen_model(trained):
 
 
 def test_trained_model_folder_loads_strictly(trained, tmp_path):
-    from ctv2v.models.artifacts import CheckpointError, load_trained_model
+    from ctv2v.models.artifacts import load_trained_model
+    from ctv2v.models.weights import CheckpointError
 
     config = trained["config"]
     model_dir = trained["root"] / "full" / "model"
@@ -170,7 +171,7 @@ def test_trained_model_folder_loads_strictly(trained, tmp_path):
 
 def test_a_missing_or_broken_vae_is_one_clear_error_and_writes_nothing(trained, tmp_path):
     from ctv2v.steps.train import train_step
-    from ctv2v.models.artifacts import CheckpointError
+    from ctv2v.models.weights import CheckpointError
 
     config, data = trained["config"], trained["data"]
     with pytest.raises(CheckpointError, match="VAE folder does not exist"):

@@ -17,7 +17,7 @@ from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
 from kubernetes import config as kube_config
 
 from ctv2v.config_io import load_config
-from ctv2v.steps.trainjob import (
+from ctv2v.remote.trainjob import (
     MANAGED_BY_LABEL,
     OUT_DIR_ANNOTATION,
     TrainJobFailed,
@@ -26,6 +26,7 @@ from ctv2v.steps.trainjob import (
     run_trainjob,
     trainjob_name,
 )
+from pipeline.compile import compile_pipeline
 from tests.conftest import REPO
 from tests.kube_stub import TRAINJOBS, KubeStub
 
@@ -82,12 +83,21 @@ def test_trainjob_is_strictly_valid_and_runs_the_step_call_on_every_node(nodes):
     assert {"name": "workspace", "mountPath": "/workspace"} in container["volumeMounts"]
 
 
-def test_nodes_get_the_same_settings_and_secrets_as_the_step_pod():
-    from ctv2v.steps import trainjob
-    from pipeline.dag import ENV_CONFIG_MAP_KEYS, S3_SECRET_KEYS
-
-    assert set(trainjob.ENV_FROM_CONFIG_MAP) == set(ENV_CONFIG_MAP_KEYS)
-    assert set(trainjob.S3_SECRET_KEYS) == set(S3_SECRET_KEYS)
+def test_nodes_get_the_same_settings_and_secrets_as_the_step_pod(tmp_path):
+    """What the compiled pipeline gives a training step's pod from the ConfigMap and Secrets, every node gets."""
+    config = _config("cluster.nodes=2", "cluster.mlflow_secret=ctv2v-mlflow")
+    package = compile_pipeline(config, tmp_path / "pipeline.yaml")
+    platform = list(yaml.safe_load_all(package.read_text()))[1]
+    step_pod = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train-op"]
+    pod_refs = {("configMapKeyRef", source["configMapName"], key["configMapKey"], key["envVar"])
+                for source in step_pod["configMapAsEnv"] for key in source["keyToEnv"]}
+    pod_refs |= {("secretKeyRef", source["secretName"], key["secretKey"], key["envVar"])
+                 for source in step_pod["secretAsEnv"] for key in source["keyToEnv"]}
+    body = build_trainjob(config, STEP_FOLDER / "c.json", STEP_FOLDER, "team-a", {})
+    node_refs = {(kind, ref["name"], ref["key"], item["name"]) for item in body["spec"]["trainer"]["env"]
+                 for kind, ref in item.get("valueFrom", {}).items()}
+    assert {ref[1] for ref in pod_refs} == {"ctv2v-env", "ctv2v-s3", "ctv2v-mlflow"}
+    assert node_refs == pod_refs
 
 
 def test_model_rejects_what_the_api_would():
@@ -120,7 +130,7 @@ def test_kubeconfig_set_after_the_kubernetes_package_was_imported_is_the_one_use
 
 
 def test_complete_job_streams_node0_log_and_is_kept(stub, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="ctv2v.steps.trainjob")
+    caplog.set_level(logging.INFO, logger="ctv2v.remote.trainjob")
     config = _config("cluster.nodes=2", "cluster.trainjob_poll_s=2")
     run_trainjob(config, STEP_FOLDER / "c.json", STEP_FOLDER, api_client=_api(stub, tmp_path), namespace="team-a",
                  environ={}, log_poll_s=0.1)

@@ -7,14 +7,14 @@ import json
 import pytest
 import torch
 
-from ctv2v.models.artifacts import (CheckpointError, WeightsLabelError, check_weights_label, weights_display,
-                                    weights_kind)
 from ctv2v.models.vae import (
     ScratchVAE,
     compute_latent_scale,
     load_vae_artifact,
+    read_vae_meta,
     save_vae_artifact,
 )
+from ctv2v.models.weights import CheckpointError, WeightsLabelError, check_weights_label, weights_display, weights_kind
 
 
 def tiny_vae(seed: int = 0) -> ScratchVAE:
@@ -122,6 +122,19 @@ def test_artifact_round_trip_gives_identical_outputs(tmp_path):
         assert torch.equal(loaded.encode(clip), vae.encode(clip))
         latent = vae.encode(clip)
         assert torch.equal(loaded.decode(latent), vae.decode(latent))
+
+
+def test_vae_meta_reads_what_the_artifact_wrote_and_names_a_broken_file(tmp_path):
+    vae = tiny_vae()
+    vae.latent_scale.fill_(0.5)
+    save_vae_artifact(vae, tmp_path, weights="scratch", extra={})
+    meta = read_vae_meta(tmp_path)
+    assert (meta.kind, meta.weights, meta.latent_scale) == ("scratch", "scratch", 0.5)
+    written = json.loads((tmp_path / "vae.json").read_text())
+    del written["latent_scale"]
+    (tmp_path / "vae.json").write_text(json.dumps(written))
+    with pytest.raises(ValueError, match=r"vae\.json: not a VAE artifact description \(KeyError\('latent_scale'\)\)"):
+        read_vae_meta(tmp_path)
 
 
 def test_artifact_with_other_architecture_fails_listing_keys(tmp_path):

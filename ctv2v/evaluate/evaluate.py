@@ -50,7 +50,7 @@ from ctv2v.evaluate.metrics import METRIC_NAMES, SLICE_SETS, from_json, glossary
 from ctv2v.evaluate.panels import render_panel, write_panel
 from ctv2v.evaluate.adapt import adapt_to_scan
 from ctv2v.evaluate.baseline_report import score_baselines
-from ctv2v.models.artifacts import weights_display, weights_kind
+from ctv2v.models.weights import weights_display, weights_kind
 
 log = logging.getLogger(__name__)
 

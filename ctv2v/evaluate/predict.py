@@ -2,7 +2,7 @@
 
 The whole volume goes through the same tiled sampler as evaluation (ctv2v.evaluate.evaluate.predict_volume):
 overlapping tiles, blended with smooth weights, every thin slice from the first to the last thick slice
-interpolated. Sampling runs under fp16 autocast on CUDA and in fp32 on CPU (ctv2v.train.device.Precision).
+interpolated. Sampling runs under fp16 autocast on CUDA and in fp32 on CPU (ctv2v.device.Precision).
 
 Geometry: the input is read by ctv2v.data.readers (slice axis first, RAS+ affine). Thin slice 0 lies on thick
 slice 0, so the output keeps the input's origin and orientation; only the slice step shrinks by the factor k:
@@ -37,11 +37,12 @@ from ctv2v.data.cache import Preprocessed
 from ctv2v.data.interpolation import Interpolation, covered_slices
 from ctv2v.data.readers import Volume, dicom_series_files, read_volume
 from ctv2v.data.thick import ThickSeries, project_to_thick, resample_spacing
+from ctv2v.device import Precision, resolve_precision, select_device
 from ctv2v.evaluate.adapt import Adaptation, adapt_to_scan
 from ctv2v.evaluate.evaluate import predict_volume, write_prediction_nifti
 from ctv2v.files import check_creatable, check_output_folder, output_set, record_created
-from ctv2v.models.artifacts import CheckpointError, load_trained_model, read_model_meta
-from ctv2v.train.device import Precision, resolve_precision, select_device
+from ctv2v.models.artifacts import load_trained_model, read_model_meta
+from ctv2v.models.weights import CheckpointError
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
 from ctv2v.config import DenoiserConfig
-from ctv2v.models.vae import crop_to, pad_to_multiple
+from ctv2v.models.shapes import crop_to, pad_to_multiple
 
 
 def resample_depth(thick_latent: torch.Tensor, depth: int) -> torch.Tensor:

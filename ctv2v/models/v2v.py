@@ -8,7 +8,7 @@ from torch import nn
 
 from ctv2v.config import RunConfig
 from ctv2v.data.interpolation import Interpolation
-from ctv2v.models.artifacts import VAE_KIND_OF_VARIANT
+from ctv2v.models.weights import VAE_KIND_OF_VARIANT
 from ctv2v.models.denoiser import Denoiser
 from ctv2v.models.diffusion import Diffusion
 from ctv2v.models.vae import ClipVAE, check_clip

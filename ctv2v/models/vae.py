@@ -13,12 +13,12 @@ import json
 import logging
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.networks.blocks import Convolution, Upsample
 from monai.networks.nets.autoencoderkl import AEKLResBlock
@@ -27,8 +27,9 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from ctv2v.config import MaisiVAEConfig, RunConfig, ScratchVAEConfig
 from ctv2v.files import atomic_torch_save, atomic_write_text, load_torch_file, sha256_file
-from ctv2v.models.artifacts import VAE_KINDS, WEIGHTS_KINDS, load_state_strictly
 from ctv2v.models.maisi import MAISI_CT_ARCH, build_autoencoder
+from ctv2v.models.shapes import crop_to, pad_to_multiple
+from ctv2v.models.weights import VAE_KINDS, WEIGHTS_KINDS, load_state_strictly
 
 logger = logging.getLogger(__name__)
 
@@ -53,30 +54,11 @@ def check_clip(name: str, tensor: torch.Tensor, channels: int = 1, min_frames: i
         raise ValueError(f"{name}: {bad} NaN/Inf value(s) in tensor of shape {shape}")
 
 
-def pad_to_multiple(x: torch.Tensor, multiples: tuple[int, int, int]) -> torch.Tensor:
-    """Pad the last three axes of a 5D tensor at their end up to the given multiples (reflect, else replicate)."""
-    for axis, multiple in zip((2, 3, 4), multiples):
-        size = x.shape[axis]
-        pad = -size % multiple
-        if pad == 0:
-            continue
-        spec = [0] * 6
-        spec[2 * (4 - axis) + 1] = pad  # F.pad lists the last axis first, (before, after) per axis
-        x = F.pad(x, spec, mode="reflect" if pad < size else "replicate")
-    return x
-
-
-def crop_to(x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
-    """The leading `size` voxels of the last three axes (undoes `pad_to_multiple`)."""
-    depth, height, width = size
-    return x[..., :depth, :height, :width]
-
-
 class ClipVAE(nn.Module, ABC):
     """A KL-regularized clip autoencoder: (B, 1, T, H, W) in [0, 1] <-> (B, C, T/depth_factor, H/s, W/s)."""
 
     kind: str
-    """One of VAE_KINDS (ctv2v.models.artifacts)."""
+    """One of VAE_KINDS (ctv2v.models.weights)."""
     autoencoder: nn.Module
     """The network whose state dict is the artifact's `vae.pt` (for MAISI: exactly AutoencoderKlMaisi's)."""
 
@@ -87,7 +69,7 @@ class ClipVAE(nn.Module, ABC):
         self.spatial_factor = spatial_factor
         self.register_buffer("latent_scale", torch.tensor(1.0))
         self.weights_label: str | None = None
-        """Set by `load_vae_artifact`: which weights these are (a weights label, ctv2v.models.artifacts)."""
+        """Set by `load_vae_artifact`: which weights these are (a weights label, ctv2v.models.weights)."""
 
     # -- what subclasses provide
     @abstractmethod
@@ -147,6 +129,8 @@ class ClipVAE(nn.Module, ABC):
 # ------------------------------------------------------------------------------------------ scratch VAE
 INITIAL_LOGVAR = -8.0
 """The scratch VAE's initial posterior log-variance (see ScratchAutoencoder)."""
+NORM_EPS = 1e-6
+"""GroupNorm's epsilon in the scratch VAE (as in MAISI's)."""
 
 
 class ScratchAutoencoder(nn.Module):
@@ -157,14 +141,8 @@ class ScratchAutoencoder(nn.Module):
     The encoder ends in 2 * latent_channels maps: the posterior mean and log-variance.
     """
 
-    def __init__(
-        self,
-        channels: list[int] | tuple[int, ...] = (64, 128, 256),
-        latent_channels: int = 4,
-        num_res_blocks: int = 1,
-        norm_num_groups: int = 32,
-        norm_eps: float = 1e-6,
-    ):
+    def __init__(self, channels: list[int] | tuple[int, ...], latent_channels: int, num_res_blocks: int,
+                 norm_num_groups: int, norm_eps: float):
         super().__init__()
 
         def conv(cin: int, cout: int, strides: int | tuple[int, int, int] = 1) -> Convolution:
@@ -213,14 +191,9 @@ class ScratchVAE(ClipVAE):
 
     kind = "scratch"
 
-    def __init__(
-        self,
-        channels: list[int] | tuple[int, ...] = (64, 128, 256),
-        latent_channels: int = 4,
-        num_res_blocks: int = 1,
-        norm_num_groups: int = 32,
-        norm_eps: float = 1e-6,
-    ):
+    def __init__(self, channels: list[int] | tuple[int, ...], latent_channels: int, num_res_blocks: int,
+                 norm_num_groups: int, norm_eps: float = NORM_EPS):
+        """The architecture's defaults are ScratchVAEConfig's; `norm_eps` is GroupNorm's epsilon (not configured)."""
         super().__init__(latent_channels, depth_factor=1, spatial_factor=2 ** (len(channels) - 1))
         self._arch = {
             "channels": list(channels),
@@ -380,6 +353,10 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 
 # -------------------------------------------------------------------------------------------- artifacts
+VAE_WEIGHTS_FILE = "vae.pt"
+VAE_META_FILE = "vae.json"
+
+
 def save_vae_artifact(vae: ClipVAE, out_dir: Path, *, weights: str, extra: dict[str, Any]) -> None:
     """Write `vae.pt` (the network's state dict) and `vae.json` (kind, architecture, latent scale, labels)."""
     if weights not in WEIGHTS_KINDS:
@@ -387,7 +364,7 @@ def save_vae_artifact(vae: ClipVAE, out_dir: Path, *, weights: str, extra: dict[
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in vae.autoencoder.state_dict().items()}
-    atomic_torch_save(state, out_dir / "vae.pt")
+    atomic_torch_save(state, out_dir / VAE_WEIGHTS_FILE)
     meta = {
         "kind": vae.kind,
         "architecture": vae.architecture(),
@@ -395,37 +372,58 @@ def save_vae_artifact(vae: ClipVAE, out_dir: Path, *, weights: str, extra: dict[
         "weights": weights,
         "num_tensors": len(state),
         "num_parameters": sum(p.numel() for p in vae.autoencoder.parameters()),
-        "vae_pt_sha256": sha256_file(out_dir / "vae.pt"),
+        "vae_pt_sha256": sha256_file(out_dir / VAE_WEIGHTS_FILE),
         "extra": extra,
     }
-    atomic_write_text(out_dir / "vae.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(out_dir / VAE_META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
 def load_vae_artifact(directory: Path, maisi_runtime: MaisiVAEConfig | None = None) -> ClipVAE:
     """Rebuild a VAE from `vae.json` and load `vae.pt` strictly (missing or unexpected keys are an error)."""
     directory = Path(directory)
-    meta_path, weights_path = directory / "vae.json", directory / "vae.pt"
+    meta_path, weights_path = directory / VAE_META_FILE, directory / VAE_WEIGHTS_FILE
     for path in (meta_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"VAE artifact incomplete: {path} does not exist")
-    try:
-        meta = json.loads(meta_path.read_text())
-        kind, arch, scale = meta["kind"], meta["architecture"], float(meta["latent_scale"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{meta_path}: not a VAE artifact description ({exc!r})") from exc
+    meta = read_vae_meta(directory)
     digest = sha256_file(weights_path)
-    if meta.get("vae_pt_sha256") != digest:
-        raise ValueError(f"{weights_path}: sha256 {digest} does not match {meta_path} ({meta.get('vae_pt_sha256')})")
-    if kind == "scratch":
-        vae: ClipVAE = ScratchVAE(**arch)
-    elif kind == "maisi":
-        vae = MaisiVAE(arch, maisi_runtime)
+    if meta.vae_pt_sha256 != digest:
+        raise ValueError(f"{weights_path}: sha256 {digest} does not match {meta_path} ({meta.vae_pt_sha256})")
+    if meta.kind == "scratch":
+        vae: ClipVAE = ScratchVAE(**meta.architecture)
+    elif meta.kind == "maisi":
+        vae = MaisiVAE(meta.architecture, maisi_runtime)
     else:
-        raise ValueError(f"{meta_path}: unknown VAE kind {kind!r} (expected one of {VAE_KINDS})")
+        raise ValueError(f"{meta_path}: unknown VAE kind {meta.kind!r} (expected one of {VAE_KINDS})")
     state = load_torch_file(weights_path, "VAE weights")
     load_state_strictly(vae.autoencoder, state, weights_path)
-    vae.latent_scale.fill_(scale)
-    vae.weights_label = meta.get("weights")
-    logger.info("loaded %s VAE (%s weights, latent scale %.6g) from %s", kind, vae.weights_label, scale, directory)
+    vae.latent_scale.fill_(meta.latent_scale)
+    vae.weights_label = meta.weights
+    logger.info("loaded %s VAE (%s weights, latent scale %.6g) from %s", meta.kind, vae.weights_label,
+                meta.latent_scale, directory)
     return vae
+
+
+@dataclass(frozen=True)
+class VAEMeta:
+    """What `vae.json` says about a VAE artifact."""
+
+    kind: str
+    architecture: dict[str, Any]
+    latent_scale: float
+    weights: str | None
+    vae_pt_sha256: str | None
+
+
+def read_vae_meta(directory: Path) -> VAEMeta:
+    """The `vae.json` of the VAE artifact in `directory`; a missing file or key is one error naming the file."""
+    meta_path = Path(directory) / VAE_META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"VAE artifact incomplete: {meta_path} does not exist")
+    try:
+        meta = json.loads(meta_path.read_text())
+        return VAEMeta(meta["kind"], meta["architecture"], float(meta["latent_scale"]), meta.get("weights"),
+                       meta.get("vae_pt_sha256"))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{meta_path}: not a VAE artifact description ({exc!r})") from exc
 

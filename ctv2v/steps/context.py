@@ -6,7 +6,7 @@
 - the process runtime (rank, device, precision) and the seeds of a distributed step;
 - the step's MLflow run (on rank 0; the other ranks get a tracker that records nothing);
 - running a step on N GPUs: the same function in N processes under torchrun (on several nodes: a TrainJob,
-  ctv2v.steps.trainjob);
+  ctv2v.remote.trainjob);
 - copying a step's final files from the workspace into its KFP artifact.
 """
 
@@ -31,8 +31,9 @@ import torch
 from ctv2v.config import RunConfig, TrackingConfig
 from ctv2v.config_io import config_from_text, to_yaml
 from ctv2v.data.prepared import run_workspace
+from ctv2v.device import process_group
 from ctv2v.files import atomic_write_text, claim_output_folder
-from ctv2v.train.device import process_group
+from ctv2v.remote.trainjob import launch_folder, run_trainjob, stage_inputs
 from ctv2v.train.loop import Runtime, runtime_from_env
 
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
@@ -42,10 +43,14 @@ Not in the output folder: a step that fails must not leave files there that look
 
 
 # ------------------------------------------------------------------------------------------ KFP side
-def component_config(config_json: str, variant: str | None = None) -> RunConfig:
-    """The run config a KFP component receives, with its branch's variant; INFO logs go to the pod's log."""
+def component_config(config_json: str, variant: str | None = None, gpus_per_step: int | None = None) -> RunConfig:
+    """The run config a KFP component receives, with its branch's variant and, for a GPU step, the GPUs compiled
+    next to its pod's GPU limit as cluster.gpus_per_step; INFO logs go to the pod's log."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    return config_from_text(config_json, "config_json", [f"variant={variant}"] if variant else [])
+    overrides = [f"variant={variant}"] if variant else []
+    if gpus_per_step is not None:
+        overrides.append(f"cluster.gpus_per_step={gpus_per_step}")
+    return config_from_text(config_json, "config_json", overrides)
 
 
 def workspace_dir(workspace_root: str | Path, pipeline_run_id: str, folder: str) -> Path:
@@ -90,8 +95,6 @@ def run_on_gpus(step: Callable[..., Any], gpus: int, config: RunConfig, out_dir:
         return
     out_dir = Path(out_dir)
     if nodes > 1:
-        from ctv2v.steps.trainjob import launch_folder, run_trainjob, stage_inputs
-
         # Every node must read the call file and the inputs: they go on the workspace volume, beside out_dir.
         folder = launch_folder(config, out_dir)
         call_file = _write_call(folder, step, config, out_dir, stage_inputs(arguments, folder, Path(config.cluster.workspace_mount)))
@@ -159,7 +162,8 @@ def tracked_step(
     **run_tags: Any,
 ):
     """The step's nested MLflow run under the pipeline run (a new pipeline run id when none is given)."""
-    from ctv2v.tracking.runs import Tracker, new_pipeline_run_id
+    from ctv2v.tracking.hierarchy import new_pipeline_run_id
+    from ctv2v.tracking.runs import Tracker
 
     tracker = Tracker(tracking, out_dir, enabled=main)  # other ranks of a DDP step record nothing
     with tracker.step_run(step_name, pipeline_run_id or new_pipeline_run_id(), **run_tags):

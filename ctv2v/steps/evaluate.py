@@ -22,6 +22,7 @@ from ctv2v.config_io import flatten, write_resolved
 from ctv2v.data.cache import PreprocessCache
 from ctv2v.data.manifest import load_manifest
 from ctv2v.data.prepared import DATASET_DIR, MANIFEST_FILE, PREPROCESS_CACHE_DIR
+from ctv2v.device import resolve_precision, select_device
 from ctv2v.evaluate.compare import HEADLINE, to_html
 from ctv2v.evaluate.evaluate import (
     MODEL,
@@ -32,11 +33,11 @@ from ctv2v.evaluate.evaluate import (
     evaluate,
 )
 from ctv2v.files import atomic_write_text
-from ctv2v.models.artifacts import load_trained_model, read_model_meta, weights_kind
+from ctv2v.models.artifacts import load_trained_model, read_model_meta
+from ctv2v.models.weights import weights_kind
+from ctv2v.provenance import git_commit
 from ctv2v.steps.context import tracked_step
 from ctv2v.tracking.registry import VersionFacts, sha256_json
-from ctv2v.tracking.runs import git_commit
-from ctv2v.train.device import resolve_precision, select_device
 
 REPORT_HTML = "report.html"
 REGISTERED_MODEL_PREFIX = "ctv2v-"

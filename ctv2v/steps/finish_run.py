@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ctv2v.config import TrackingConfig
-from ctv2v.tracking.runs import PendingUpload, end_pipeline_run, upload_pending
+from ctv2v.tracking.hierarchy import end_pipeline_run
+from ctv2v.tracking.pending import PendingUpload, upload_pending
 
 log = logging.getLogger(__name__)
 

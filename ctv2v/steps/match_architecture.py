@@ -29,6 +29,7 @@ from ctv2v.config_io import write_resolved
 from ctv2v.data.cache import Preprocessed
 from ctv2v.data.clips import TrainClips
 from ctv2v.data.prepared import load_split_volumes
+from ctv2v.device import resolve_precision, select_device
 from ctv2v.evaluate.metrics import psnr
 from ctv2v.files import atomic_write_text, sha256_file
 from ctv2v.intensity import Intensity
@@ -36,7 +37,6 @@ from ctv2v.models.maisi import ArchitectureMismatchError, MatchReport, load_mais
 from ctv2v.models.vae import MaisiVAE, compute_latent_scale, save_vae_artifact
 from ctv2v.remote.fetch import CheckpointFetchError, checkpoint_file, read_record
 from ctv2v.steps.context import tracked_step
-from ctv2v.train.device import resolve_precision, select_device
 from ctv2v.train.validation import fixed_val_clips, vae_val_clips, validate_vae
 
 log = logging.getLogger(__name__)

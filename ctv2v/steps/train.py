@@ -21,7 +21,10 @@ from ctv2v.data.clips import TrainClips
 from ctv2v.data.latents import LatentClips, encode_training_volumes
 from ctv2v.data.prepared import MANIFEST_FILE, load_split_volumes
 from ctv2v.intensity import Intensity
-from ctv2v.models.artifacts import CheckpointError, load_trained_model, save_trained_model, weights_kind
+from ctv2v.models.artifacts import load_trained_model, save_trained_model
+from ctv2v.models.v2v import build_model
+from ctv2v.models.vae import load_vae_artifact
+from ctv2v.models.weights import CheckpointError, weights_kind
 from ctv2v.steps.context import claim_output_folder_once, distributed_runtime, seed_per_rank, tracked_step
 from ctv2v.train.loop import TrainingError, TrainJob, train_loop
 from ctv2v.train.objectives import DiffusionObjective
@@ -57,8 +60,6 @@ class TrainedPhase:
 
 def load_vae(vae_dir: Path, config: RunConfig):
     """The VAE artifact at `vae_dir`; a missing or broken artifact is one clear error, never a random VAE."""
-    from ctv2v.models.vae import load_vae_artifact
-
     vae_dir = Path(vae_dir)
     if not vae_dir.is_dir():
         raise CheckpointError(f"--vae {vae_dir}: VAE folder does not exist (run train-vae or match-architecture first)")
@@ -75,8 +76,6 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 def build_phase_model(config: RunConfig, phase: str, vae_dir: Path, init_dir: Path | None):
     """The model a phase starts from: a new denoiser on the --vae VAE (frozen), or the frozen phase's model (full)."""
-    from ctv2v.models.v2v import build_model
-
     if phase not in PHASES:
         raise ValueError(f"--phase must be one of {PHASES}, got {phase!r}")
     vae = load_vae(vae_dir, config)

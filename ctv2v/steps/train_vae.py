@@ -17,14 +17,14 @@ from ctv2v.config_io import flatten, write_resolved
 from ctv2v.data.clips import TrainClips
 from ctv2v.data.prepared import MANIFEST_FILE, load_split_volumes
 from ctv2v.intensity import Intensity
-from ctv2v.models.vae import ScratchVAE, compute_latent_scale, save_vae_artifact
+from ctv2v.models.vae import VAE_META_FILE, VAE_WEIGHTS_FILE, ScratchVAE, compute_latent_scale, save_vae_artifact
 from ctv2v.steps.context import claim_output_folder_once, distributed_runtime, seed_per_rank, tracked_step
 from ctv2v.train.loop import TrainJob, train_loop
 from ctv2v.train.objectives import ScratchVAEObjective
 from ctv2v.train.resume import check_training_folder
 from ctv2v.train.validation import vae_val_clips, validate_vae
 
-VAE_FILES = ("vae.pt", "vae.json", "resolved-config.yaml")
+VAE_FILES = (VAE_WEIGHTS_FILE, VAE_META_FILE, "resolved-config.yaml")
 """The VAE artifact without the checkpoints (which stay in the step's folder): what a KFP artifact receives."""
 
 
@@ -91,7 +91,7 @@ def train_vae_step(
                                   extra={"trained_steps": result.global_step, "latent_scale_clips": count})
                 write_resolved(config, out_dir)  # last: a step that fails leaves no config posing as output
                 tracker.log_metrics({"vae/latent_scale": latent_scale}, result.global_step)
-                tracker.log_artifact(out_dir / "vae.json", "vae")
-                tracker.log_artifact(out_dir / "vae.pt", "vae")
+                tracker.log_artifact(out_dir / VAE_META_FILE, "vae")
+                tracker.log_artifact(out_dir / VAE_WEIGHTS_FILE, "vae")
         return TrainedVAE(result.global_step, result.clips_per_second, result.last_metrics, latent_scale,
                           out_dir if main else None)

@@ -12,48 +12,32 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
-import requests
 from mlflow import MlflowClient
 from mlflow.data.dataset_source_registry import get_dataset_source_from_json
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
 from ctv2v.files import atomic_write_text
+from ctv2v.tracking.offline import REMOTE_ERRORS, is_server_unreachable
+from ctv2v.tracking.pyfunc import log_pyfunc_model
 from ctv2v.tracking.registry import ModelRegistration, VersionFacts, register_version
 
 log = logging.getLogger(__name__)
 
 PENDING_PREFIX = "mlflow-pending-"
-REMOTE_ERRORS = (MlflowException, requests.RequestException, ConnectionError, TimeoutError)
-"""What a call to the tracking server raises: a rejection (MlflowException) or no answer."""
-_TRANSPORT_ERRORS = (requests.RequestException, ConnectionError, TimeoutError)
 
 
-def is_server_unreachable(exc: BaseException) -> bool:
-    """True when `exc` or an exception it was raised from is a network failure (refused, timeout, retries spent).
-
-    Retries end in requests' RetryError for the statuses MLflow retries (408, 429, 500, 502-504), so those count.
-
-    MLflow wraps transport errors in MlflowException, keeping the original as the exception's cause or context.
-    """
-    seen: set[int] = set()
-    node: BaseException | None = exc
-    while node is not None and id(node) not in seen:
-        if isinstance(node, _TRANSPORT_ERRORS):
-            return True
-        seen.add(id(node))
-        node = node.__cause__ or node.__context__
-    return False
-
-
+def now_ms() -> int:
+    """The wall-clock time in milliseconds, as journal entries and MLflow runs are stamped."""
+    return int(time.time() * 1000)
 @dataclass
 class ArtifactEntry:
     """A file or folder to upload from its path at sync time (a file replaced meanwhile goes in its newest version)."""
@@ -203,8 +187,6 @@ def _send(call: Callable[[], object], remove: Callable[[], object]) -> None:
 
 def _register(client: MlflowClient, journal: Journal, entry: RegistrationEntry,
               registered: dict[str, ModelRegistration]) -> None:
-    from ctv2v.tracking.pyfunc import log_pyfunc_model
-
     registered[entry.id] = register_version(
         client, name=entry.name, run_id=journal.run_id, facts=VersionFacts(**entry.facts),
         log_model=lambda: log_pyfunc_model(journal.tracking_uri, journal.run_id, Path(entry.model_dir)),

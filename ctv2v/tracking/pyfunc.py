@@ -29,8 +29,8 @@ from packaging.version import Version
 import ctv2v
 from ctv2v.config import TrackingConfig
 from ctv2v.models.artifacts import read_model_meta
-from ctv2v.tracking.journal import REMOTE_ERRORS, is_server_unreachable
-from ctv2v.tracking.runs import configure_client_http, existing_store
+from ctv2v.tracking.offline import REMOTE_ERRORS, is_server_unreachable
+from ctv2v.tracking.server import configure_client_http, existing_store
 
 TRAINED_MODEL_ARTIFACT = "trained_model"
 MLFLOW_MODEL_NAME = "model"
@@ -140,7 +140,7 @@ def download_trained_model(model_uri: str, tracking_uri: str | None, dst: Path,
     downloaded into `dst` from the tracking server `tracking_uri` (default: MLFLOW_TRACKING_URI).
 
     Requests are bounded like every tracking call (`tracking`'s HTTP timeout and retries, default TrackingConfig's),
-    the registry is the same server, and a URI naming no existing store is refused (ctv2v.tracking.runs.
+    the registry is the same server, and a URI naming no existing store is refused (ctv2v.tracking.server.
     existing_store). Any failure to resolve or download is one ModelLookupError.
     """
     tracking = tracking or TrackingConfig()

@@ -12,16 +12,17 @@ Off, on, unreachable:
 What a step logs goes into its pending journal (ctv2v.tracking.journal) and leaves it once the server accepted
 it. A sync creates the step's run if needed and sends the journal; what is left is written atomically to
 `<output_dir>/mlflow-pending-<step>-<id>.json`, which the same step uploads at `close()`, a next step via
-`Tracker.flush_pending(upstream_output_dir, ...)`, the pipeline's exit handler, or `ctv2v tracking sync DIR`.
+`Tracker.flush_pending(upstream_output_dir, ...)`, the pipeline's exit handler, or `ctv2v tracking sync DIR`
+(ctv2v.tracking.pending).
 
 Bounded cost while the server is away: HTTP timeout and retries come from the config (MLflow's own defaults
-retry for ~4 minutes per call); after one unanswered call a RetryGate (ctv2v.remote.retry) keeps every call
+retry for ~4 minutes per call); after one unanswered call an OfflineGate (ctv2v.tracking.offline) keeps every call
 off the network for `retry_interval_s` (doubling up to 16x while the server stays away), so training pays at
-most one (retries + 1) x timeout stall per interval. Metrics are buffered in memory and synced every
-`flush_interval_s`; while offline the journal is rewritten at those ticks, so a hard crash loses at most one
+most one (retries + 1) x timeout stall per interval. Metrics are buffered (ctv2v.tracking.metric_buffer) and synced
+every `flush_interval_s`; while offline the journal is rewritten at those ticks, so a hard crash loses at most one
 interval of metrics.
 
-Runs, two modes:
+Runs, two modes (the hierarchy: ctv2v.tracking.hierarchy):
 - ctv2v's own (default): one experiment (`tracking.experiment`), one parent run per pipeline run found or
   created by the tag `ctv2v.pipeline_run_id` (steps run in separate pods), one nested child run per step.
   Parallel steps may both create the parent; every creator then keeps the oldest and deletes its own
@@ -33,137 +34,51 @@ Runs, two modes:
   MLFLOW_EXPERIMENT_ID) into the step's container, KFP made the parent run and a nested run per task; the step
   logs into that run (adding ctv2v's tags) and never creates or ends runs: KFP ends them.
 Params longer than MLflow's limit are truncated, their full values uploaded as
-`params/mlflow-long-params.json`. The model registry lives in ctv2v.tracking.registry (models logged as pyfunc
-by ctv2v.tracking.pyfunc), system metrics in ctv2v.tracking.system_metrics.
+`params/mlflow-long-params.json` (ctv2v.tracking.params). The model registry lives in ctv2v.tracking.registry
+(models logged as pyfunc by ctv2v.tracking.pyfunc), system metrics in ctv2v.tracking.system_metrics.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import re
-import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 from mlflow import MlflowClient
 from mlflow.entities import RunStatus
-from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
-from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_DATASET_DIGEST_SIZE, MAX_PARAM_VAL_LENGTH
 
 from ctv2v.config import TrackingConfig
 from ctv2v.files import atomic_write_text, sha256_file
-from ctv2v.models.artifacts import weights_kind
-from ctv2v.remote.retry import Backoff, RetryGate
+from ctv2v.models.weights import weights_kind
+from ctv2v.tracking.hierarchy import check_pipeline_run_id, common_tags, sync
 from ctv2v.tracking.journal import (
     PENDING_PREFIX,
-    REMOTE_ERRORS,
     ArtifactEntry,
     DatasetEntry,
     Journal,
     RegistrationEntry,
-    is_server_unreachable,
-    send_entries,
+    now_ms,
 )
+from ctv2v.tracking.metric_buffer import MetricBuffer
+from ctv2v.tracking.offline import REMOTE_ERRORS, OfflineGate, is_server_unreachable
+from ctv2v.tracking.params import LONG_PARAMS_FILE, fit_params
+from ctv2v.tracking.pending import replay_journal
 from ctv2v.tracking.registry import ModelRegistration, VersionFacts
+from ctv2v.tracking.server import configure_client_http, tracking_uri
 from ctv2v.tracking.system_metrics import SystemMetricsSampler
-from ctv2v.tracking.tags import (
-    TAG_IMAGE,
-    TAG_KFP_RUN_ID,
-    TAG_PHASE,
-    TAG_PIPELINE_RUN_ID,
-    TAG_RUN_ROLE,
-    TAG_STEP,
-    TAG_TEST_PSNR,
-    TAG_VARIANT,
-    TAG_WEIGHTS,
-    TAG_WEIGHTS_LABEL,
-)
-
-__all__ = [
-    # Steps and tests import tracking from this module: the tags (ctv2v.tracking.tags), the journal's file
-    # prefix and the registration result are re-exported beside what is defined here.
-    "LONG_PARAMS_FILE",
-    "PENDING_PREFIX",
-    "RUN_FILE_PREFIX",
-    "TAG_IMAGE",
-    "TAG_KFP_RUN_ID",
-    "TAG_PHASE",
-    "TAG_PIPELINE_RUN_ID",
-    "TAG_RUN_ROLE",
-    "TAG_STEP",
-    "TAG_TEST_PSNR",
-    "TAG_VARIANT",
-    "TAG_WEIGHTS",
-    "TAG_WEIGHTS_LABEL",
-    "ModelRegistration",
-    "PendingUpload",
-    "Tracker",
-    "TrackingStoreError",
-    "TrackingSyncError",
-    "VersionFacts",
-    "configure_client_http",
-    "end_pipeline_run",
-    "existing_store",
-    "git_commit",
-    "new_pipeline_run_id",
-    "replay_journal",
-    "tracking_uri",
-    "upload_pending",
-]
+from ctv2v.tracking.tags import TAG_PHASE, TAG_RUN_ROLE, TAG_STEP, TAG_VARIANT, TAG_WEIGHTS, TAG_WEIGHTS_LABEL
 
 log = logging.getLogger(__name__)
 
 RUN_FILE_PREFIX = "mlflow-run-"
 """`<output_dir>/mlflow-run-<step>.json`: the step's run id, so that a retried step logs into the same run."""
-LONG_PARAMS_FILE = "mlflow-long-params.json"
-"""Full values of params longer than MLflow's limit, uploaded as an artifact beside the truncated params."""
-
-_RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-_MAX_BACKOFF_FACTOR = 16
-
-
-def configure_client_http(config: TrackingConfig) -> None:
-    """Set MLflow's HTTP timeout and retry count (process-wide environment) from the tracking config."""
-    settings = {
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(math.ceil(config.request_timeout_s)),
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(config.max_retries),
-    }
-    for name, value in settings.items():
-        previous = os.environ.get(name)
-        if previous is not None and previous != value:
-            log.info("%s=%s from the environment is replaced by %s from the tracking config", name, previous, value)
-        os.environ[name] = value
-
-
-def git_commit() -> str:
-    """The code's git commit: CTV2V_GIT_COMMIT (set in images), else `git rev-parse HEAD`, else "unknown"."""
-    from_env = os.environ.get("CTV2V_GIT_COMMIT")
-    if from_env:
-        return from_env
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-            capture_output=True, text=True, timeout=5, check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return result.stdout.strip() or "unknown"
-
-
-def new_pipeline_run_id() -> str:
-    """A pipeline run id for runs outside Kubeflow (in the cluster the KFP run id is used)."""
-    return f"local-{uuid.uuid4().hex}"
 
 
 class Tracker:
@@ -182,9 +97,9 @@ class Tracker:
         self._params_seen: dict[str, str] = {}
         self._long_params: dict[str, str] = {}
         self._registered: dict[str, ModelRegistration] = {}
-        self._last_flush = time.monotonic()
-        self._offline = RetryGate(Backoff(first_s=config.retry_interval_s,
-                                          max_s=config.retry_interval_s * _MAX_BACKOFF_FACTOR))
+        self._metrics = MetricBuffer(config.flush_interval_s)
+        self._offline = OfflineGate(self.tracking_uri, config.retry_interval_s,
+                                    f"{self.output_dir}/{PENDING_PREFIX}*.json")
         if not enabled:
             return
         if self.tracking_uri is None:
@@ -219,26 +134,10 @@ class Tracker:
         except REMOTE_ERRORS as exc:
             if not is_server_unreachable(exc):
                 raise
-            self._went_offline(exc)
+            self._offline.went_away(exc)
             return False
         log.info("MLflow tracking to %s, experiment %r", self.tracking_uri, self.config.experiment)
         return True
-
-    def _went_offline(self, exc: BaseException) -> None:
-        wait_s = self._offline.failed()
-        if self._offline.failures == 1:
-            log.warning(
-                "MLflow server %s is unreachable (%s). Training continues; tracking data is kept in %s/%s*.json "
-                "and uploaded when the server answers (next try in %.0f s, and at the end of the step)",
-                self.tracking_uri, exc, self.output_dir, PENDING_PREFIX, wait_s,
-            )
-        else:
-            log.info("MLflow server %s still unreachable (%s); next try in %.0f s", self.tracking_uri, exc, wait_s)
-
-    def _came_back(self) -> None:
-        if self._offline.failures:
-            log.info("MLflow server %s answers again; pending tracking data uploaded", self.tracking_uri)
-        self._offline.succeeded()
 
     # ------------------------------------------------------------------------------------------------ runs
     @contextmanager
@@ -257,16 +156,13 @@ class Tracker:
 
         `weights` is a VAE weights label: pretrained / scratch / stand-in, optionally followed by ", <detail>".
         """
-        if not _RUN_ID_PATTERN.match(pipeline_run_id):
-            raise ValueError(
-                f"pipeline_run_id {pipeline_run_id!r}: expected 1-128 characters of letters, digits and ._:-"
-            )
+        check_pipeline_run_id(pipeline_run_id)
         if not step_name:
             raise ValueError("step_name must not be empty")
         kind = None if weights is None else weights_kind(weights)
         if self._journal is not None:
             raise RuntimeError(f"this Tracker already tracks step {self._journal.step_name!r}; use one Tracker per step")
-        common = _common_tags(pipeline_run_id, kfp_run_id)
+        common = common_tags(pipeline_run_id, kfp_run_id)
         step_tags = {**common, TAG_RUN_ROLE: "step", TAG_STEP: step_name}
         for key, value in ((TAG_VARIANT, variant), (TAG_PHASE, phase), (TAG_WEIGHTS, kind)):
             if value is not None:
@@ -281,7 +177,7 @@ class Tracker:
             step_name=step_name,
             parent_tags={**common, TAG_RUN_ROLE: "pipeline"},
             tags=step_tags,
-            start_time_ms=_now_ms(),
+            start_time_ms=now_ms(),
         )
         self._journal_path = self.output_dir / f"{PENDING_PREFIX}{step_name}-{uuid.uuid4().hex[:8]}.json"
         if self.enabled:
@@ -313,7 +209,7 @@ class Tracker:
             if not state.closed:
                 state.closed = True
                 if not state.kfp_managed:  # KFP's MLflow integration ends the runs it made
-                    state.end_status, state.end_time_ms = status, _now_ms()
+                    state.end_status, state.end_time_ms = status, now_ms()
             try:
                 done = self.flush(force=True)
             except REMOTE_ERRORS:
@@ -340,17 +236,13 @@ class Tracker:
         self._params_seen.update(values)
         if not self.enabled:
             return
-        long_keys = [key for key, value in values.items() if len(value) > MAX_PARAM_VAL_LENGTH]
+        fitted, long_values = fit_params(values)
         with self._lock:
-            for key, value in values.items():
-                if key in long_keys:
-                    marker = f"... [{len(value)} chars; full value in artifact params/{LONG_PARAMS_FILE}]"
-                    value = value[: MAX_PARAM_VAL_LENGTH - len(marker)] + marker
-                state.params[key] = value
-            if long_keys:
+            state.params.update(fitted)
+            if long_values:
                 log.warning("MLflow params %s exceed %d chars: truncated, full values in params/%s",
-                            long_keys, MAX_PARAM_VAL_LENGTH, LONG_PARAMS_FILE)
-                self._long_params.update({key: values[key] for key in long_keys})
+                            list(long_values), MAX_PARAM_VAL_LENGTH, LONG_PARAMS_FILE)
+                self._long_params.update(long_values)
                 long_file = self.output_dir / LONG_PARAMS_FILE
                 atomic_write_text(long_file, json.dumps(self._long_params, indent=1))
                 state.artifacts.append(ArtifactEntry(str(long_file), "params", is_dir=False))
@@ -365,13 +257,12 @@ class Tracker:
         if not self.enabled:
             return
         self._record_metrics(values, step)
-        if time.monotonic() - self._last_flush >= self.config.flush_interval_s:
+        if self._metrics.due():
             self.flush()
 
     def _record_metrics(self, values: Mapping[str, float], step: int) -> None:
-        timestamp = _now_ms()
         with self._lock:
-            self._journal.metrics.extend([key, value, timestamp, step] for key, value in values.items())
+            self._metrics.add(self._journal, values, step)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Upload a file now (queued in the pending journal if the server is away)."""
@@ -435,7 +326,7 @@ class Tracker:
         if not self.enabled or self._journal is None:
             return True
         with self._lock:
-            self._last_flush = time.monotonic()
+            self._metrics.flushed()
             try:
                 if force or self._offline.is_open():
                     self._sync_own()
@@ -445,15 +336,15 @@ class Tracker:
 
     def _sync_own(self) -> None:
         try:
-            _sync(self._client, self._journal, self._registered)
+            sync(self._client, self._journal, self._registered)
         except REMOTE_ERRORS as exc:
             if not is_server_unreachable(exc):
                 raise
-            self._went_offline(exc)
+            self._offline.went_away(exc)
             return
         finally:
             self._save_run_file()
-        self._came_back()
+        self._offline.answered()
 
     # ------------------------------------------------------------------------------------------ retries
     def _run_file(self, step_name: str) -> Path:
@@ -511,204 +402,3 @@ class Tracker:
         if self._journal is None:
             raise RuntimeError(f"Tracker.{what} called outside `with tracker.step_run(...)`")
         return self._journal
-
-
-# ------------------------------------------------------------------------------------------ run hierarchy
-def _sync(client: MlflowClient, journal: Journal, registered: dict[str, ModelRegistration]) -> None:
-    """Create the journal's step run if the server has not yet, then send its entries (raises at the first
-    failure, see ctv2v.tracking.journal.send_entries)."""
-    if journal.run_id is None:
-        journal.run_id = _create_step_run(client, journal)
-    send_entries(client, journal, registered)
-
-
-def _create_step_run(client: MlflowClient, journal: Journal) -> str:
-    experiment_id = _experiment_id(client, journal.experiment)
-    parent_id = _pipeline_run(client, experiment_id, journal.pipeline_run_id, journal.parent_tags)
-    run = client.create_run(
-        experiment_id,
-        start_time=journal.start_time_ms,
-        tags={**journal.tags, MLFLOW_PARENT_RUN_ID: parent_id},
-        run_name=journal.step_name,
-    )
-    log.info("MLflow run %s for step %r (pipeline run %s)", run.info.run_id, journal.step_name,
-             journal.pipeline_run_id)
-    return run.info.run_id
-
-
-def _experiment_id(client: MlflowClient, name: str) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException as exc:
-        if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
-            raise
-    return client.get_experiment_by_name(name).experiment_id
-
-
-def _pipeline_run(client: MlflowClient, experiment_id: str, pipeline_run_id: str, parent_tags: dict[str, str]) -> str:
-    """The parent run tagged with the pipeline run id, created if missing (the oldest wins a creation race)."""
-    query = f"tags.`{TAG_PIPELINE_RUN_ID}` = '{pipeline_run_id}' and tags.`{TAG_RUN_ROLE}` = 'pipeline'"
-
-    def oldest() -> str | None:
-        runs = client.search_runs([experiment_id], filter_string=query, max_results=100)
-        return min(runs, key=lambda run: (run.info.start_time, run.info.run_id)).info.run_id if runs else None
-
-    existing = oldest()
-    if existing is not None:
-        return existing
-    mine = client.create_run(experiment_id, tags=parent_tags, run_name=f"pipeline-{pipeline_run_id}")
-    winner = oldest()
-    if winner != mine.info.run_id:
-        client.delete_run(mine.info.run_id)
-    return winner
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def tracking_uri(config: TrackingConfig) -> str | None:
-    """The tracking URI: tracking.tracking_uri, else MLFLOW_TRACKING_URI; None means tracking is off."""
-    return config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
-
-
-class TrackingStoreError(ValueError):
-    """A tracking URI names a local store (an SQLite file, an mlruns folder) that does not exist."""
-
-
-def existing_store(uri: str) -> str:
-    """`uri` when it names a server, or a local store that exists; TrackingStoreError otherwise.
-
-    MLflow creates an empty local store (e.g. ./mlflow.db) on first use of a URI that names none; a lookup or an
-    upload must never leave one behind.
-    """
-    parts = urlsplit(uri)
-    if parts.scheme == "sqlite":
-        path = Path(uri.removeprefix("sqlite:///"))  # sqlite:///relative.db or sqlite:////absolute.db
-        exists, kind = path.is_file(), "SQLite file"
-    elif parts.scheme in ("file", ""):
-        path = Path(unquote(parts.path) if parts.scheme == "file" else uri)
-        exists, kind = path.is_dir(), "folder"
-    else:
-        return uri
-    if not exists:
-        raise TrackingStoreError(f"tracking URI {uri}: no such {kind} {path}; ctv2v never creates a tracking store as "
-                                 "a side effect: give a server URL or an existing store")
-    return uri
-
-
-def _common_tags(pipeline_run_id: str, kfp_run_id: str | None) -> dict[str, str]:
-    tags = {TAG_PIPELINE_RUN_ID: pipeline_run_id, MLFLOW_GIT_COMMIT: git_commit(),
-            TAG_IMAGE: os.environ.get("CTV2V_IMAGE", "unknown")}
-    if kfp_run_id is not None:
-        tags[TAG_KFP_RUN_ID] = kfp_run_id
-    return tags
-
-
-# ------------------------------------------------------------------------------- pending journals, run end
-@dataclass(frozen=True)
-class PendingUpload:
-    """What one pending journal held and how much of it the server accepted."""
-
-    journal: Path
-    step_name: str
-    run_id: str | None
-    sent: dict[str, int]
-    """What the server accepted, by kind (runs created, params, metrics, inputs, artifacts, registrations)."""
-    complete: bool
-    """Nothing is left: the journal file is gone."""
-    skipped: str | None = None
-    """Why the journal was not touched (its step still runs, another process took it)."""
-    server: str | None = None
-    """The tracking server it was sent to (None when skipped)."""
-
-
-class TrackingSyncError(RuntimeError):
-    """The server refused (rather than failed to answer) part of a pending journal; the rest is kept."""
-
-
-def replay_journal(journal: Path, *, steps_ended: bool, server: str | None = None) -> PendingUpload:
-    """Upload what a pending journal holds into the run it names, on `server` (default: the server it names; another
-    address of the same server, e.g. a port-forward, keeps its run ids valid; the journal keeps its own address).
-
-    A journal whose step has not closed it is left alone unless `steps_ended` (the pipeline is over, so its
-    step died before closing): then its run is ended FAILED. Renaming is the claim: of two processes
-    replaying the same journal, one gets it, the other skips it.
-    """
-    claimed = journal.with_name(f"{journal.name}.claimed-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        state = Journal.load(journal)
-        if not state.closed and not steps_ended:
-            log.info("MLflow: %s belongs to a step that has not ended; left for that step to upload", journal)
-            return PendingUpload(journal, state.step_name, state.run_id, {}, False, "its step has not ended")
-        os.rename(journal, claimed)
-    except FileNotFoundError:
-        log.info("MLflow: %s was taken by another process", journal)
-        return PendingUpload(journal, "", None, {}, True, "taken by another process")
-    state = Journal.load(claimed)
-    if not state.closed:
-        state.closed = True
-        if not state.kfp_managed:
-            state.end_status, state.end_time_ms = RunStatus.to_string(RunStatus.FAILED), _now_ms()
-        log.warning("MLflow: step %r ended without closing its run (killed?); its run ends FAILED", state.step_name)
-    before, run_before = state.counts(), state.run_id
-    named_server, state.tracking_uri = state.tracking_uri, server or state.tracking_uri
-    try:
-        _sync(MlflowClient(state.tracking_uri), state, {})
-    except REMOTE_ERRORS as exc:
-        if not is_server_unreachable(exc):
-            raise TrackingSyncError(f"{journal}: {state.tracking_uri} refused the upload: "
-                                    f"{str(exc).splitlines()[0]}; the journal keeps what is left to send") from exc
-        log.warning("MLflow: %s not uploaded, server %s unreachable (%s)", journal, state.tracking_uri, exc)
-    finally:
-        used_server, state.tracking_uri = state.tracking_uri, named_server
-        state.save(journal)
-        claimed.unlink()
-    after = state.counts()
-    sent = {"runs": int(run_before is None and state.run_id is not None),
-            **{kind: before[kind] - after[kind] for kind in before}}
-    if state.synced():
-        log.info("MLflow: uploaded what step %r left pending in %s", state.step_name, journal)
-    return PendingUpload(journal, state.step_name, state.run_id, sent, state.synced(), server=used_server)
-
-
-def upload_pending(folders: list[Path], config: TrackingConfig, *, steps_ended: bool,
-                   server: str | None = None) -> list[PendingUpload]:
-    """Upload every pending journal under `folders` (searched recursively) to `server` (default: the server each
-    names), with the HTTP timeout and retries of `config`; one result per journal found."""
-    if server is not None:
-        existing_store(server)
-    configure_client_http(config)
-    results = []
-    for folder in folders:
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise NotADirectoryError(f"{folder}: not a folder")
-        for journal in sorted(folder.rglob(f"{PENDING_PREFIX}*.json")):
-            results.append(replay_journal(journal, steps_ended=steps_ended, server=server))
-    return results
-
-
-def end_pipeline_run(config: TrackingConfig, pipeline_run_id: str, status: str,
-                     kfp_run_id: str | None = None) -> str | None:
-    """End the pipeline run's parent MLflow run with `status` (created first if no step made it); its id.
-
-    None when tracking is off, or when KFP's MLflow integration made the runs (MLFLOW_RUN_ID is set): KFP ends
-    its own parent run.
-    """
-    if status not in ("FINISHED", "FAILED", "KILLED"):
-        raise ValueError(f"status={status!r}: expected FINISHED, FAILED or KILLED")
-    uri = tracking_uri(config)
-    if uri is None or os.environ.get("MLFLOW_RUN_ID"):
-        return None
-    configure_client_http(config)
-    client = MlflowClient(uri)
-    experiment_id = _experiment_id(client, config.experiment)
-    parent_tags = {**_common_tags(pipeline_run_id, kfp_run_id), TAG_RUN_ROLE: "pipeline"}
-    parent_id = _pipeline_run(client, experiment_id, pipeline_run_id, parent_tags)
-    client.set_terminated(parent_id, status=status)
-    log.info("MLflow: pipeline run %s (MLflow run %s) ended %s", pipeline_run_id, parent_id, status)
-    return parent_id

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ctv2v.train.resume import Progress, capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from ctv2v.config import RunConfig, TrainingConfig
-from ctv2v.train.device import Distributed, Precision, distributed_from_env, resolve_precision, select_device
+from ctv2v.device import Distributed, Precision, distributed_from_env, resolve_precision, select_device
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctv2v.models.artifacts import CheckpointError
+from ctv2v.models.weights import CheckpointError
 from ctv2v.config import RunConfig
 from ctv2v.config_io import flatten
 from ctv2v.files import atomic_torch_save, check_output_folder, load_torch_file

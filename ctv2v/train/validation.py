@@ -18,7 +18,7 @@ from ctv2v.data.augment import validation_views
 from ctv2v.data.cache import Preprocessed
 from ctv2v.data.clips import eval_tiles, extract_clip
 from ctv2v.data.interpolation import Interpolation, covered_slices
-from ctv2v.train.device import Precision
+from ctv2v.device import Precision
 from ctv2v.intensity import Intensity
 from ctv2v.data.thick import project_to_thick
 from ctv2v.evaluate.evaluate import predict_volume

@@ -48,12 +48,6 @@ STEP_LABEL = "ctv2v.io/step-folder"
 OUT_DIR_ANNOTATION = "ctv2v.io/out-dir"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 
-ENV_FROM_CONFIG_MAP = ("MLFLOW_TRACKING_URI", "S3_ENDPOINT", "MLFLOW_HTTP_REQUEST_TIMEOUT",
-                       "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD",
-                       "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD")
-"""Keys of cluster.env_config_map every step gets as environment variables (the same list as pipeline/dag.py)."""
-S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 PASSED_THROUGH = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_WORKSPACE")
 """Set in the step's pod by KFP's MLflow integration when it is on; the nodes log into the same runs."""
 
@@ -82,12 +76,9 @@ def node_environment(config: RunConfig, environ: Mapping[str, str]) -> list[dict
     cluster = config.cluster
     env: list[dict[str, Any]] = [{"name": key, "value": value} for key, value in cluster.nccl.environment().items()]
     env += [{"name": key, "valueFrom": {"configMapKeyRef": {"name": cluster.env_config_map, "key": key,
-                                                            "optional": True}}} for key in ENV_FROM_CONFIG_MAP]
-    env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": cluster.s3_secret, "key": key}}}
-            for key in S3_SECRET_KEYS]
-    if cluster.mlflow_secret:
-        env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": cluster.mlflow_secret, "key": key}}}
-                for key in MLFLOW_SECRET_KEYS]
+                                                            "optional": True}}} for key in cluster.ENV_CONFIG_MAP_KEYS]
+    env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+            for secret, keys in cluster.step_secrets().items() for key in keys]
     env += [{"name": key, "value": environ[key]} for key in PASSED_THROUGH if key in environ]
     return env
 

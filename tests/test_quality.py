@@ -118,7 +118,7 @@ def test_validation_scores_a_whole_val_view_as_the_evaluate_step_scores_it(tmp_p
     from ctv2v.evaluate.evaluate import MODEL, evaluate_volume
     from ctv2v.models.v2v import build_model
     from ctv2v.models.vae import build_untrained_vae
-    from ctv2v.train.device import resolve_precision
+    from ctv2v.device import resolve_precision
     from ctv2v.train.validation import scored_val_views, val_clips_of, validate_diffusion
 
     config = training_config(*BRIDGE, "v2v.consistent_interpolation=true", "evaluation.data_consistency=true",

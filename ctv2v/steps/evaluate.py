@@ -6,7 +6,7 @@ and the resolved config (see ctv2v.evaluate.evaluate). MLflow: a nested `evaluat
 weights tags, the test metrics of the model and of every baseline, the report, panels and predicted NIfTI volumes
 as artifacts, and the model logged as an MLflow pyfunc model (ctv2v.tracking.pyfunc), registered as a version of
 `ctv2v-<variant>` tagged with its facts (alias `candidate`; `champion` only by the rules of ctv2v.tracking.registry).
-Sampling runs under fp16 autocast on CUDA and in fp32 on CPU (training.precision, ctv2v.train.device).
+Sampling runs under fp16 autocast on CUDA and in fp32 on CPU (training.precision, ctv2v.device).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from ctv2v.config_io import flatten, write_resolved
 from ctv2v.data.cache import PreprocessCache
 from ctv2v.data.manifest import load_manifest
 from ctv2v.data.prepared import DATASET_DIR, MANIFEST_FILE, PREPROCESS_CACHE_DIR
-from ctv2v.evaluate.compare import HEADLINE, to_html
+from ctv2v.evaluate.compare import to_html
 from ctv2v.evaluate.evaluate import (
     MODEL,
     PANELS_DIR,
@@ -31,6 +31,7 @@ from ctv2v.evaluate.evaluate import (
     EvaluationReport,
     evaluate,
 )
+from ctv2v.evaluate.metrics import HEADLINE
 from ctv2v.files import atomic_write_text
 from ctv2v.models.artifacts import load_trained_model, read_model_meta, weights_kind
 from ctv2v.steps.context import tracked_step

@@ -19,7 +19,7 @@ from ctv2v.data.clips import eval_tiles, extract_clip
 from ctv2v.data.interpolation import Interpolation, covered_slices
 from ctv2v.train.device import Precision
 from ctv2v.intensity import Intensity
-from ctv2v.evaluate.metrics import score_volume
+from ctv2v.evaluate.metrics import METRIC_NAMES, SLICE_SETS, score_volume
 from ctv2v.models.vae import ClipVAE
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def denoiser_swapped(model: nn.Module, denoiser: nn.Module | None) -> Iterator[n
 @torch.no_grad()
 def validate_diffusion(model: nn.Module, clips: list[dict], ema: AveragedModel | None, config: RunConfig,
                        device: torch.device, precision: Precision) -> dict[str, float]:
-    """Loss on fixed val clips and PSNR/SSIM (HU, evaluation window) of clips sampled with few steps.
+    """Loss on fixed val clips and every metric (HU, evaluation window) of clips sampled with few steps.
 
     When the clips hold their interpolation, its scores on the same clips are reported too (`val_interp_*`):
     the model's starting point, which it should beat.
@@ -128,7 +128,7 @@ def validate_diffusion(model: nn.Module, clips: list[dict], ema: AveragedModel |
 @torch.no_grad()
 def validate_vae(vae: ClipVAE, clips: list[dict], config: RunConfig, device: torch.device,
                  precision: Precision) -> dict[str, float]:
-    """L1 (`val_loss`) and PSNR/SSIM (HU, evaluation window) of one reconstruction of fixed val clips.
+    """L1 (`val_loss`) and every metric (HU, evaluation window) of one reconstruction of fixed val clips.
 
     Both scores see the same output: the deterministic reconstruction clamped to the [0, 1] input range. This is
     the VAE's ceiling decode(encode(thin)); when the clips hold their interpolation, its scores on the same clips
@@ -153,8 +153,8 @@ def validate_vae(vae: ClipVAE, clips: list[dict], config: RunConfig, device: tor
 
 
 def _mean_scores(scores: list[dict], prefix: str = "val") -> dict[str, float]:
-    """Mean PSNR and 2D SSIM over scored clips, per slice set (nothing when no clip was scored)."""
+    """Mean of every metric (METRIC_NAMES) over scored clips, per slice set (nothing when no clip was scored)."""
     if not scores:
         return {}
     return {f"{prefix}_{metric}_{subset}": float(np.mean([s[subset][metric] for s in scores]))
-            for subset in ("all", "synthesized") for metric in ("psnr_db", "ssim_2d")}
+            for subset in SLICE_SETS for metric in METRIC_NAMES}

@@ -114,7 +114,7 @@ def validate_diffusion(model: nn.Module, clips: list[dict], ema: AveragedModel |
             losses.append(float(loss))
             if index < settings.val_sample_clips:
                 with precision.autocast(device):
-                    pred = scored.sample(thick, steps=settings.val_sample_steps, interp=interp)
+                    pred = scored.sample(thick, steps=config.validation_sample_steps, interp=interp)
                 pred_hu = data_window.to_hu(pred.float().clamp(0, 1))[0, 0].cpu().numpy()
                 true_hu = data_window.to_hu(thin.float())[0, 0].cpu().numpy()
                 scores.append(score_volume(pred_hu, true_hu, config.data.thick.factor, window.hu_min, window.hu_max))

@@ -23,6 +23,7 @@ def evaluate_op(
     import shutil
     from pathlib import Path
 
+    from ctv2v.evaluate.metrics import HEADLINE, METRIC_NAMES
     from ctv2v.steps.context import component_config, prepared_data_dir
     from ctv2v.steps.evaluate import REPORT_HTML, evaluate_step
     from ctv2v.steps.train import MODEL_DIR
@@ -31,10 +32,10 @@ def evaluate_op(
     # The train step's artifact holds the final trained model in model/ (best-by-val-loss in best-model/).
     evaluation = evaluate_step(component_config(config_json, variant), data_dir, Path(model.path) / MODEL_DIR,
                                Path(report.path), pipeline_run_id)
-    metrics.log_metric("test_psnr_db_synthesized", evaluation.headline_psnr)
+    metrics.log_metric("test_{}_{}".format(*HEADLINE), evaluation.headline_psnr)
     for method, subsets in evaluation.report.aggregate.items():
         for subset, values in subsets.items():
-            for name in ("psnr_db", "ssim_3d", "mae_hu"):
+            for name in METRIC_NAMES:
                 metrics.log_metric(f"{method}_{subset}_{name}", values[name])
     report.metadata.update({"variant": evaluation.report.variant, "weights": evaluation.report.weights_display,
                             "hu_range": evaluation.report.hu_range, "sample_steps": evaluation.report.sample_steps})

@@ -272,6 +272,8 @@ class DiffusionConfig(_Section):
     beta_schedule: Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta"] = "scaled_linear_beta"
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     sample_steps: int = Field(50, ge=1)
+    """The model's sampling steps: validation and evaluation sample with these unless training.val_sample_steps or
+    evaluation.sample_steps override them; with train_timesteps `sampled` also the timesteps training draws."""
     min_snr_gamma: float | None = Field(None, gt=0)
     """Min-SNR-gamma loss weighting (Hang et al. 2023), DDPM only; None weights every timestep equally."""
     source: Literal["noise", "interpolation"] = "noise"
@@ -348,8 +350,9 @@ class TrainingConfig(_Section):
     predicted whole at every validation, as the evaluate step predicts a scan (tiles, data consistency), and scored
     (PSNR/SSIM on the synthesized slices, beside the model's start). Scores of single clips misled: on the demo's
     all-tissue val clips the model lost 1-4 dB while it gained 0.3-2.2 dB on the same views predicted whole."""
-    val_sample_steps: int = Field(8, ge=1)
-    """Sampling steps at validation: few, to keep it cheap; the evaluate step uses evaluation.sample_steps."""
+    val_sample_steps: int | None = Field(None, ge=1)
+    """Sampling steps at validation; None: diffusion.sample_steps. Fewer keep validation cheap for a model that
+    samples with many (not with diffusion.train_timesteps `sampled`: RunConfig checks it)."""
 
 
 class AdaptConfig(_Section):
@@ -370,7 +373,9 @@ class EvaluationConfig(_Section):
     hu_min: float = -1000.0
     hu_max: float = 1000.0
     """Metrics are computed in HU over this range (it moves PSNR by ~6 dB: it is stated in every report)."""
-    sample_steps: int = Field(50, ge=1)
+    sample_steps: int | None = Field(None, ge=1)
+    """Sampling steps of evaluation and prediction; None: diffusion.sample_steps. The pipeline parameter
+    `sample_steps` sets it per run (not with diffusion.train_timesteps `sampled`: RunConfig checks it)."""
     baselines: list[Literal["nearest", "linear", "cubic"]] = ["nearest", "linear", "cubic"]
     panel_plane: Literal["coronal", "sagittal"] = "coronal"
     write_nifti: bool = True
@@ -636,3 +641,30 @@ class RunConfig(_Section):
             raise ValueError("data.augment (slab_phases, axes, HU jitter) draws clips the latent cache does not hold: "
                              "set training.latent_cache: false")
         return self
+
+    @model_validator(mode="after")
+    def _sampling_steps_trained_for(self) -> "RunConfig":
+        # `sampled` trains the denoiser only at the timesteps diffusion.sample_steps visits: other step counts
+        # would query it at timesteps it never saw.
+        if self.diffusion.train_timesteps != "sampled":
+            return self
+        trained = self.diffusion.sample_steps
+        for key, steps in (("training.val_sample_steps", self.training.val_sample_steps),
+                           ("evaluation.sample_steps", self.evaluation.sample_steps)):
+            if steps is not None and steps != trained:
+                raise ValueError(f"{key}={steps} differs from diffusion.sample_steps={trained}: with "
+                                 f"diffusion.train_timesteps 'sampled' the model learns only the timesteps of "
+                                 f"{trained} sampling step(s); remove {key} (null) or set it to {trained}")
+        return self
+
+    @property
+    def validation_sample_steps(self) -> int:
+        """Sampling steps at validation: training.val_sample_steps, else diffusion.sample_steps."""
+        steps = self.training.val_sample_steps
+        return steps if steps is not None else self.diffusion.sample_steps
+
+    @property
+    def evaluation_sample_steps(self) -> int:
+        """Sampling steps of evaluation and prediction: evaluation.sample_steps, else diffusion.sample_steps."""
+        steps = self.evaluation.sample_steps
+        return steps if steps is not None else self.diffusion.sample_steps

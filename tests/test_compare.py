@@ -14,6 +14,7 @@ from components.compare import compare_op
 from ctv2v.steps.compare import compare_step
 from ctv2v.evaluate.compare import ComparisonError, compare, load_report
 from ctv2v.config import TrackingConfig
+from ctv2v.evaluate.metrics import METRICS, SLICE_SETS, column_label
 from ctv2v.tracking.tags import TAG_PIPELINE_RUN_ID, TAG_STEP
 from pipeline.cli import main as cli_main
 from tests.conftest import (EVALUATION_PHANTOM, LinearInterpolationSampler, evaluation_config, prepared_phantoms,
@@ -97,6 +98,26 @@ def test_table_numbers_come_from_the_reports(runs, tmp_path):
     psnr_all = loaded["main"].aggregate["model"]["all"]["psnr_db"]
     mae_syn = loaded["main"].aggregate["model"]["synthesized"]["mae_hu"]
     assert cells[2] == f"{psnr_all:.2f}" and cells[-1] == f"{mae_syn:.1f}"
+
+
+def test_table_has_a_column_per_metric_and_slice_set_with_the_metric_tables_label_and_digits(runs, tmp_path):
+    root, _ = runs
+    loaded = reports(root, main="main", pretrained="pretrained")
+    markdown, page = compare(loaded, tmp_path)
+    lines = markdown.splitlines()
+    header = next(line for line in lines if line.startswith("| method |"))
+    labels = [cell.strip() for cell in header.strip("|").split("|")][2:]
+    assert labels == [column_label(metric, slice_set) for metric in METRICS for slice_set in SLICE_SETS]
+    assert labels[:2] == ["PSNR dB (all)", "PSNR dB (synth.)"] and labels[-1] == "MAE HU (synth.)"
+    assert all(f"<th>{label}</th>" in page for label in labels)
+    row = next(line for line in lines if line.startswith("| pretrained model |"))
+    cells = dict(zip(labels, (cell.strip() for cell in row.strip("|").split("|")[2:])))
+    scores = loaded["pretrained"].aggregate["model"]
+    for metric in METRICS:
+        for slice_set in SLICE_SETS:
+            cell = cells[column_label(metric, slice_set)]
+            assert cell == f"{scores[slice_set][metric.name]:.{metric.digits}f}"
+            assert len(cell.split(".")[1]) == {"psnr_db": 2, "ssim_3d": 4, "ssim_2d": 4, "mae_hu": 1}[metric.name]
 
 
 @pytest.mark.parametrize("override, problem", [

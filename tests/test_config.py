@@ -47,6 +47,8 @@ def test_v100_overlays_keep_the_variant_and_set_fp16():
     ("training.full.vae_lr_multiplyer=0.5", "'training.full.vae_lr_multiplier'"),
     ("vae.maisi.tile.overlapp=0.5", "'vae.maisi.tile.overlap'"),
     ("model.channels=[8]", "unknown key 'model'"),
+    ("evaluation.sample_step=4", "unknown key 'evaluation.sample_step'; did you mean 'evaluation.sample_steps'?"),
+    ("training.sample_steps=4", "unknown key 'training.sample_steps'"),
 ])
 def test_typos_at_every_depth_name_the_full_path_and_the_nearest_key(override, expected):
     with pytest.raises(ConfigError) as info:
@@ -77,6 +79,8 @@ def test_invalid_values_name_their_key():
         load_config([], ["vae.maisi.encode_mode=slices"])
     with pytest.raises(ConfigError, match="hu_max"):
         load_config([], ["data.intensity.hu_max=-2000"])
+    with pytest.raises(ConfigError, match="'evaluation.sample_steps': Input should be greater than or equal to 1"):
+        load_config([], ["evaluation.sample_steps=0"])
 
 
 def test_set_overrides_parse_yaml_values_and_apply_last():
@@ -126,6 +130,10 @@ def test_config_show_prints_the_resolved_config_and_fails_on_a_bad_key(capsys):
     ("training.frozen.epochs='2'", "training.frozen.epochs", "'2'"),
     ("data.source=5", "data.source", "5"),
     ("data.augment.flips=1", "data.augment.flips", "1"),
+    ("evaluation.sample_steps=true", "evaluation.sample_steps", "True"),
+    ("evaluation.sample_steps='4'", "evaluation.sample_steps", "'4'"),
+    ("training.val_sample_steps=2.0", "training.val_sample_steps", "2.0"),
+    ("diffusion.sample_steps=null", "diffusion.sample_steps", "None"),
 ])
 def test_values_of_the_wrong_type_are_not_coerced(override, key, got):
     with pytest.raises(ConfigError, match=rf"--set {re.escape(override)}: '{key}': .* \(got {re.escape(got)}\)"):
@@ -225,3 +233,33 @@ def test_a_gpu_component_runs_with_the_gpus_compiled_next_to_its_pod_limit():
     assert config.cluster.gpus_per_step == 4 != component_config(text, "main").cluster.gpus_per_step
     with pytest.raises(ConfigError, match="gpus_per_step"):
         component_config(text, "main", gpus_per_step=9)
+
+
+# ------------------------------------------------------------------------------------------ sampling steps
+def test_validation_and_evaluation_sample_with_the_models_steps_unless_overridden():
+    shipped = load_config([CONFIGS / "main.yaml"])
+    assert (shipped.diffusion.sample_steps, shipped.validation_sample_steps, shipped.evaluation_sample_steps) == (4, 4, 4)
+    assert shipped.training.val_sample_steps is None and shipped.evaluation.sample_steps is None
+    changed = load_config([CONFIGS / "main.yaml"], ["diffusion.sample_steps=6"])
+    assert (changed.validation_sample_steps, changed.evaluation_sample_steps) == (6, 6)
+    overridden = load_config([CONFIGS / "main.yaml"], ["training.val_sample_steps=2", "evaluation.sample_steps=10"])
+    assert (overridden.diffusion.sample_steps, overridden.validation_sample_steps,
+            overridden.evaluation_sample_steps) == (4, 2, 10)
+    one_step = load_config([CONFIGS / "main.yaml", CONFIGS / "cpu-quality.yaml"])
+    assert (one_step.diffusion.train_timesteps, one_step.validation_sample_steps,
+            one_step.evaluation_sample_steps) == ("sampled", 1, 1)
+
+
+@pytest.mark.parametrize("override", ["evaluation.sample_steps=4", "training.val_sample_steps=2"])
+def test_steps_other_than_those_a_sampled_timesteps_model_learned_are_refused_naming_both_keys(override):
+    key, steps = override.split("=")
+    with pytest.raises(ConfigError) as info:
+        load_config([CONFIGS / "main.yaml", CONFIGS / "cpu-quality.yaml"], [override])
+    assert f"{key}={steps} differs from diffusion.sample_steps=1" in str(info.value)
+    assert "diffusion.train_timesteps 'sampled'" in str(info.value)
+    # The same steps, or none (use diffusion.sample_steps), are what the model learned.
+    same = load_config([CONFIGS / "main.yaml", CONFIGS / "cpu-quality.yaml"], [f"{key}=1"])
+    assert same.evaluation_sample_steps == same.validation_sample_steps == 1
+    # Changing diffusion.sample_steps moves what training draws and every use together.
+    moved = load_config([CONFIGS / "main.yaml", CONFIGS / "cpu-quality.yaml"], ["diffusion.sample_steps=4"])
+    assert moved.evaluation_sample_steps == moved.validation_sample_steps == 4

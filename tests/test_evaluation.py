@@ -147,6 +147,18 @@ def test_subsampled_thick_series_puts_true_slices_back_at_their_world_positions(
         assert predicted[index] == pytest.approx(source[i, j, k], abs=0.05), index
 
 
+class StepsRecordingSampler(LinearInterpolationSampler):
+    """TEST-ONLY: the linear stand-in, recording the sampling steps it is asked for."""
+
+    def __init__(self, factor: int):
+        super().__init__(factor)
+        self.steps: list[int] = []
+
+    def sample(self, thick: torch.Tensor, steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        self.steps.append(steps)
+        return super().sample(thick, steps, generator)
+
+
 def test_report_states_settings_and_limits_volumes(tmp_path, linear_run):
     config, data_dir, out_dir, report = linear_run
     written = from_json((out_dir / REPORT_FILE).read_text())
@@ -162,11 +174,13 @@ def test_report_states_settings_and_limits_volumes(tmp_path, linear_run):
         mean = np.mean([v["metrics"]["linear"][subset]["psnr_db"] for v in written["volumes"]])
         assert written["aggregate"]["linear"][subset]["psnr_db"] == pytest.approx(mean)
 
-    limited = evaluation_config("evaluation.max_volumes=1", "evaluation.hu_min=-500", "evaluation.sample_steps=3")
-    stand_in = run_evaluate(LinearInterpolationSampler(4), data_dir, limited, tmp_path / "eval",
-                            weights_label="stand-in")
+    # No evaluation.sample_steps: evaluation samples with the model's diffusion.sample_steps.
+    limited = evaluation_config("evaluation.max_volumes=1", "evaluation.hu_min=-500", "evaluation.sample_steps=null",
+                                "diffusion.sample_steps=3")
+    sampler = StepsRecordingSampler(4)
+    stand_in = run_evaluate(sampler, data_dir, limited, tmp_path / "eval", weights_label="stand-in")
     assert stand_in.n_volumes == 1 and stand_in.test_volumes_in_split == 2
-    assert stand_in.hu_range == [-500.0, 1000.0] and stand_in.sample_steps == 3
+    assert stand_in.hu_range == [-500.0, 1000.0] and stand_in.sample_steps == 3 and set(sampler.steps) == {3}
     assert stand_in.weights == "stand-in" and "STAND-IN" in stand_in.warning
     assert stand_in.weights_display == "stand-in (random MAISI-layout weights)"
 

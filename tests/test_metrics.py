@@ -9,7 +9,8 @@ import pytest
 import torch
 from monai.metrics import SSIMMetric
 
-from ctv2v.evaluate.metrics import from_json, psnr, score_volume, synthesized_slices, to_json
+from ctv2v.evaluate.metrics import (METRICS, SLICE_SETS, from_json, glossary, psnr, score_volume, synthesized_slices,
+                                   to_json)
 
 HU_MIN, HU_MAX = -1000.0, 1000.0
 SHAPE = (13, 16, 16)  # the 3D SSIM needs 11 voxels along every axis
@@ -26,6 +27,18 @@ def _phantom(seed: int = 0) -> np.ndarray:
 def test_synthesized_slices_are_those_between_thick_positions():
     assert synthesized_slices(9, 4).tolist() == [1, 2, 3, 5, 6, 7]
     assert synthesized_slices(5, 2).tolist() == [1, 3]
+
+
+def test_the_metric_table_lists_exactly_what_the_scorer_returns_and_reports_describe_each_row():
+    """Adding a metric is one row of METRICS: a score without a row, or a row nothing scores, fails here."""
+    scores = score_volume(_phantom(1), _phantom(), 4, HU_MIN, HU_MAX)
+    assert list(scores) == list(SLICE_SETS)
+    for slice_set in SLICE_SETS:
+        assert set(scores[slice_set]) == {metric.name for metric in METRICS}
+    described = glossary(-500, 1000)["metrics"]
+    assert list(described) == [metric.name for metric in METRICS]
+    assert described["psnr_db"] == "PSNR in dB, HU clipped to [-500, 1000], data range 1500 HU; higher is better"
+    assert described["mae_hu"] == "mean absolute error in HU after clipping; lower is better"
 
 
 def test_identical_volumes_score_perfectly():

@@ -456,7 +456,7 @@ def test_run_parameters_override_the_config_through_its_schema():
     assert resolved.training.full.epochs == config.training.full.epochs
     # A key edited in the config text, its parameter left alone: the config's value stands.
     evaluation = '"evaluation":{"hu_min":-1000.0,"hu_max":1000.0,"sample_steps":'
-    edited = text.replace(f'{evaluation}{config.evaluation.sample_steps},', f'{evaluation}7,')
+    edited = text.replace(f'{evaluation}null,', f'{evaluation}7,')
     assert edited != text
     assert resolve_run_config(edited, compiled, compiled).evaluation.sample_steps == 7
     with pytest.raises(ConfigError, match="data.thick.factor"):
@@ -464,6 +464,22 @@ def test_run_parameters_override_the_config_through_its_schema():
     with pytest.raises(ConfigError, match="frozen_epochs=3 and the config's training.frozen.epochs=4"):
         resolve_run_config(text.replace('"frozen":{"epochs":5', '"frozen":{"epochs":4', 1), compiled,
                            {"frozen_epochs": 3})
+
+
+def test_the_sample_steps_parameter_holds_the_steps_in_effect_and_sets_evaluation_alone():
+    """evaluation.sample_steps is null in the shipped configs (diffusion.sample_steps is used): the typed parameter
+    shows the steps evaluation uses; changed, it overrides evaluation.sample_steps and leaves the model's key alone."""
+    config = load_config([CONFIGS / "main.yaml"])
+    text, compiled = config_argument(config), run_parameter_defaults(config, with_scratch_vae=True)
+    assert compiled["sample_steps"] == config.diffusion.sample_steps == 4
+    resolved = resolve_run_config(text, compiled, {**compiled, "sample_steps": 8})
+    assert (resolved.evaluation.sample_steps, resolved.evaluation_sample_steps, resolved.diffusion.sample_steps) == (8, 8, 4)
+    assert resolve_run_config(text, compiled, compiled).evaluation.sample_steps is None
+    one_step = load_config([CONFIGS / "main.yaml", CONFIGS / "cpu-quality.yaml"])
+    text, compiled = config_argument(one_step), run_parameter_defaults(one_step, with_scratch_vae=True)
+    assert compiled["sample_steps"] == 1
+    with pytest.raises(ConfigError, match=r"evaluation.sample_steps=4 differs from diffusion.sample_steps=1"):
+        resolve_run_config(text, compiled, {**compiled, "sample_steps": 4})
 
 
 @pytest.mark.parametrize("configs", [["main.yaml", "smoke.yaml"], ["pretrained.yaml", "smoke.yaml"],

@@ -270,7 +270,7 @@ def test_image_loss_scores_the_output_one_step_sampling_makes_and_trains_the_den
     """training.image_loss_weight compares the thin clip with what sample() would output (before clamping) for the
     prediction; here, untrained and at t = T, that is the interpolation itself. Its gradient reaches the denoiser."""
     config, model = bridge_model("diffusion.sample_steps=1", "diffusion.train_timesteps=sampled",
-                                 "training.image_loss_weight=2.0")
+                                 "training.val_sample_steps=null", "training.image_loss_weight=2.0")
     volume = phantom_volume((13, 16, 16))
     tile = eval_tiles(volume.thin.shape, config.data.clip, 4, volume.thick.array.shape[0])[0]
     clip = {k: torch.from_numpy(v)[None, None]

@@ -18,7 +18,7 @@ from ctv2v.data.readers import read_volume
 from ctv2v.data.thick import simulate_thick
 from ctv2v.evaluate.baseline_report import (BaselineReport, VolumeBaselines, baseline_report, format_table,
                                             score_baselines, write_report)
-from ctv2v.evaluate.metrics import from_json
+from ctv2v.evaluate.metrics import METRIC_BY_NAME, from_json
 from pipeline.cli import main
 from tests.conftest import REPO
 
@@ -116,6 +116,27 @@ def test_perfect_rebuild_is_written_as_inf_not_dropped(tmp_path):
     assert json.loads(text)["results"][0]["synthesized"]["psnr_db"] == "inf"  # strict JSON: no Infinity token
     assert from_json(text)["results"][0]["synthesized"]["psnr_db"] == math.inf
     assert "| flat | x2 |" in format_table(report) and "| inf |" in format_table(report)
+
+
+def test_table_columns_are_the_metric_tables_labels_printed_with_its_digits():
+    thin = np.random.default_rng(1).normal(0, 200, (13, 12, 12)).astype(np.float32)
+    thick = simulate_thick(thin, 1.0, ThickConfig(method="subsample", factor=2))
+    results = score_baselines(thin, thick, -1000, 1000, ["nearest"])
+    report = BaselineReport(dataset="noise", hu_range=[-1000, 1000], factors=[2], methods=["nearest"],
+                            thick_method={"method": "subsample", "thickness_mm": None, "summary": "subsample"},
+                            volumes=[VolumeBaselines("noise", "noise.nii.gz", "0" * 64, [13, 12, 12], [1.0, 1.0, 1.0],
+                                                     results)], mean_over_volumes=[])
+    lines = format_table(report).splitlines()
+    header = [cell.strip() for cell in lines[2].strip("|").split("|")][4:]
+    row = dict(zip(header, (cell.strip() for cell in lines[4].strip("|").split("|")[4:])))
+    assert header == ["PSNR dB (all)", "PSNR dB (synth.)", "SSIM-3D (synth.)", "SSIM-2D (synth.)", "MAE HU (synth.)"]
+    scores = results[0].scores
+    for label, name, slice_set in (("PSNR dB (all)", "psnr_db", "all"), ("SSIM-2D (synth.)", "ssim_2d", "synthesized"),
+                                   ("MAE HU (synth.)", "mae_hu", "synthesized")):
+        metric = METRIC_BY_NAME[name]
+        assert label.startswith(metric.label)
+        assert row[label] == f"{scores[slice_set][name]:.{metric.digits}f}"
+        assert len(row[label].split(".")[1]) == {"psnr_db": 2, "ssim_2d": 4, "mae_hu": 1}[name]
 
 
 def test_bad_factors_are_refused(tmp_path, demo_dir):

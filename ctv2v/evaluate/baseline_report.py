@@ -11,7 +11,6 @@ so both are written into every JSON file and into the table's title and rows.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,19 @@ from ctv2v.data.cache import PreprocessCache, preprocess
 from ctv2v.data.manifest import build_manifest
 from ctv2v.data.thick import ThickSeries
 from ctv2v.files import atomic_write_text
-from ctv2v.evaluate.metrics import METRIC_NAMES, SLICE_SET_MEANING, SLICE_SETS, glossary, score_volume, to_json
+from ctv2v.evaluate.metrics import (
+    HEADLINE,
+    METRIC_BY_NAME,
+    METRIC_NAMES,
+    METRICS,
+    SLICE_SET_LABELS,
+    SLICE_SET_MEANING,
+    SLICE_SETS,
+    column_label,
+    glossary,
+    score_volume,
+    to_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +44,8 @@ REPORT_VERSION = 1
 AGGREGATE_FILE = "baselines.json"
 TABLE_FILE = "baselines.md"
 VOLUMES_DIR = "volumes"
+TABLE_COLUMNS = [(METRIC_BY_NAME[HEADLINE[0]], "all"), *((metric, "synthesized") for metric in METRICS)]
+"""The Markdown table's metric columns: the headline metric over all slices, every metric over synthesized ones."""
 
 
 SliceSetScores = dict[str, dict[str, float]]
@@ -215,21 +228,15 @@ def title(report: BaselineReport) -> str:
             f"{report.thick_method['summary']} - scored: thin slices from the first to the last thick slice")
 
 
-def _cell(value: float, digits: int) -> str:
-    return "inf" if math.isinf(value) else f"{value:.{digits}f}"
-
-
 def format_table(report: BaselineReport) -> str:
     """The report as a Markdown table: one row per volume, factor and method, then the means over volumes."""
-    header = ("| volume | factor | thick series | method | PSNR all (dB) | PSNR synth (dB) | SSIM-2D synth "
-              "| SSIM-3D synth | MAE synth (HU) |")
+    header = ("| volume | factor | thick series | method | "
+              + " | ".join(column_label(metric, slice_set) for metric, slice_set in TABLE_COLUMNS) + " |")
     lines = [f"**{title(report)}**", "", header, "|" + " --- |" * (header.count("|") - 1)]
 
     def row(volume: str, thick: str, r: BaselineResult | MeanBaseline) -> str:
-        syn = r.scores["synthesized"]
-        return (f"| {volume} | x{r.factor} | {thick} | {r.method} | {_cell(r.scores['all']['psnr_db'], 2)} "
-                f"| {_cell(syn['psnr_db'], 2)} | {_cell(syn['ssim_2d'], 4)} | {_cell(syn['ssim_3d'], 4)} "
-                f"| {_cell(syn['mae_hu'], 1)} |")
+        cells = [metric.format(r.scores[slice_set][metric.name]) for metric, slice_set in TABLE_COLUMNS]
+        return f"| {volume} | x{r.factor} | {thick} | {r.method} | " + " | ".join(cells) + " |"
 
     for volume in report.volumes:
         for r in volume.results:
@@ -237,7 +244,8 @@ def format_table(report: BaselineReport) -> str:
     if len(report.volumes) > 1:
         for r in report.mean_over_volumes:
             lines.append(row(f"mean of {r.volumes} volumes", report.thick_method["method"], r))
-    lines += ["", "synth = " + SLICE_SET_MEANING["synthesized"] + "; SSIM on the HU window mapped to [0, 1]."]
+    lines += ["", f"{SLICE_SET_LABELS['synthesized']} = {SLICE_SET_MEANING['synthesized']}; SSIM on the HU window "
+                  "mapped to [0, 1]."]
     return "\n".join(lines) + "\n"
 
 

@@ -16,20 +16,11 @@ from pathlib import Path
 
 from ctv2v.config import VARIANTS
 from ctv2v.evaluate.evaluate import LEARNED_METHODS, MODEL, MODEL_ADAPTED, REPORT_FILE, STAND_IN_WARNING, EvaluationReport
+from ctv2v.evaluate.metrics import HEADLINE, METRICS, SLICE_SETS, column_label
 from ctv2v.files import atomic_write_text
 
-COLUMNS = [
-    ("psnr_db", "all", "PSNR dB (all)"),
-    ("psnr_db", "synthesized", "PSNR dB (synth.)"),
-    ("ssim_3d", "all", "SSIM-3D (all)"),
-    ("ssim_3d", "synthesized", "SSIM-3D (synth.)"),
-    ("ssim_2d", "all", "SSIM-2D (all)"),
-    ("ssim_2d", "synthesized", "SSIM-2D (synth.)"),
-    ("mae_hu", "all", "MAE HU (all)"),
-    ("mae_hu", "synthesized", "MAE HU (synth.)"),
-]
-HEADLINE = ("psnr_db", "synthesized")
-"""The number a verdict is stated on: PSNR over the slices a method had to synthesize."""
+COLUMNS = [(metric, slice_set) for metric in METRICS for slice_set in SLICE_SETS]
+"""The table's metric columns: every metric of the table (ctv2v.evaluate.metrics) over each slice set."""
 TIE_DB = 0.01
 """PSNR differences below this are reported as a match: the table prints two decimals."""
 BASELINE_TOLERANCE = 1e-6
@@ -98,11 +89,11 @@ def _baseline_mismatches(reports: dict[str, EvaluationReport], variants: list[st
                             f"{sorted(set(first) - set(LEARNED_METHODS))}, {variant} has "
                             f"{sorted(set(other) - set(LEARNED_METHODS))}")
         for method in sorted(set(first) & set(other) - set(LEARNED_METHODS)):
-            for metric, slice_set, _ in COLUMNS:
-                a, b = first[method][slice_set][metric], other[method][slice_set][metric]
+            for metric, slice_set in COLUMNS:
+                a, b = first[method][slice_set][metric.name], other[method][slice_set][metric.name]
                 if not math.isclose(a, b, rel_tol=BASELINE_TOLERANCE, abs_tol=BASELINE_TOLERANCE):
                     problems.append(
-                        f"baseline '{method}' {metric} ({slice_set}) is {a!r} in {variants[0]} but {b!r} in "
+                        f"baseline '{method}' {metric.name} ({slice_set}) is {a!r} in {variants[0]} but {b!r} in "
                         f"{variant}: the reports did not score the same data"
                     )
     return problems
@@ -127,14 +118,6 @@ def _rows(reports: dict[str, EvaluationReport], variants: list[str]) -> list[tup
 def _references(report: EvaluationReport) -> list[str]:
     """The non-learned methods a report scored: the baselines, then (with data consistency) their `+dc` forms."""
     return [method for method in report.aggregate if method not in LEARNED_METHODS]
-
-
-def _format(metric: str, value: float) -> str:
-    if metric == "mae_hu":
-        return f"{value:.1f}"
-    if metric == "psnr_db":
-        return f"{value:.2f}"
-    return f"{value:.4f}"
 
 
 def _headline(metrics: dict) -> float:
@@ -215,10 +198,10 @@ def to_markdown(reports: dict[str, EvaluationReport]) -> str:
     header_models = " vs ".join(f"{v} [{reports[v].weights_display}]" for v in variants)
     lines = [f"# ctv2v evaluation: {header_models}", ""]
     lines += [f"- **{name}**: {value}" for name, value in _settings(reports, variants)]
-    lines += ["", "| method | weights | " + " | ".join(label for _, _, label in COLUMNS) + " |",
+    lines += ["", "| method | weights | " + " | ".join(column_label(m, s) for m, s in COLUMNS) + " |",
               "| --- | --- | " + " | ".join("---:" for _ in COLUMNS) + " |"]
     for label, weights, metrics in _rows(reports, variants):
-        cells = [_format(metric, metrics[slice_set][metric]) for metric, slice_set, _ in COLUMNS]
+        cells = [metric.format(metrics[slice_set][metric.name]) for metric, slice_set in COLUMNS]
         lines.append(f"| {label} | {weights} | " + " | ".join(cells) + " |")
     lines += ["", "## Verdict", ""] + [f"- {line}" for line in verdicts(reports)] + [""]
     return "\n".join(lines)
@@ -230,10 +213,10 @@ def to_html(reports: dict[str, EvaluationReport]) -> str:
     esc = html.escape
     header_models = " vs ".join(f"{v} [{reports[v].weights_display}]" for v in variants)
     settings = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in _settings(reports, variants))
-    head = "".join(f"<th>{esc(label)}</th>" for _, _, label in COLUMNS)
+    head = "".join(f"<th>{esc(column_label(m, s))}</th>" for m, s in COLUMNS)
     body = ""
     for label, weights, metrics in _rows(reports, variants):
-        cells = "".join(f"<td>{_format(m, metrics[s][m])}</td>" for m, s, _ in COLUMNS)
+        cells = "".join(f"<td>{m.format(metrics[s][m.name])}</td>" for m, s in COLUMNS)
         body += f"<tr><th>{esc(label)}</th><td>{esc(weights)}</td>{cells}</tr>"
     verdict = "".join(f"<li>{esc(line)}</li>" for line in verdicts(reports))
     return (

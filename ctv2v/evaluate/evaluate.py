@@ -326,7 +326,7 @@ def tile_peak_bytes(model: ClipSampler, config: RunConfig, size: tuple[int, int,
               } if model.interpolation is not None else {}
     tracker = _PeakTensorBytes()
     with torch.inference_mode(), tracker:
-        model.sample(thick, steps=config.evaluation.sample_steps, generator=None, **inputs)
+        model.sample(thick, steps=config.evaluation_sample_steps, generator=None, **inputs)
     return tracker.peak
 
 
@@ -429,7 +429,7 @@ def predict_volume(
         inputs = {"interp": torch.from_numpy(np.stack([a["interp"] for a in arrays])[:, None]).to(device)
                   } if interpolated is not None else {}
         with torch.inference_mode():
-            thin = model.sample(torch.from_numpy(clips).to(device), steps=config.evaluation.sample_steps,
+            thin = model.sample(torch.from_numpy(clips).to(device), steps=config.evaluation_sample_steps,
                                 generator=generator, **inputs)
         expected = (len(batch), 1, frames, height, width)
         if tuple(thin.shape) != expected:
@@ -548,7 +548,7 @@ def evaluate_volume(
     title = [
         f"{volume.volume_id} - {config.variant} model - VAE weights: {weights_display(weights_label)}",
         f"HU window [{settings.hu_min:g}, {settings.hu_max:g}] - thick: {thick.describe()} - "
-        f"{settings.sample_steps} sampling steps - {settings.panel_plane} reformat",
+        f"{config.evaluation_sample_steps} sampling steps - {settings.panel_plane} reformat",
         f"PSNR on synthesized slices: {synthesized_psnr}",
     ]
     if weights_kind(weights_label) == "stand-in":
@@ -617,7 +617,7 @@ def evaluate(
         hu_range=[settings.hu_min, settings.hu_max],
         model_intensity_window=[config.data.intensity.hu_min, config.data.intensity.hu_max],
         thick={"method": thick.method, "factor": thick.factor, "thickness_mm": thick.thickness_mm},
-        sample_steps=settings.sample_steps,
+        sample_steps=config.evaluation_sample_steps,
         seed=config.seed,
         tiles={"frames": settings.tile_frames, "height": settings.tile_height, "width": settings.tile_width,
                "overlap": settings.tile_overlap, "batch_size": settings.tile_batch_size,

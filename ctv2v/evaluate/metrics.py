@@ -16,7 +16,9 @@ map, 11-voxel Gaussian window, valid positions only); its `synthesized` value is
 over the window positions centred on a synthesized slice (the window itself spans neighbouring slices).
 A perfect prediction has infinite PSNR; a NaN or Inf in either input is an error, never a score.
 
-This module also holds what every report says about these numbers (`glossary`) and how scores are written
+This module also holds the metric table (METRICS: name, table label, digits, direction, description) that every
+table, report, validation log and pipeline output reads, what every report says about these numbers (`glossary`)
+and how scores are written
 to JSON (`to_json` / `from_json`): JSON has no infinity, so an infinite score is written as the string "inf"
 (strict JSON that any reader parses) and read back as a float.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,8 +40,49 @@ from ctv2v.intensity import Intensity
 SSIM_WINDOW = 11
 """MONAI's default Gaussian window (sigma 1.5); a 3D SSIM needs at least this many slices, rows and columns."""
 SSIM_SIGMA = 1.5
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One score of `score_volume`, as every table, report, validation log and pipeline output shows it."""
+
+    name: str
+    """Its key in score dicts, report JSON and MLflow / KFP metric names."""
+    label: str
+    """Its column label in Markdown and HTML tables."""
+    digits: int
+    """Decimals printed in tables."""
+    higher_is_better: bool
+    description: str
+    """What it measures, for report glossaries; `{hu_min}`, `{hu_max}` and `{width}` stand for the HU window."""
+
+    def format(self, value: float) -> str:
+        """`value` as a table prints it ("inf" for a perfect PSNR)."""
+        return f"{value:.{self.digits}f}"
+
+    def describe(self, hu_min: float, hu_max: float) -> str:
+        """The description under the HU window [hu_min, hu_max], with the direction that is better."""
+        meaning = self.description.format(hu_min=f"{hu_min:g}", hu_max=f"{hu_max:g}", width=f"{hu_max - hu_min:g}")
+        return f"{meaning}; {'higher' if self.higher_is_better else 'lower'} is better"
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("psnr_db", "PSNR dB", 2, True, "PSNR in dB, HU clipped to [{hu_min}, {hu_max}], data range {width} HU"),
+    Metric("ssim_3d", "SSIM-3D", 4, True,
+           f"MONAI SSIM 3D (Gaussian window {SSIM_WINDOW}, sigma {SSIM_SIGMA:g}) on the HU window mapped to [0, 1]; "
+           "over a slice set: mean of the SSIM map at window centres on those slices"),
+    Metric("ssim_2d", "SSIM-2D", 4, True, "MONAI SSIM 2D of each axial slice, averaged over the slice set"),
+    Metric("mae_hu", "MAE HU", 1, False, "mean absolute error in HU after clipping"),
+)
+"""Every metric `score_volume` returns, in table order: adding a metric is a row here and its score there."""
+METRIC_BY_NAME = {metric.name: metric for metric in METRICS}
+METRIC_NAMES = tuple(METRIC_BY_NAME)
 SLICE_SETS = ("all", "synthesized")
-METRIC_NAMES = ("psnr_db", "ssim_3d", "ssim_2d", "mae_hu")
+SLICE_SET_LABELS = {"all": "all", "synthesized": "synth."}
+"""How table column labels name each slice set, e.g. `PSNR dB (synth.)`."""
+HEADLINE = ("psnr_db", "synthesized")
+"""The number a verdict is stated on and a registered model ranked by: PSNR over the slices a method had to
+synthesize."""
 SCORED_RANGE = ("thin slices 0..(n_thick-1)*k, from the first to the last thick position; the slices after the "
                 "last thick position would need extrapolation and are not scored")
 SLICE_SET_MEANING = {
@@ -48,15 +92,14 @@ SLICE_SET_MEANING = {
 AGGREGATE_OVER = "mean over volumes of each volume's metric"
 
 
+def column_label(metric: Metric, slice_set: str) -> str:
+    """A table column's label: the metric's label and the slice set, e.g. `PSNR dB (synth.)`."""
+    return f"{metric.label} ({SLICE_SET_LABELS[slice_set]})"
+
+
 def describe_metrics(hu_min: float, hu_max: float) -> dict[str, str]:
     """What each metric name means under the window [hu_min, hu_max], for reports."""
-    return {
-        "psnr_db": f"PSNR in dB, HU clipped to [{hu_min:g}, {hu_max:g}], data range {hu_max - hu_min:g} HU",
-        "ssim_3d": (f"MONAI SSIM 3D (Gaussian window {SSIM_WINDOW}, sigma {SSIM_SIGMA:g}) on the HU window mapped "
-                    "to [0, 1]; over a slice set: mean of the SSIM map at window centres on those slices"),
-        "ssim_2d": "MONAI SSIM 2D of each axial slice, averaged over the slice set",
-        "mae_hu": "mean absolute error in HU after clipping",
-    }
+    return {metric.name: metric.describe(hu_min, hu_max) for metric in METRICS}
 
 
 def glossary(hu_min: float, hu_max: float) -> dict[str, Any]:

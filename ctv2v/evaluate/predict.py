@@ -282,7 +282,7 @@ def predict_file(predictor: Predictor, input_path: Path, out: Path, out_dicom: P
                "output": str(out), "output_shape": list(thin.hu.shape), "output_spacing_mm": list(thin.spacing),
                "model_grid_mm": list(thin.model_grid_mm),
                "adaptation": predictor.adaptation.to_dict() if predictor.adaptation is not None else None,
-               "weights": predictor.weights_label, "sample_steps": predictor.config.evaluation.sample_steps}
+               "weights": predictor.weights_label, "sample_steps": predictor.config.evaluation_sample_steps}
     with output_set([out, *([Path(out_dicom)] if out_dicom is not None else [])]) as staged:
         write_prediction_nifti(staged[0], thin.hu, thin.affine, thin.describe())
         if out_dicom is not None:

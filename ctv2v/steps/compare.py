@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from ctv2v.config import TrackingConfig
-from ctv2v.evaluate.compare import HEADLINE, HTML_FILE, MARKDOWN_FILE, compare, load_report
+from ctv2v.evaluate.compare import HTML_FILE, MARKDOWN_FILE, compare, load_report
 from ctv2v.evaluate.evaluate import MODEL, EvaluationReport
+from ctv2v.evaluate.metrics import HEADLINE
 from ctv2v.steps.context import tracked_step
 
 

@@ -23,7 +23,7 @@ from ctv2v.data.cache import PreprocessCache
 from ctv2v.data.manifest import load_manifest
 from ctv2v.data.prepared import DATASET_DIR, MANIFEST_FILE, PREPROCESS_CACHE_DIR
 from ctv2v.device import resolve_precision, select_device
-from ctv2v.evaluate.compare import HEADLINE, to_html
+from ctv2v.evaluate.compare import to_html
 from ctv2v.evaluate.evaluate import (
     MODEL,
     PANELS_DIR,
@@ -32,6 +32,7 @@ from ctv2v.evaluate.evaluate import (
     EvaluationReport,
     evaluate,
 )
+from ctv2v.evaluate.metrics import HEADLINE
 from ctv2v.files import atomic_write_text
 from ctv2v.models.artifacts import load_trained_model, read_model_meta
 from ctv2v.models.weights import weights_kind

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
+from operator import attrgetter
 from typing import Any
 
 from ctv2v.config import ConfigError, RunConfig
@@ -30,6 +32,11 @@ RUN_PARAMETERS: dict[str, tuple[str, type]] = {
     "sample_steps": ("evaluation.sample_steps", int),
 }
 """Pipeline parameter -> (the config key it sets, its type)."""
+VALUE_IN_EFFECT: dict[str, Callable[[RunConfig], Any]] = {
+    "evaluation.sample_steps": attrgetter("evaluation_sample_steps"),
+}
+"""Keys whose null means another key's value (evaluation.sample_steps: diffusion.sample_steps): their typed pipeline
+parameter holds, and is compared with, the value in effect."""
 SCRATCH_VAE_PARAMETERS = ("vae_epochs", "vae_lr")
 """Only meaningful when the package holds the `main` branch (the scratch VAE's training)."""
 
@@ -62,6 +69,8 @@ def run_parameter_defaults(config: RunConfig, with_scratch_vae: bool) -> dict[st
 
 
 def _value(config: RunConfig, dotted: str) -> Any:
+    if dotted in VALUE_IN_EFFECT:
+        return VALUE_IN_EFFECT[dotted](config)
     node: Any = config
     for part in dotted.split("."):
         node = getattr(node, part)

@@ -22,7 +22,7 @@ from ctv2v.device import Precision
 from ctv2v.intensity import Intensity
 from ctv2v.data.thick import project_to_thick
 from ctv2v.evaluate.evaluate import predict_volume
-from ctv2v.evaluate.metrics import SSIM_WINDOW, score_volume
+from ctv2v.evaluate.metrics import METRIC_NAMES, SLICE_SETS, SSIM_WINDOW, score_volume
 from ctv2v.models.vae import ClipVAE
 
 log = logging.getLogger(__name__)
@@ -124,9 +124,10 @@ def denoiser_swapped(model: nn.Module, denoiser: nn.Module | None) -> Iterator[n
 @torch.no_grad()
 def validate_diffusion(model: nn.Module, clips: list[dict], views: list[Preprocessed], ema: AveragedModel | None,
                        config: RunConfig, device: torch.device, precision: Precision) -> dict[str, float]:
-    """Loss on fixed val clips, and PSNR/SSIM (HU, evaluation window, synthesized and all slices) of whole val
-    views predicted as the evaluate step predicts a scan: tiles, training.val_sample_steps sampling steps, data
-    consistency when evaluation.data_consistency is on.
+    """Loss on fixed val clips, and every metric (HU, evaluation window, synthesized and all slices) of whole val
+    views predicted as the evaluate step predicts a scan: tiles, the validation's sampling steps
+    (training.val_sample_steps, else diffusion.sample_steps), data consistency when evaluation.data_consistency is
+    on.
 
     When the model starts from an interpolation, that start's scores on the same views are reported too
     (`val_interp_*`): the number the model should beat.
@@ -134,10 +135,9 @@ def validate_diffusion(model: nn.Module, clips: list[dict], views: list[Preproce
     Runs under a forked RNG seeded with the run's seed: the numbers are comparable across epochs and the
     training RNG stream (and hence an exact resume) is untouched.
     """
-    settings = config.training
     window = Intensity(config.evaluation.hu_min, config.evaluation.hu_max)
     as_validated = config.model_copy(update={"evaluation": config.evaluation.model_copy(
-        update={"sample_steps": settings.val_sample_steps})})
+        update={"sample_steps": config.validation_sample_steps})})
     losses, scores, interp_scores = [], [], []
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), denoiser_swapped(model, ema.module if ema else None) as scored:
@@ -166,7 +166,7 @@ def validate_diffusion(model: nn.Module, clips: list[dict], views: list[Preproce
 @torch.no_grad()
 def validate_vae(vae: ClipVAE, clips: list[dict], config: RunConfig, device: torch.device,
                  precision: Precision) -> dict[str, float]:
-    """L1 (`val_loss`) and PSNR/SSIM (HU, evaluation window) of one reconstruction of fixed val clips.
+    """L1 (`val_loss`) and every metric (HU, evaluation window) of one reconstruction of fixed val clips.
 
     Both scores see the same output: the deterministic reconstruction clamped to the [0, 1] input range. This is
     the VAE's ceiling decode(encode(thin)); when the clips hold their interpolation, its scores on the same clips
@@ -191,8 +191,8 @@ def validate_vae(vae: ClipVAE, clips: list[dict], config: RunConfig, device: tor
 
 
 def _mean_scores(scores: list[dict], prefix: str = "val") -> dict[str, float]:
-    """Mean PSNR and 2D SSIM over scored clips, per slice set (nothing when no clip was scored)."""
+    """Mean of every metric (METRIC_NAMES) over scored clips, per slice set (nothing when no clip was scored)."""
     if not scores:
         return {}
     return {f"{prefix}_{metric}_{subset}": float(np.mean([s[subset][metric] for s in scores]))
-            for subset in ("all", "synthesized") for metric in ("psnr_db", "ssim_2d")}
+            for subset in SLICE_SETS for metric in METRIC_NAMES}

@@ -20,8 +20,8 @@ def match_architecture_op(match_config: str, data_sha256: str, workspace_root: s
 
     from ctv2v.data.prepared import MANIFEST_FILE
     from ctv2v.files import sha256_file
-    from ctv2v.steps.context import component_config, workspace_dir
-    from ctv2v.steps.match_architecture import match_architecture_step
+    from ctv2v.steps.context import component_config, export_files, workspace_dir
+    from ctv2v.steps.match_architecture import OUTPUT_FILES, match_architecture_step
     from ctv2v.steps.pipeline_inputs import cached_step_run_id
 
     run_id = cached_step_run_id(pipeline_run_id)
@@ -30,8 +30,11 @@ def match_architecture_op(match_config: str, data_sha256: str, workspace_root: s
     if found != data_sha256:
         raise ValueError(f"{data_dir / MANIFEST_FILE}: sha256 {found}, but prepare-data reported {data_sha256}: "
                          "the prepared data changed under this run")
+    # Works in the run's workspace folder, where finish-run finds its MLflow journal (export_files says why).
+    out_dir = workspace_dir(workspace_root, run_id, "vae-pretrained")
     summary = match_architecture_step(component_config(match_config, "pretrained"), Path(checkpoint.path),
-                                      Path(vae.path), data_dir, run_id)
+                                      out_dir, data_dir, run_id)
+    export_files(out_dir, vae.path, OUTPUT_FILES)
     metrics.log_metric("maisi_tensors_loaded_fraction", summary.match.loaded_fraction)
     metrics.log_metric("latent_scale", summary.latent_scale)
     if summary.recon_check.psnr_db is not None:

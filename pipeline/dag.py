@@ -10,7 +10,9 @@ only those, and compare only with both. No dsl.If/Elif sits inside the exit hand
 not propagate through conditions (kubeflow/pipelines#11979): finish-run sees the status of the tasks that ran.
 Both branches read the one prepared data folder on the workspace volume (same manifest, same seed): every step
 mounts the workspace PVC and works under <workspace_root>/runs/<run id>; large data (cache, checkpoints) stays
-there, and only final models, reports and metrics travel as KFP artifacts.
+there, and only final models, reports and metrics travel as KFP artifacts. The steps whose outputs are only
+artifacts (match-architecture, evaluate, compare) work there too and export into their artifacts, so their MLflow
+journals sit where finish-run uploads them from (ctv2v.steps.context.export_files says why).
 The `config` parameter is the resolved config; the values users change per run are typed parameters beside it
 (ctv2v.steps.pipeline_inputs.RUN_PARAMETERS), applied by resolve-config through the same strict schema. The
 cacheable steps (fetch-checkpoint, match-architecture) get only what decides their output: a second run with the
@@ -220,8 +222,8 @@ def build_pipeline(config: RunConfig, variants: str = "both", commit: str | None
         full = _training(train_op(config_json=config_json, variant=variant, phase="full", data=data,
                                   vae=vae.outputs["vae"], init=frozen.outputs["model"], gpus=gpus, **workspace),
                          cluster, plan, f"train-full-{variant}", gpus, retries, commit)
-        return _on_v100(evaluate_op(config_json=config_json, variant=variant, pipeline_run_id=run_id, data=data,
-                                    model=full.outputs["model"]),
+        return _on_v100(evaluate_op(config_json=config_json, variant=variant, data=data, model=full.outputs["model"],
+                                    **workspace),
                         cluster, plan, f"evaluate-{variant}", 1, 0, commit)
 
     def ctv2v_pipeline(*values):
@@ -240,8 +242,9 @@ def build_pipeline(config: RunConfig, variants: str = "both", commit: str | None
             reports = {variant: branch(variant, resolved, prepared, run_id, workspace_root).outputs["report"]
                        for variant in chosen}
             if len(chosen) == 2:
-                _on_cpu(compare_op(config_json=resolved.outputs["config"], pipeline_run_id=run_id,
-                                   main_report=reports["main"], pretrained_report=reports["pretrained"]),
+                _on_cpu(compare_op(config_json=resolved.outputs["config"], workspace_root=workspace_root,
+                                   pipeline_run_id=run_id, main_report=reports["main"],
+                                   pretrained_report=reports["pretrained"]),
                         cluster, "compare", "1", "2Gi", commit)
 
     parameter = inspect.Parameter

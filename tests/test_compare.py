@@ -7,15 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from kfp.dsl import HTML, Artifact, Markdown
+from kfp.dsl import HTML, Artifact, Markdown, PipelineTaskFinalStatus
 from mlflow import MlflowClient
 
 from components.compare import compare_op
+from components.finish_run import finish_run_op
 from ctv2v.steps.compare import compare_step
 from ctv2v.evaluate.compare import ComparisonError, compare, load_report
 from ctv2v.config import TrackingConfig
 from ctv2v.evaluate.metrics import METRICS, SLICE_SETS, column_label
 from ctv2v.tracking.tags import TAG_PIPELINE_RUN_ID, TAG_STEP
+from ctv2v.data.prepared import run_workspace
+from ctv2v.tracking.hierarchy import new_pipeline_run_id
 from pipeline.cli import main as cli_main
 from tests.conftest import (EVALUATION_PHANTOM, LinearInterpolationSampler, evaluation_config, prepared_phantoms,
                             run_evaluate)
@@ -198,8 +201,57 @@ def test_compare_op_writes_markdown_and_html_outputs(runs, tmp_path, monkeypatch
     assert (spec.outputs["markdown"].type, spec.outputs["html"].type) == ("system.Markdown@0.0.1",
                                                                           "system.HTML@0.0.1")
     markdown, html = Markdown(uri=str(tmp_path / "table.md")), HTML(uri=str(tmp_path / "table.html"))
-    compare_op.python_func(config_json="{}", pipeline_run_id="op-test", main_report=Artifact(uri=str(root / "main")),
+    compare_op.python_func(config_json="{}", workspace_root=str(tmp_path / "workspace"), pipeline_run_id="op-test",
+                           main_report=Artifact(uri=str(root / "main")),
                            pretrained_report=Artifact(uri=str(root / "pretrained")),
                            comparison=Artifact(uri=str(tmp_path / "comparison")), markdown=markdown, html=html)
     assert (tmp_path / "table.md").read_text() == (tmp_path / "comparison" / "comparison.md").read_text()
     assert STAND_IN in (tmp_path / "table.html").read_text()
+    worked_in = run_workspace(tmp_path / "workspace", "op-test") / "compare"
+    assert (worked_in / "comparison.md").read_text() == (tmp_path / "table.md").read_text()
+
+
+def test_compare_ops_journal_from_while_the_server_was_away_is_uploaded_by_finish_run(runs, mlflow_server, tmp_path,
+                                                                                     monkeypatch):
+    """On a cluster the step's pod and the exit handler's share only the workspace volume: the compare component
+    keeps its MLflow journal (and the files it names) in the run's workspace folder, not in its output artifact,
+    and finish-run uploads it once the server is back."""
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_HTTP_REQUEST_TIMEOUT",
+                 "MLFLOW_HTTP_REQUEST_MAX_RETRIES"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test: trackers set the HTTP ones process-wide
+    root, _ = runs
+    experiment = f"test-{uuid.uuid4().hex[:8]}"
+    config_json = evaluation_config(f"tracking.tracking_uri={mlflow_server.uri}", f"tracking.experiment={experiment}",
+                                    "tracking.request_timeout_s=2", "tracking.max_retries=1",
+                                    "tracking.system_metrics_interval_s=null").model_dump_json()
+    workspace, pipeline_run_id = tmp_path / "workspace", new_pipeline_run_id()
+    comparison = tmp_path / "comparison"
+    mlflow_server.stop()
+    try:
+        compare_op.python_func(config_json=config_json, workspace_root=str(workspace),
+                               pipeline_run_id=pipeline_run_id, main_report=Artifact(uri=str(root / "main")),
+                               pretrained_report=Artifact(uri=str(root / "pretrained")),
+                               comparison=Artifact(uri=str(comparison)),
+                               markdown=Markdown(uri=str(tmp_path / "table.md")),
+                               html=HTML(uri=str(tmp_path / "table.html")))
+    finally:
+        mlflow_server.start()
+    run_dir = run_workspace(workspace, pipeline_run_id)
+    (journal,) = run_dir.rglob("mlflow-pending-*.json")
+    assert journal.parent == run_dir / "compare"
+    assert sorted(path.name for path in comparison.iterdir()) == ["comparison.html", "comparison.md"]
+
+    finish_run_op.python_func(config_json=config_json, workspace_root=str(workspace), pipeline_run_id=pipeline_run_id,
+                              scratch_cleanup="never",
+                              status=PipelineTaskFinalStatus(state="SUCCEEDED", pipeline_job_resource_name="",
+                                                             pipeline_task_name="", error_code=0, error_message=""))
+    assert not journal.exists()
+    client = MlflowClient(mlflow_server.uri)
+    runs_of_experiment = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    step = next(run for run in runs_of_experiment if run.data.tags.get(TAG_STEP) == "compare")
+    parent = client.get_run(step.data.tags["mlflow.parentRunId"])
+    assert (step.info.status, parent.info.status) == ("FINISHED", "FINISHED")
+    main = load_report(root / "main").aggregate["model"]["synthesized"]["psnr_db"]
+    assert step.data.metrics["compare/main/synthesized/psnr_db"] == pytest.approx(main)
+    artifacts = {a.path for a in client.list_artifacts(step.info.run_id, "comparison")}
+    assert artifacts == {"comparison/comparison.md", "comparison/comparison.html"}

@@ -295,8 +295,22 @@ def test_evaluate_op_fills_its_kfp_outputs(untrained_model, tmp_path, monkeypatc
     data = Dataset(uri=str(data_dir / MANIFEST_FILE), metadata={"data_dir": str(data_dir)})
     # The pipeline passes one config to both branches and the variant separately.
     config_json = evaluation_config("evaluation.max_volumes=1", "variant=pretrained").model_dump_json()
-    evaluate_op.python_func(config_json=config_json, variant="main", pipeline_run_id="op-test", data=data,
-                            model=Model(uri=str(train_dir)), **outputs)
+    workspace = tmp_path / "workspace"
+    with pytest.raises(ValueError, match=f"model artifact {tmp_path / 'elsewhere'}: metadata has no 'workspace_dir'"):
+        evaluate_op.python_func(config_json=config_json, variant="main", workspace_root=str(workspace),
+                                pipeline_run_id="op-test", data=data, model=Model(uri=str(tmp_path / "elsewhere")),
+                                **outputs)
+    # The train step's artifact names its folder on the workspace volume, where evaluate reads the model from.
+    evaluate_op.python_func(config_json=config_json, variant="main", workspace_root=str(workspace),
+                            pipeline_run_id="op-test", data=data,
+                            model=Model(uri=str(tmp_path / "elsewhere"), metadata={"workspace_dir": str(train_dir)}),
+                            **outputs)
+    # The step works in the run's workspace folder (where finish-run finds its MLflow journal) and exports its
+    # files into the artifact.
+    worked_in = workspace / "runs" / "op-test" / "evaluate-main"
+    assert (tmp_path / "report" / REPORT_FILE).read_text() == (worked_in / REPORT_FILE).read_text()
+    assert sorted(path.name for path in (tmp_path / "report").iterdir()) == sorted(
+        ["panels", "predictions", "report.html", "report.json", "resolved-config.yaml"])
     report = json.loads((tmp_path / "report" / REPORT_FILE).read_text())
     logged = outputs["metrics"].metadata
     assert logged["test_psnr_db_synthesized"] == report["aggregate"][MODEL]["synthesized"]["psnr_db"]

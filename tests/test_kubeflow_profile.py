@@ -209,10 +209,12 @@ def test_istio_admits_exactly_the_step_pods_notebooks_and_kfps_api_server(caller
 
 
 @pytest.mark.parametrize("source, allowed", [
-    ("pipeline", True), ("gateway", True), ("notebook", True), ("kfp-api-server", True),
+    ("pipeline", True), ("gateway", True), ("notebook", True), ("kfp-api-server", True), ("kfp-driver", True),
+    ("kfp-driver-agent", True),
     ("other-istio-system-pod", False), ("other-pod", False), ("kfp-ui", False), ("notebook-elsewhere", False),
+    ("kfp-driver-elsewhere", False),
 ])
-def test_network_policy_admits_the_gateway_step_pods_notebooks_and_kfps_api_server_only(source, allowed):
+def test_network_policy_admits_the_gateway_step_pods_drivers_notebooks_and_kfps_api_server_only(source, allowed):
     objects = profile()
     namespace = namespace_of(objects)
     here = {"kubernetes.io/metadata.name": namespace}
@@ -233,6 +235,16 @@ def test_network_policy_admits_the_gateway_step_pods_notebooks_and_kfps_api_serv
                                "namespace_labels": {"kubernetes.io/metadata.name": "other"}},
         "kfp-api-server": {"namespace": "kubeflow", "labels": {"app": "ml-pipeline"}, "namespace_labels": kubeflow},
         "kfp-ui": {"namespace": "kubeflow", "labels": {"app": "ml-pipeline-ui"}, "namespace_labels": kubeflow},
+        # KFP's driver of a task (it makes the task's nested MLflow run under KFP's MLflow plugin): a pod of the
+        # run's Argo Workflow, or the run's Argo agent pod with KFP's executor-plugin driver.
+        "kfp-driver": {"namespace": namespace, "labels": {"pipelines.kubeflow.org/v2_component": "true",
+                                                          "workflows.argoproj.io/workflow": "ctv2v-x7k2p"},
+                       "namespace_labels": here},
+        "kfp-driver-agent": {"namespace": namespace, "labels": {"workflows.argoproj.io/component": "agent",
+                                                                "workflows.argoproj.io/workflow": "ctv2v-x7k2p"},
+                             "namespace_labels": here},
+        "kfp-driver-elsewhere": {"namespace": "other", "labels": {"pipelines.kubeflow.org/v2_component": "true"},
+                                 "namespace_labels": {"kubernetes.io/metadata.name": "other"}},
     }
     target = {"namespace": namespace, "labels": pod_labels(objects, "Deployment", "mlflow"), "namespace_labels": here}
     policies = [o for o in objects if o["kind"] == "NetworkPolicy"]

@@ -493,3 +493,21 @@ def test_the_cached_steps_config_subsets_of_every_shipped_config_are_valid_confi
     config = load_config([CONFIGS / name for name in configs], [])
     for keys in (FETCH_KEYS, MATCH_KEYS):
         config_from_text(cache_key_config(config, keys), "subset", ["variant=pretrained"])
+
+
+def test_every_tracked_step_and_finish_run_work_in_the_same_run_workspace_folder(compiled):
+    """The steps whose outputs are only artifacts get the workspace root and the run id like the training steps: their
+    MLflow journals land under <workspace_root>/runs/<run id>, the folder finish-run uploads journals from."""
+    _, pipeline_doc, _ = compiled
+    tasks = _all_tasks(pipeline_doc)
+    tracked = {name: task for name, task in tasks.items()
+               if _component_of(name) in ("evaluate-op", "compare-op", "match-architecture-op", "train-op",
+                                          "train-vae-op", "finish-run-op")}
+    assert {_component_of(name) for name in tracked} == {"evaluate-op", "compare-op", "match-architecture-op",
+                                                         "train-op", "train-vae-op", "finish-run-op"}
+    for name, task in tracked.items():
+        parameters = task["inputs"]["parameters"]
+        assert parameters["workspace_root"]["componentInputParameter"] in (
+            "workspace_root", "pipelinechannel--workspace_root"), name
+        if _component_of(name) != "match-architecture-op":  # cached: its run id comes from the pod label
+            assert parameters["pipeline_run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}", name

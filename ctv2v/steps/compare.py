@@ -18,6 +18,9 @@ from ctv2v.evaluate.evaluate import MODEL, EvaluationReport
 from ctv2v.evaluate.metrics import HEADLINE
 from ctv2v.steps.context import tracked_step
 
+OUTPUT_FILES = (MARKDOWN_FILE, HTML_FILE)
+"""What the step writes into OUT and its KFP component exports into the `comparison` artifact."""
+
 
 @dataclass(frozen=True)
 class Comparison:

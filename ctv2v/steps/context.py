@@ -7,7 +7,8 @@
 - the step's MLflow run (on rank 0; the other ranks get a tracker that records nothing);
 - running a step on N GPUs: the same function in N processes under torchrun (on several nodes: a TrainJob,
   ctv2v.remote.trainjob);
-- copying a step's final files from the workspace into its KFP artifact.
+- copying a step's final files from the workspace into its KFP artifact (every tracked step works on the
+  workspace, so the exit handler finds its MLflow journal there: export_files).
 """
 
 from __future__ import annotations
@@ -70,6 +71,15 @@ def export_files(out_dir: Path, artifact_dir: str | Path, names: tuple[str, ...]
     """Copy files and folders from a step's folder into its KFP artifact (not the checkpoints, which stay).
 
     Each of `names` must exist; each of `optional` is copied when the step made it.
+
+    Every step that opens an MLflow run works in its folder on the workspace volume and exports here, including
+    the steps whose outputs are only artifacts (match-architecture, evaluate, compare): their MLflow journal (what
+    the server did not accept yet, naming its artifact files by path) stays with the files it names, under the
+    run's workspace folder, where the exit handler finish-run looks for journals. The other way round cannot work:
+    a KFP output artifact is a folder local to the step's pod, uploaded to the object store when the step ends, so
+    paths in a journal written there name nothing in finish-run's pod; and KFP's exit task may not take inputs from
+    the tasks inside its handler ("exit_task cannot depend on any other tasks", kfp.dsl.tasks_group.ExitHandler).
+    The workspace PVC is mounted in every pod of the run, finish-run's too.
     """
     artifact_dir = Path(artifact_dir)
     artifact_dir.mkdir(parents=True, exist_ok=True)

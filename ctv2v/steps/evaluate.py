@@ -41,6 +41,10 @@ from ctv2v.steps.context import tracked_step
 from ctv2v.tracking.registry import VersionFacts, sha256_json
 
 REPORT_HTML = "report.html"
+OUTPUT_FILES = (REPORT_FILE, REPORT_HTML, PANELS_DIR, "resolved-config.yaml")
+OPTIONAL_OUTPUT_FILES = (PREDICTIONS_DIR,)
+"""What the step writes into OUT and its KFP component exports into the `report` artifact (predicted volumes only
+with evaluation.write_nifti); MLflow's pending journal and run file stay in OUT."""
 REGISTERED_MODEL_PREFIX = "ctv2v-"
 """Registered model names are `ctv2v-<variant>`: each variant has its own champion."""
 

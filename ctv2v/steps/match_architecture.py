@@ -42,6 +42,9 @@ from ctv2v.train.validation import fixed_val_clips, vae_val_clips, validate_vae
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "match-report.json"
+OUTPUT_FILES = ("vae.pt", "vae.json", REPORT_NAME, "resolved-config.yaml")
+"""What the step writes into OUT (save_vae_artifact's two files, the report, the config) and its KFP component
+exports into the `vae` artifact; MLflow's pending journal and run file stay in OUT."""
 NOT_APPLICABLE = "not applicable (stand-in weights)"
 
 

@@ -8,8 +8,9 @@ run's config pinned one, and passes the pipeline run id, so the step logs into t
 step whose folder holds its MLflow run file, into the same step run) and ends its own run. A loopback tracking URI
 is rewritten to host.docker.internal, which `--add-host=host.docker.internal:host-gateway` points at the host.
 
-Steps whose KFP outputs are artifacts (fetch-checkpoint, match, evaluate, compare) get a folder of their own in
-the run's workspace folder; a task whose input is such a folder says which task to rerun first.
+Every step's folder is in the run's workspace folder (match-architecture, evaluate and compare work there too, so
+the exit handler finds their MLflow journals) except fetch-checkpoint's, whose KFP output is only an artifact: its
+rerun gets a folder there. A task whose input folder is missing says which task to rerun first.
 """
 
 from __future__ import annotations
@@ -148,8 +149,8 @@ def rerun_command(run_dir: Path, task_name: str, *, tracking_uri_override: str |
     for option, folder in task.inputs:
         path_text = folder.partition("=")[2] if option == "--report" else folder
         if not (run_dir / path_text).exists():
-            raise RerunError(f"{run_dir / path_text}: missing; rerun task {_producer(path_text)!r} first (its KFP "
-                             "output is an artifact, not a folder of the run's workspace)")
+            raise RerunError(f"{run_dir / path_text}: missing; rerun task {_producer(path_text)!r} first (it did not "
+                             "write into this run's workspace folder)")
         value = (f"{folder.partition('=')[0]}={run_dir / path_text}" if option == "--report"
                  else str(run_dir / path_text))
         arguments += [option, value]

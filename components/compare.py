@@ -19,9 +19,10 @@ def compare_op(
     from pathlib import Path
 
     from ctv2v.steps.compare import compare_step
-    from ctv2v.steps.context import component_config
+    from ctv2v.steps.context import component_config, freeze_for_exit
 
     result = compare_step({"main": Path(main_report.path), "pretrained": Path(pretrained_report.path)},
                           Path(comparison.path), component_config(config_json).tracking, pipeline_run_id)
     Path(markdown.path).write_text(result.markdown)
     Path(html.path).write_text(result.html)
+    freeze_for_exit()

@@ -23,7 +23,7 @@ def evaluate_op(
     import shutil
     from pathlib import Path
 
-    from ctv2v.steps.context import component_config, prepared_data_dir
+    from ctv2v.steps.context import component_config, freeze_for_exit, prepared_data_dir
     from ctv2v.steps.evaluate import REPORT_HTML, evaluate_step
     from ctv2v.steps.train import MODEL_DIR
 
@@ -39,3 +39,4 @@ def evaluate_op(
     report.metadata.update({"variant": evaluation.report.variant, "weights": evaluation.report.weights_display,
                             "hu_range": evaluation.report.hu_range, "sample_steps": evaluation.report.sample_steps})
     shutil.copyfile(Path(report.path) / REPORT_HTML, report_html.path)
+    freeze_for_exit()

@@ -15,7 +15,8 @@ def train_vae_op(config_json: str, workspace_root: str, pipeline_run_id: str, da
     """
     import json
 
-    from ctv2v.steps.context import component_config, export_files, prepared_data_dir, run_on_gpus, workspace_dir
+    from ctv2v.steps.context import (component_config, export_files, freeze_for_exit, prepared_data_dir, run_on_gpus,
+                                     workspace_dir)
     from ctv2v.steps.train_vae import VAE_FILES, train_vae_step
 
     data_dir = prepared_data_dir(data.metadata, data.uri)
@@ -28,3 +29,4 @@ def train_vae_op(config_json: str, workspace_root: str, pipeline_run_id: str, da
     written = json.loads((out_dir / "vae.json").read_text())
     vae.metadata.update({"weights": "scratch", "latent_scale": written["latent_scale"],
                          "workspace_dir": str(out_dir)})
+    freeze_for_exit()

@@ -24,7 +24,7 @@ def compare_op(
     from pathlib import Path
 
     from ctv2v.steps.compare import OUTPUT_FILES, compare_step
-    from ctv2v.steps.context import component_config, export_files, workspace_dir
+    from ctv2v.steps.context import component_config, export_files, freeze_for_exit, workspace_dir
 
     out_dir = workspace_dir(workspace_root, pipeline_run_id, "compare")
     result = compare_step({"main": Path(main_report.path), "pretrained": Path(pretrained_report.path)},
@@ -32,3 +32,4 @@ def compare_op(
     export_files(out_dir, comparison.path, OUTPUT_FILES)
     Path(markdown.path).write_text(result.markdown)
     Path(html.path).write_text(result.html)
+    freeze_for_exit()

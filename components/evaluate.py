@@ -26,7 +26,8 @@ def evaluate_op(
     from pathlib import Path
 
     from ctv2v.evaluate.metrics import HEADLINE, METRIC_NAMES
-    from ctv2v.steps.context import component_config, export_files, prepared_data_dir, workspace_dir
+    from ctv2v.steps.context import (component_config, export_files, freeze_for_exit, prepared_data_dir,
+                                     workspace_dir)
     from ctv2v.steps.evaluate import OPTIONAL_OUTPUT_FILES, OUTPUT_FILES, REPORT_HTML, evaluate_step
     from ctv2v.steps.train import MODEL_DIR
 
@@ -49,3 +50,4 @@ def evaluate_op(
     report.metadata.update({"variant": evaluation.report.variant, "weights": evaluation.report.weights_display,
                             "hu_range": evaluation.report.hu_range, "sample_steps": evaluation.report.sample_steps})
     shutil.copyfile(out_dir / REPORT_HTML, report_html.path)
+    freeze_for_exit()

@@ -14,9 +14,10 @@ def fetch_checkpoint_op(fetch_config: str, checkpoint: Output[Model]):
     """
     from pathlib import Path
 
-    from ctv2v.steps.context import component_config
+    from ctv2v.steps.context import component_config, freeze_for_exit
     from ctv2v.steps.fetch_checkpoint import fetch_checkpoint_step
 
     record = fetch_checkpoint_step(component_config(fetch_config), Path(checkpoint.path)).record
     checkpoint.metadata.update({"source": record.source, "sha256": record.sha256, "size": record.size,
                                 "weights": record.weights})
+    freeze_for_exit()

@@ -14,10 +14,11 @@ def finish_run_op(config_json: str, workspace_root: str, pipeline_run_id: str, s
     import logging
 
     from ctv2v.data.prepared import run_workspace
-    from ctv2v.steps.context import component_config
+    from ctv2v.steps.context import component_config, freeze_for_exit
     from ctv2v.steps.finish_run import finish_run_step
 
     tracking = component_config(config_json).tracking
     finished = finish_run_step(tracking, run_workspace(workspace_root, pipeline_run_id), pipeline_run_id,
                                status.state, scratch_cleanup)
     logging.getLogger("finish-run").info("%s", json.dumps(finished.to_dict(), indent=2))
+    freeze_for_exit()

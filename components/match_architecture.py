@@ -20,7 +20,7 @@ def match_architecture_op(match_config: str, data_sha256: str, workspace_root: s
 
     from ctv2v.data.prepared import MANIFEST_FILE
     from ctv2v.files import sha256_file
-    from ctv2v.steps.context import component_config, export_files, workspace_dir
+    from ctv2v.steps.context import component_config, export_files, freeze_for_exit, workspace_dir
     from ctv2v.steps.match_architecture import OUTPUT_FILES, match_architecture_step
     from ctv2v.steps.pipeline_inputs import cached_step_run_id
 
@@ -45,3 +45,4 @@ def match_architecture_op(match_config: str, data_sha256: str, workspace_root: s
     vae.metadata.update({"weights": summary.weights, "load": summary.load,
                          "loaded": f"{summary.match.loaded}/{summary.match.total}",
                          "recon_check": summary.recon_check.status})
+    freeze_for_exit()

@@ -20,11 +20,12 @@ def prepare_data_op(config_json: str, workspace_root: str, pipeline_run_id: str,
 
     from ctv2v.data.prepared import MANIFEST_FILE
     from ctv2v.files import sha256_file
-    from ctv2v.steps.context import component_config, workspace_dir
+    from ctv2v.steps.context import component_config, freeze_for_exit, workspace_dir
     from ctv2v.steps.prepare_data import prepare_data_step
 
     prepared = prepare_data_step(component_config(config_json),
                                  workspace_dir(workspace_root, pipeline_run_id, "data"))
     shutil.copyfile(prepared.data_dir / MANIFEST_FILE, manifest.path)
     manifest.metadata.update({"data_dir": str(prepared.data_dir), **prepared.splits})
+    freeze_for_exit()
     return namedtuple("Outputs", ["manifest_sha256"])(sha256_file(prepared.data_dir / MANIFEST_FILE))

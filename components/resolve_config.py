@@ -27,7 +27,7 @@ def resolve_config_op(
     import logging
     from collections import namedtuple
 
-    from ctv2v.steps.context import component_config
+    from ctv2v.steps.context import component_config, freeze_for_exit
     from ctv2v.steps.pipeline_inputs import FETCH_KEYS, MATCH_KEYS, cache_key_config, resolve_run_config
 
     component_config(config_json)  # the config text alone must be valid: its errors then name no parameter
@@ -37,4 +37,5 @@ def resolve_config_op(
     config = resolve_run_config(config_json, json.loads(compiled_parameters), given)
     logging.getLogger("resolve-config").info("run parameters: %s", json.dumps(given, sort_keys=True))
     outputs = namedtuple("Outputs", ["config", "fetch_config", "match_config"])
+    freeze_for_exit()
     return outputs(config.model_dump_json(), cache_key_config(config, FETCH_KEYS), cache_key_config(config, MATCH_KEYS))

@@ -28,7 +28,8 @@ def train_op(
     """
     from pathlib import Path
 
-    from ctv2v.steps.context import component_config, export_files, prepared_data_dir, run_on_gpus, workspace_dir
+    from ctv2v.steps.context import (component_config, export_files, freeze_for_exit, prepared_data_dir, run_on_gpus,
+                                     workspace_dir)
     from ctv2v.steps.train import BEST_MODEL_DIR, MODEL_DIR, train_step
 
     data_dir = prepared_data_dir(data.metadata, data.uri)
@@ -40,3 +41,4 @@ def train_op(
     # No best-model/ when validation never ran; the checkpoints stay on the workspace.
     export_files(out_dir, model.path, (MODEL_DIR,), optional=(BEST_MODEL_DIR,))
     model.metadata.update({"phase": phase, "variant": variant, "workspace_dir": str(out_dir)})
+    freeze_for_exit()

@@ -14,7 +14,8 @@ def train_vae_op(config_json: str, workspace_root: str, pipeline_run_id: str, da
     compiled into the pipeline next to the pod's GPU limit and replaces cluster.gpus_per_step of the runtime config.
     """
     from ctv2v.models.vae import read_vae_meta
-    from ctv2v.steps.context import component_config, export_files, prepared_data_dir, run_on_gpus, workspace_dir
+    from ctv2v.steps.context import (component_config, export_files, freeze_for_exit, prepared_data_dir, run_on_gpus,
+                                     workspace_dir)
     from ctv2v.steps.train_vae import VAE_FILES, train_vae_step
 
     data_dir = prepared_data_dir(data.metadata, data.uri)
@@ -26,3 +27,4 @@ def train_vae_op(config_json: str, workspace_root: str, pipeline_run_id: str, da
     written = read_vae_meta(out_dir)
     vae.metadata.update({"weights": written.weights, "latent_scale": written.latent_scale,
                          "workspace_dir": str(out_dir)})
+    freeze_for_exit()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,17 @@ def test_a_failing_process_fails_the_step(config, tmp_path, capfd):
     with pytest.raises(subprocess.CalledProcessError):
         run_on_gpus(record_rank, 2, config, tmp_path, label="frozen", fail=True)
     assert "the step failed on purpose" in capfd.readouterr().err
+
+
+def test_a_step_process_frozen_for_exit_still_runs_its_exit_handlers(tmp_path):
+    # Logging and MLflow's async queue flush in atexit handlers registered before the component body ends: they
+    # must still run, and the objects alive at exit must be out of the final collection's reach.
+    script = (
+        "import atexit, gc, sys\n"
+        f"atexit.register(lambda: open({str(tmp_path / 'exit.txt')!r}, 'w').write(str(gc.get_freeze_count())))\n"
+        "from ctv2v.steps.context import freeze_for_exit\n"
+        "freeze_for_exit()\n"
+        "freeze_for_exit()\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).resolve().parents[1])
+    assert int((tmp_path / "exit.txt").read_text()) > 1000

@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from ctv2v.config_io import load_config
 from ctv2v.models.v2v import build_model
 from ctv2v.models.vae import ScratchVAE, build_untrained_vae
-from ctv2v.train.estimate import count_step_flops
+from ctv2v.train.estimate import count_sample_flops, count_step_flops
 from pipeline.cli import main as cli_main
 
 TINY = [
@@ -158,6 +159,16 @@ def test_sample_returns_the_thin_clip_in_unit_range_reproducibly():
 def test_fake_tensor_flop_count_equals_a_real_run(phase):
     config = tiny_config("training.latent_cache=false")
     assert count_step_flops(config, phase, fake=True) == count_step_flops(config, phase, fake=False) > 0
+
+
+def test_sample_flop_count_equals_a_real_sampling_call():
+    # bench_predict's V100 time rests on this count: it must be what model.sample really computes, every step.
+    model, config = tiny_model(0, "evaluation.sample_steps=3")
+    thick, thin = clip_pair()
+    with FlopCounterMode(display=False) as counter:
+        model.eval().sample(thick, steps=3, interp=torch.rand_like(thin), generator=torch.Generator().manual_seed(0))
+    assert count_sample_flops(config, tuple(thin.shape[2:])) == counter.get_total_flops() > 0
+    assert count_sample_flops(config, tuple(thin.shape[2:]), batch=2) == 2 * counter.get_total_flops()
 
 
 def test_model_summary_cli_prints_counts_shapes_and_flops(capsys):

@@ -13,7 +13,9 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import importlib
 import json
 import logging
@@ -44,6 +46,21 @@ Not in the output folder: a step that fails must not leave files there that look
 
 
 # ------------------------------------------------------------------------------------------ KFP side
+def freeze_for_exit() -> None:
+    """In a step's process (a KFP component's body): at exit, every object still alive leaves the garbage
+    collector's reach before the interpreter's last collection.
+
+    That collection otherwise walks every object that importing torch, MONAI and MLflow created: 1.5-1.6 CPU
+    seconds per step process, 0.2 s frozen (a probe importing what the train and evaluate steps import, exit
+    measured with /usr/bin/time). Objects are still released by reference counting, and the atexit handlers
+    registered before this one (logging, MLflow's async logging queue) still run after it; only reference cycles
+    alive at exit are left to the operating system, as when a process is killed. Registered at exit rather than
+    done now, so that a component called in-process (tests) does not freeze its caller's heap.
+    """
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)
+
+
 def component_config(config_json: str, variant: str | None = None, gpus_per_step: int | None = None) -> RunConfig:
     """The run config a KFP component receives, with its branch's variant and, for a GPU step, the GPUs compiled
     next to its pod's GPU limit as cluster.gpus_per_step; INFO logs go to the pod's log."""

@@ -111,6 +111,36 @@ def count_step_flops(config: RunConfig, phase: Phase, fake: bool = True) -> int:
     return run()
 
 
+def count_sample_flops(config: RunConfig, size: tuple[int, int, int], batch: int = 1, fake: bool = True) -> int:
+    """FLOPs of the network passes of one model.sample call (evaluation.sample_steps) on `batch` clips of `size`
+    thin (frames, rows, columns): what predicting one batch of inference tiles costs; `fake` counts shapes only.
+
+    The passes are made one by one (encoding the inputs, one denoiser pass per step, decoding): the sampler's
+    loop reads its timesteps as Python numbers, which tensors without data cannot give; its own arithmetic is
+    elementwise, which FlopCounterMode does not count either way.
+    """
+    frames, rows, cols = size
+    factor = config.data.thick.factor
+
+    def run() -> int:
+        model = build_model(config, build_untrained_vae(config)).eval()
+        thick = torch.rand(batch, 1, frames // factor, rows, cols)
+        interp = torch.rand(batch, 1, frames, rows, cols) if model.interpolation is not None else None
+        with FlopCounterMode(display=False) as counter, torch.inference_mode():
+            condition, source, interp_latent = model.input_latents(thick, interp)
+            latent = torch.rand(model.vae.latent_shape((batch, 1, *size))) if source is None else source
+            timesteps = torch.zeros(batch, dtype=torch.long)
+            for _ in range(config.evaluation.sample_steps):
+                latent = model.denoiser(latent, condition, timesteps)
+            model.decode_output(latent, size, interp, interp_latent)
+        return counter.get_total_flops()
+
+    if fake:
+        with FakeTensorMode():
+            return run()
+    return run()
+
+
 def summarize(config: RunConfig) -> dict[str, Any]:
     """The model summary (ctv2v.models.summary) plus each phase's micro-batch size and FLOPs per training step."""
     phases = {}

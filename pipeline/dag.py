@@ -21,7 +21,7 @@ All of it sits in a dsl.ExitHandler whose exit step, finish-run, runs after the 
 uploads pending MLflow data from the run's workspace and ends the parent MLflow run FINISHED or FAILED.
 With cluster.scratch_cleanup it also deletes the run's folder on the workspace volume.
 Platform settings (V100 selection, resources, secrets) sit next to the tasks they configure, each compiled only
-where cluster.kfp_backend applies it (pipeline.compile.backend_plan). CPU steps run on the cpu image, GPU steps
+where cluster.kfp_backend applies it (pipeline.backend.backend_plan). CPU steps run on the cpu image, GPU steps
 on the trainer image, each pinned by digest when the config gives one; every pod records the commit the pipeline
 was compiled from, runs without an Istio sidecar (a sidecar would outlive the step and keep its pod running) and
 has CPU and memory requests and limits (profile ResourceQuotas refuse pods without them).

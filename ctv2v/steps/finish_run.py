@@ -4,7 +4,7 @@
    what steps logged while the tracking server was away. A journal its step never closed (the step was
    killed) is uploaded too and its run ends FAILED: the pipeline is over, no step will come back for it.
 2. Ends the pipeline's parent MLflow run: FINISHED when KFP reports the pipeline SUCCEEDED, KILLED when it was
-   cancelled, FAILED otherwise (ctv2v.tracking.runs.end_pipeline_run; nothing to end under KFP's own MLflow
+   cancelled, FAILED otherwise (ctv2v.tracking.hierarchy.end_pipeline_run; nothing to end under KFP's own MLflow
    integration, which ends its runs itself).
 3. Removes the run's folder on the workspace volume (remove_run_scratch) as cluster.scratch_cleanup says.
 """

@@ -1,4 +1,4 @@
-"""Test helper run by tests/test_ddp.py under `python -m torch.distributed.run`: a few full-phase steps with DDP.
+"""Test helper run by tests/train/test_ddp.py under `python -m torch.distributed.run`: a few full-phase steps with DDP.
 
 Each rank trains into its own folder, so the test can see which rank wrote checkpoints, and writes a hash of
 its model's parameters before and after training, so the test can compare the ranks' weights.

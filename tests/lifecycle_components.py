@@ -1,4 +1,4 @@
-"""TEST-ONLY KFP component for tests/test_lifecycle.py: a step that opens its MLflow run and may fail.
+"""TEST-ONLY KFP component for tests/tracking/test_lifecycle.py: a step that opens its MLflow run and may fail.
 
 The pipeline's real steps train for minutes; this one does what matters to the run lifecycle in a second: it
 runs ctv2v.steps.context.tracked_step in its workspace folder, logs a metric, and raises if told to.

@@ -145,10 +145,20 @@ def test_modules_import_each_other_in_no_circle():
         " -> ".join(circle) for circle in circles)
 
 
-TESTS = sorted((REPO / "tests").glob("test_*.py"))
+TESTS = sorted((REPO / "tests").rglob("test_*.py"))
+MIRRORED = {path.name for path in (REPO / "ctv2v").iterdir() if (path / "__init__.py").exists()} | {
+    "pipeline", "manifests", "images"}
+"""tests/<folder>/ mirrors a sub-package of ctv2v/ (or pipeline/, manifests/, images/); tests of ctv2v's top-level
+modules (config, intensity) and of the project as a whole (layout, the refusal table) stay in tests/ itself."""
 
 
-@pytest.mark.parametrize("path", TESTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", TESTS, ids=lambda p: str(p.relative_to(REPO / "tests")))
 def test_test_modules_do_not_import_each_other(path):
-    imported = [name for name, _ in _imports(path) if name.startswith("tests.test_")]
+    imported = [name for name, _ in _imports(path) if name.startswith("tests.") and ".test_" in f".{name}"]
     assert not imported, f"{path.name} imports another test module: {imported} (shared helpers go in conftest.py)"
+
+
+def test_test_folders_mirror_the_package():
+    folders = {path.parent.relative_to(REPO / "tests") for path in TESTS} - {Path(".")}
+    assert all(len(folder.parts) == 1 and folder.name in MIRRORED for folder in folders), sorted(map(str, folders))
+    assert all((REPO / "tests" / folder / "__init__.py").exists() for folder in folders)

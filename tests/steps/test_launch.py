@@ -14,7 +14,7 @@ from ctv2v.config import RunConfig
 from ctv2v.config_io import load_config
 from ctv2v.steps.context import run_on_gpus
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def record_rank(config: RunConfig, out_dir: Path, label: str, fail: bool = False) -> None:
@@ -63,5 +63,5 @@ def test_a_step_process_frozen_for_exit_still_runs_its_exit_handlers(tmp_path):
         "freeze_for_exit()\n"
         "freeze_for_exit()\n"
     )
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).resolve().parents[2])
     assert int((tmp_path / "exit.txt").read_text()) > 1000

@@ -18,7 +18,7 @@ from pipeline.backend import backend_plan
 from pipeline.dag import Build, config_argument, pretrained_vae, resolve_and_prepare
 from pipeline.local import init_local
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CHEAPER_THAN_SMOKE = [
     "data.clip.clips_per_volume=1",
     "training.val_clips=1", "training.val_sample_steps=1",

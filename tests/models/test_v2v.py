@@ -20,7 +20,7 @@ TINY = [
     "denoiser.channels=[8,16]", "denoiser.norm_num_groups=4", "denoiser.num_head_channels=8",
     "training.frozen.batch_size=1", "training.full.batch_size=1",
     # The model's mechanics on the thick-conditioned path from noise (the one the latent cache serves);
-    # tests/test_quality.py covers main.yaml's flow from the interpolation.
+    # tests/models/test_v2v_design.py covers main.yaml's flow from the interpolation.
     "diffusion.scheduler=ddpm", "diffusion.source=noise", "v2v.condition=thick", "v2v.residual_decoding=false",
     # ... with the UNet denoiser and the plain clips of that path (main.yaml's reformat design is rflow-only).
     "denoiser.architecture=unet", "denoiser.slab_phase=false", "training.image_loss_weight=0.0",

@@ -32,8 +32,8 @@ from pipeline.backend import KFP_BACKENDS, backend_requirements, required_backen
 from pipeline.compile import ImagesLockError, PipelineSpecError, compile_pipeline, validate_pipeline_yaml
 from pipeline.dag import config_argument
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-BACKEND_FIELDS = json.loads((Path(__file__).parent / "schemas" / "kfp-backend-fields.json").read_text())["releases"]
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+BACKEND_FIELDS = json.loads((Path(__file__).parents[1] / "schemas" / "kfp-backend-fields.json").read_text())["releases"]
 """Per KFP release: the KubernetesExecutorConfig fields its backend applies, and whether it applies a run TTL."""
 CPU_STEPS = ("resolve-config-op", "prepare-data-op", "fetch-checkpoint-op", "compare-op", "finish-run-op")
 GPU_STEPS = ("train-op", "train-vae-op", "match-architecture-op", "evaluate-op")

@@ -14,7 +14,7 @@ from pipeline.cli import main as cli_main
 from pipeline.submit import IN_CLUSTER_HOST, SubmitError, resolve_connection
 from tests.kfp_stub import KfpStub
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.fixture

@@ -363,7 +363,7 @@ def test_every_copied_path_exists_and_is_in_the_build_context(dockerfile):
             assert not dockerignore_excludes(patterns, relative), f".dockerignore drops {relative} ({dockerfile})"
 
 
-@pytest.mark.parametrize("path", [".venv/bin/python", ".git/HEAD", "workspace/cache/a.npy", "tests/test_images.py",
+@pytest.mark.parametrize("path", [".venv/bin/python", ".git/HEAD", "workspace/cache/a.npy", "tests/images/test_images.py",
                                   ".pytest_cache/v/x", "ctv2v/__pycache__/config.cpython-311.pyc",
                                   "ctv2v.egg-info/PKG-INFO", "manifests/base/mlflow.yaml", "benchmarks/x.py"])
 def test_dockerignore_keeps_local_state_out_of_the_build_context(path):

@@ -24,7 +24,7 @@ from ctv2v.models.vae import load_vae_artifact
 from ctv2v.steps.fetch_checkpoint import fetch_checkpoint_step
 from ctv2v.steps.match_architecture import REPORT_NAME, ReconstructionCheckError, match_architecture_step
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = {**MAISI_CT_ARCH, "num_channels": [8, 16, 32], "norm_num_groups": 8}
 """MAISI's layout with small channels, for the cases whose point is not the real size."""
 

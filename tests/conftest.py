@@ -61,7 +61,7 @@ TRAINING_OVERRIDES = [
     *TINY_NETWORKS,
     "data.clip.clips_per_volume=2", "data.split.train=0.5", "data.split.val=0.25", "data.split.test=0.25",
     "vae.scratch.epochs=1",
-    "training.val_clips=2", "training.val_sample_steps=2",
+    "training.val_clips=2", "training.val_scored_views=1", "training.val_sample_steps=2",
     "training.checkpoint_every_steps=1",
 ]
 """Training tests: 2 clips per volume, a validation that samples one clip, a checkpoint every step."""

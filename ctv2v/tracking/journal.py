@@ -27,7 +27,6 @@ from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_B
 
 from ctv2v.files import atomic_write_text
 from ctv2v.tracking.offline import REMOTE_ERRORS, is_server_unreachable
-from ctv2v.tracking.pyfunc import log_pyfunc_model
 from ctv2v.tracking.registry import ModelRegistration, VersionFacts, register_version
 
 log = logging.getLogger(__name__)
@@ -187,6 +186,10 @@ def _send(call: Callable[[], object], remove: Callable[[], object]) -> None:
 
 def _register(client: MlflowClient, journal: Journal, entry: RegistrationEntry,
               registered: dict[str, ModelRegistration]) -> None:
+    # Imported here, not at the top: mlflow.models imports pandas, which the tracking client of every step does not
+    # need (tests/tracking/test_tracking.py::test_client_works_without_pandas); only registering a model logs one.
+    from ctv2v.tracking.pyfunc import log_pyfunc_model
+
     registered[entry.id] = register_version(
         client, name=entry.name, run_id=journal.run_id, facts=VersionFacts(**entry.facts),
         log_model=lambda: log_pyfunc_model(journal.tracking_uri, journal.run_id, Path(entry.model_dir)),

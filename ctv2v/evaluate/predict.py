@@ -41,7 +41,7 @@ from ctv2v.device import Precision, resolve_precision, select_device
 from ctv2v.evaluate.adapt import Adaptation, adapt_to_scan
 from ctv2v.evaluate.evaluate import predict_volume, write_prediction_nifti
 from ctv2v.files import check_creatable, check_output_folder, output_set, record_created
-from ctv2v.models.artifacts import load_trained_model, read_model_meta
+from ctv2v.models.artifacts import load_model_for_inference, read_model_meta
 from ctv2v.models.weights import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class Predictor:
         self.model_dir = model_dir
         self.device = select_device(device)
         self.precision: Precision = resolve_precision(self.config.training.precision, self.device)
-        self.model = load_trained_model(model_dir, self.config).to(self.device).eval()
+        self.model = load_model_for_inference(model_dir, self.config, self.device)
         self.weights_label: str = self.model.vae.weights_label
 
     @property

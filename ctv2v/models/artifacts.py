@@ -18,6 +18,7 @@ import torch
 
 from ctv2v.config import RunConfig
 from ctv2v.config_io import write_resolved
+from ctv2v.device import inference_memory_format
 from ctv2v.files import atomic_torch_save, atomic_write_text, load_torch_file
 from ctv2v.models.v2v import VideoToVideoDiffusion, build_model
 from ctv2v.models.vae import load_vae_artifact, save_vae_artifact
@@ -106,3 +107,10 @@ def load_trained_model(model_dir: Path, config: RunConfig) -> VideoToVideoDiffus
     load_state_strictly(model.denoiser, state, weights_path)
     return model
 
+
+
+def load_model_for_inference(model_dir: Path, config: RunConfig, device: torch.device) -> VideoToVideoDiffusion:
+    """load_trained_model on `device` in eval mode, its VAE in the layout that predicts fastest there."""
+    model = load_trained_model(model_dir, config).to(device).eval()
+    model.vae.to(memory_format=inference_memory_format(device))
+    return model

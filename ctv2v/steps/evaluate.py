@@ -34,7 +34,7 @@ from ctv2v.evaluate.evaluate import (
 )
 from ctv2v.evaluate.metrics import HEADLINE
 from ctv2v.files import atomic_write_text
-from ctv2v.models.artifacts import load_trained_model, read_model_meta
+from ctv2v.models.artifacts import load_model_for_inference, read_model_meta
 from ctv2v.models.weights import weights_kind
 from ctv2v.provenance import git_commit
 from ctv2v.steps.context import tracked_step
@@ -96,7 +96,7 @@ def evaluate_step(
     device = select_device(config.device)
     manifest_path = data_dir / MANIFEST_FILE
     manifest = load_manifest(manifest_path)
-    model = load_trained_model(model_dir, config).to(device)
+    model = load_model_for_inference(model_dir, config, device)
     weights_label = model.vae.weights_label
     if weights_label is None:
         raise ValueError(f"{model_dir}: the trained model's VAE carries no weights label")

@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import torch
 
 from ctv2v.data.readers import dicom_series_files, read_volume
 from ctv2v.files import output_set
@@ -220,3 +221,15 @@ def test_predict_adapt_fine_tunes_on_the_scan_and_says_so(tmp_path, demo_dir):
     assert not np.array_equal(plain.predict(volume.array, volume.spacing).hu,
                               adapted.predict(volume.array, volume.spacing).hu)
     assert adapted.adaptation is not None and adapted.adaptation.steps == 2 and plain.adaptation is None
+
+
+def test_the_cpu_layout_of_the_vae_does_not_change_the_prediction(tmp_path, demo_dir):
+    """On CPU the VAE predicts in channels_last_3d (faster); the thin series is the default layout's."""
+    series = read_volume(small_demo_series(demo_dir, tmp_path / "thick-dicom"))
+    predictor = Predictor(tiny_model(tmp_path / "model"), "cpu")
+    assert all(p.is_contiguous(memory_format=torch.channels_last_3d)
+               for p in predictor.model.vae.parameters() if p.dim() == 5)
+    fast = predictor.predict(series.array, series.spacing).hu
+    predictor.model.vae.to(memory_format=torch.contiguous_format)
+    default = predictor.predict(series.array, series.spacing).hu
+    np.testing.assert_allclose(fast, default, atol=0.5)

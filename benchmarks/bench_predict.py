@@ -3,8 +3,9 @@
 First trains the smoke and cpu-quality models into --train (prepare-data, train-vae, train --phase frozen with
 configs/main.yaml + the preset; cpu-quality one short epoch per step: speed does not depend on how well a model is
 trained). Then for each model, volume and setting one child process runs
-ctv2v.evaluate.predict.Predictor.predict on a thick series and reports its wall time, its tile plan and its peak
-resident memory (ru_maxrss of the child, and the same before predict started: model and volume loaded):
+ctv2v.evaluate.predict.Predictor.predict on a thick series and reports its wall and CPU time, its tile plan, its
+peak resident memory (ru_maxrss of the child, and the same before predict started: model and volume loaded) and the
+network FLOPs of its tiles per CPU second (count_sample_flops: how near the run is to what the network itself costs):
 - (a) `demo-3mm`: the demo abdomen example_ct (3 mm, 112 x 101 x 122), slab-averaged x4 (12 mm thick slices);
 - (b) `demo-512`: the same CT linearly resampled in-plane to 0.75 mm pixels and padded with air to 512 x 512.
 Settings, both from the same code, as config overrides (setting_overrides):
@@ -114,11 +115,13 @@ def child(args: argparse.Namespace) -> int:
     """One prediction in this process: print a JSON line with seconds, output voxels, peak memory and PSNRs."""
     import torch
 
+    from ctv2v.data.clips import covering_tiles
     from ctv2v.data.interpolation import covered_slices
     from ctv2v.data.thick import ThickSeries
     from ctv2v.evaluate.evaluate import plan_tiles
     from ctv2v.evaluate.metrics import psnr, score_volume, synthesized_slices
     from ctv2v.evaluate.predict import Predictor
+    from ctv2v.train.estimate import count_sample_flops
 
     thin, thick, spacing = make_volume(args.volume, args.demo)
     predictor = Predictor(args.child, "cpu")
@@ -143,13 +146,19 @@ def child(args: argparse.Namespace) -> int:
     started, cpu_started = time.monotonic(), cpu_seconds()
     result = predictor.predict(thick, spacing)
     seconds = time.monotonic() - started
-    line = {"seconds": seconds, "cpu_seconds": cpu_seconds() - cpu_started, "voxels": int(result.hu.size), "model_grid_mm": list(result.model_grid_mm),
-            "tiles": plan.describe(), "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_before_predict_mib": before_mib}
+    spent = cpu_seconds() - cpu_started
+    n_tiles = len(covering_tiles((covered, grid_rows, grid_cols), plan.size, plan.strides, FACTOR, thick.shape[0]))
+    line = {"seconds": seconds, "cpu_seconds": spent, "voxels": int(result.hu.size),
+            "model_grid_mm": list(result.model_grid_mm), "tiles": plan.describe(),
+            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_before_predict_mib": before_mib,
+            "gflop_per_cpu_second": n_tiles * count_sample_flops(config, plan.size) / spent / 1e9}
     if args.volume == "demo-3mm":
         truth = thin[:covered]
         line["psnr_db"] = score_volume(result.hu, truth, FACTOR, -1000, 1000)["synthesized"]["psnr_db"]
-        seams = {z0 + d for z0 in range(plan.strides[0], covered, plan.strides[0]) for d in (-1, 1)}
+        # The thin slices on either side of where a tile starts in z (none with one tile along z).
+        z_starts = {tile.z0 for tile in covering_tiles((covered, grid_rows, grid_cols), plan.size, plan.strides, FACTOR,
+                                                       thick.shape[0])}
+        seams = {z0 + d for z0 in z_starts - {0} for d in (-1, 1)}
         synthesized = set(synthesized_slices(covered, FACTOR).tolist())
         at_seams = sorted(seams & synthesized)
         elsewhere = sorted(synthesized - seams)
@@ -240,8 +249,8 @@ def main() -> int:
           f"{args.before_crop} x {args.before_crop} pixels of the middle rows at the left edge",
           flush=True)
     print("| model | volume | setting | tiles | model grid mm | output voxels | wall s | CPU s | voxels/s (wall) | "
-          "voxels/CPU-s | peak MiB (before predict) | PSNR dB (seams / elsewhere) |\n"
-          "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |", flush=True)
+          "voxels/CPU-s | network GFLOP/CPU-s | peak MiB (before predict) | PSNR dB (seams / elsewhere) |\n"
+          "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |", flush=True)
     outputs, large_rates = {}, {}
     for name, (model, _) in trained.items():
         for volume in args.volume or VOLUMES:
@@ -256,12 +265,12 @@ def main() -> int:
                 print(f"| {name} | {volume} | {setting} | {line['tiles']} | "
                       f"{'x'.join(f'{v:g}' for v in line['model_grid_mm'])} | {line['voxels']} | "
                       f"{line['seconds']:.1f} | {line['cpu_seconds']:.1f} | {rates[setting]:.0f} | "
-                      f"{cpu_rates[setting]:.0f} | {line['peak_mib']:.0f} "
+                      f"{cpu_rates[setting]:.0f} | {line['gflop_per_cpu_second']:.1f} | {line['peak_mib']:.0f} "
                       f"({line['peak_before_predict_mib']:.0f}) | {quality} |", flush=True)
                 if "psnr_db" in line:
                     outputs[setting] = np.load(save)
             print(f"| {name} | {volume} | speed-up | | | | | | x{rates['new'] / rates['before']:.1f} | "
-                  f"x{cpu_rates['new'] / cpu_rates['before']:.1f} | | |", flush=True)
+                  f"x{cpu_rates['new'] / cpu_rates['before']:.1f} | | | |", flush=True)
             if volume == "demo-512":
                 large_rates[f"{name} (wall rate, this load)"] = rates["new"]
                 large_rates[f"{name} (CPU rate x {os.cpu_count()} cores: both cores busy)"] = (
@@ -298,12 +307,13 @@ def large_scan_estimates(cpu_rates: dict[str, float]) -> None:
     config = load_config([REPO / "configs" / "main.yaml"])
     factor, frames = config.data.thick.factor, config.data.clip.frames
     side = round(512 * pixel_mm / config.data.resample.pixel_mm)
-    # The reformat CNN has no attention: auto tiles are whole slices of the model's grid (a 16 GB card holds them).
+    # The reformat CNN has no attention: auto tiles are whole slices of the model's grid, as long as the card's
+    # memory allows; counted at the training clip's frames, each neighbour recomputing one thick slice (an upper bound).
     tiles = covering_tiles((n_thick * factor, side, side), (frames, side, side), (frames - factor, side, side),
                            factor, n_thick)
     flops = len(tiles) * count_sample_flops(config, (frames, side, side))
     print(f"main preset (configs/main.yaml), same scan on its {config.data.resample.pixel_mm:g} mm grid: {len(tiles)} "
-          f"tiles of {frames}x{side}x{side}, {config.evaluation.sample_steps} sampling steps, {flops / 1e12:.1f} "
+          f"tiles of {frames}x{side}x{side}, {config.evaluation_sample_steps} sampling steps, {flops / 1e12:.1f} "
           f"TFLOP (FlopCounterMode under FakeTensorMode); V100 at {V100_FP16_FLOPS / 1e12:.0f} TFLOP/s fp16 tensor "
           f"core peak and {V100_UTILISATION:.0%} of it: {flops / (V100_FP16_FLOPS * V100_UTILISATION):.1f} s of "
           "network time (resampling, interpolation and data consistency on the host not included)", flush=True)

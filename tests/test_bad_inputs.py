@@ -792,9 +792,9 @@ CASES = [
     Case("train-again-without-resume", train_again_without_resume, 1,
          r"CheckpointError: {tmp}/out/checkpoints already holds step-00000004.pt: pass --resume to continue it"),
     Case("resume-checkpoint-missing-keys", resume_checkpoint_missing_keys, 1,
-         r"CheckpointError: {tmp}/out/checkpoints/step-00000004.pt: an incomplete ctv2v-train-checkpoint/1 file: "
-         r"missing phase, progress.batch_in_epoch, progress.global_step, progress.best_val_loss, rng\[0\].python, "
-         r"rng\[0\].numpy, rng\[0\].torch$"),
+         r"CheckpointError: {tmp}/out/checkpoints/step-00000004.pt: an incomplete ctv2v-train-checkpoint/2 file: "
+         r"missing phase, progress.batch_in_epoch, progress.global_step, progress.best_val_metric, "
+         r"progress.best_val, rng\[0\].python, rng\[0\].numpy, rng\[0\].torch$"),
     Case("infinite-learning-rate", infinite_learning_rate, 2,
          r"ConfigError: \S+smoke.yaml with --set training.frozen.lr=.inf: 'training.frozen.lr': Input should be a "
          r"finite number \(got inf\)$"),

@@ -3,8 +3,9 @@
 frozen: the VAE (from --vae) is frozen and out of the optimizer; the denoiser trains on latents encoded once
 (training.latent_cache) or per batch. full: starts from the frozen phase's trained model (--init), unfreezes
 the VAE with its own learning rate (training.full.vae_lr_multiplier) and adds the L1 reconstruction term.
-Both write the trained-model folder (ctv2v.models.artifacts) to OUT/model, the best-by-val-loss one to
-OUT/best-model, and resumable checkpoints to OUT/checkpoints. Under `torchrun --nproc_per_node N` it is DDP.
+Both write the trained-model folder (ctv2v.models.artifacts) to OUT/model, the best validated one to
+OUT/best-model (by the whole val views' PSNR where they are scored, else by val_loss), and resumable checkpoints
+to OUT/checkpoints. Under `torchrun --nproc_per_node N` it is DDP.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ class TrainedPhase:
     phase: str
     global_step: int
     clips_per_second: float
-    best_val_loss: float | None
+    best_val_metric: str | None
+    """What picked best-model/ (whole val views' PSNR where scored, else val_loss); None: no validation ran."""
+    best_val: float | None
     metrics: dict[str, float]
     """The last logged value of each training and validation metric."""
     model_dir: Path | None
@@ -51,7 +54,8 @@ class TrainedPhase:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, the metrics at top level."""
         data: dict[str, Any] = {"phase": self.phase, "global_step": self.global_step,
-                                "clips_per_second": self.clips_per_second, "best_val_loss": self.best_val_loss,
+                                "clips_per_second": self.clips_per_second,
+                                "best_val_metric": self.best_val_metric, "best_val": self.best_val,
                                 **self.metrics}
         if self.model_dir is not None:
             data["model_dir"] = str(self.model_dir)
@@ -168,5 +172,5 @@ def train_step(
                 tracker.log_artifacts(model_dir, MODEL_DIR)
                 if (out_dir / BEST_MODEL_DIR).is_dir():
                     tracker.log_artifacts(out_dir / BEST_MODEL_DIR, BEST_MODEL_DIR)
-        return TrainedPhase(phase, result.global_step, result.clips_per_second, result.best_val_loss,
-                            result.last_metrics, model_dir)
+        return TrainedPhase(phase, result.global_step, result.clips_per_second, result.best_val_metric,
+                            result.best_val, result.last_metrics, model_dir)

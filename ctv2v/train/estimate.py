@@ -112,7 +112,7 @@ def count_step_flops(config: RunConfig, phase: Phase, fake: bool = True) -> int:
 
 
 def count_sample_flops(config: RunConfig, size: tuple[int, int, int], batch: int = 1, fake: bool = True) -> int:
-    """FLOPs of the network passes of one model.sample call (evaluation.sample_steps) on `batch` clips of `size`
+    """FLOPs of the network passes of one model.sample call (the evaluation sampling steps) on `batch` clips of `size`
     thin (frames, rows, columns): what predicting one batch of inference tiles costs; `fake` counts shapes only.
 
     The passes are made one by one (encoding the inputs, one denoiser pass per step, decoding): the sampler's
@@ -130,7 +130,7 @@ def count_sample_flops(config: RunConfig, size: tuple[int, int, int], batch: int
             condition, source, interp_latent = model.input_latents(thick, interp)
             latent = torch.rand(model.vae.latent_shape((batch, 1, *size))) if source is None else source
             timesteps = torch.zeros(batch, dtype=torch.long)
-            for _ in range(config.evaluation.sample_steps):
+            for _ in range(config.evaluation_sample_steps):
                 latent = model.denoiser(latent, condition, timesteps)
             model.decode_output(latent, size, interp, interp_latent)
         return counter.get_total_flops()

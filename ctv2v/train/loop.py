@@ -96,7 +96,7 @@ class TrainJob:
     validate: Callable[[nn.Module | None], dict[str, float]] | None = None
     """Called on rank 0 every val_every_epochs epochs with the EMA (or None); returns metrics incl. `val_loss`."""
     on_best: Callable[[nn.Module | None], None] | None = None
-    """Called on rank 0 when val_loss improves, with the EMA (or None): saves the best model."""
+    """Called on rank 0 when validation improves (best_validation), with the EMA (or None): saves the best model."""
     log_metrics: Callable[[dict[str, float], int], None] | None = None
     find_unused_parameters: bool = False
     """DDP: some trainable parameters get no gradient (e.g. the VAE decoder when full.recon_weight is 0)."""
@@ -104,12 +104,24 @@ class TrainJob:
     num_workers: int = 0
 
 
+SELECTION = {"val_psnr_db_synthesized": 1, "val_loss": -1}
+"""The validation metrics that pick best-model, in order of preference, and their sign (1: higher is better)."""
+
+
+def best_validation(val: dict[str, float]) -> str:
+    """The metric that picks best-model from a validation: the whole val views' PSNR on synthesized slices where
+    they are scored (training.val_scored_views), which is what evaluate measures (the clip val_loss rose over the
+    frozen phase while that PSNR rose: bench_quality, issue 18); else the val loss."""
+    return next(metric for metric in SELECTION if metric in val)
+
+
 @dataclass
 class TrainResult:
     global_step: int
     epochs: int
     last_metrics: dict[str, float]
-    best_val_loss: float | None
+    best_val_metric: str | None
+    best_val: float | None
     ema: nn.Module | None
     seconds: float
     clips_per_second: float
@@ -284,8 +296,10 @@ def train_loop(job: TrainJob) -> TrainResult:
                     job.log_metrics({f"{job.name}/{k}": v for k, v in val.items()}, progress.global_step)
                 log.info("%s epoch %d validation: %s", job.name, epoch + 1,
                          ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
-                if progress.best_val_loss is None or val["val_loss"] < progress.best_val_loss:
-                    progress.best_val_loss = val["val_loss"]
+                metric = best_validation(val)
+                if (progress.best_val is None or progress.best_val_metric != metric
+                        or SELECTION[metric] * (val[metric] - progress.best_val) > 0):
+                    progress.best_val_metric, progress.best_val = metric, val[metric]
                     if job.on_best is not None:
                         job.on_best(ema)
                 metrics.update({f"{job.name}/{k}": v for k, v in val.items()})
@@ -294,7 +308,8 @@ def train_loop(job: TrainJob) -> TrainResult:
         progress.epoch, progress.batch_in_epoch = epoch + 1, 0
         write_checkpoint()
     seconds = time.perf_counter() - started
-    return TrainResult(progress.global_step, job.epochs, metrics, progress.best_val_loss, ema, seconds,
+    return TrainResult(progress.global_step, job.epochs, metrics, progress.best_val_metric, progress.best_val, ema,
+                       seconds,
                        clips_seen / seconds if seconds > 0 else 0.0)
 
 

@@ -25,7 +25,10 @@ from ctv2v.files import atomic_torch_save, check_output_folder, load_torch_file
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "ctv2v-train-checkpoint/1"
+CHECKPOINT_FORMAT = "ctv2v-train-checkpoint/2"
+"""/2: the progress names the metric that picked best-model (best_val_metric, best_val)."""
+FORMAT_BEST_BY_VAL_LOSS = "ctv2v-train-checkpoint/1"
+"""The previous format, read too: best-model was picked by val_loss (progress.best_val_loss)."""
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_MODULES = {"vae": ("vae",), "frozen": ("denoiser",), "full": ("denoiser", "vae")}
 """The modules whose weights a checkpoint of each phase holds (besides optimizer, scheduler, scaler and EMA)."""
@@ -73,7 +76,10 @@ class Progress:
     epoch: int = 0
     batch_in_epoch: int = 0
     global_step: int = 0
-    best_val_loss: float | None = None
+    best_val_metric: str | None = None
+    """The metric that picked best-model (ctv2v.train.loop.best_validation), None before a validation."""
+    best_val: float | None = None
+    """Its value at the best validation so far."""
 
 
 def checkpoint_path(folder: Path, global_step: int) -> Path:
@@ -133,6 +139,12 @@ def load_checkpoint(path: Path, *, phase: str, config: RunConfig, world_size: in
     """Read a training checkpoint and check it belongs to this phase, config and number of processes."""
     path = Path(path)
     payload = load_torch_file(path, "training checkpoint")
+    if isinstance(payload, dict) and payload.get("format") == FORMAT_BEST_BY_VAL_LOSS and isinstance(
+            payload.get("progress"), dict) and "best_val_loss" in payload["progress"]:
+        best_val_loss = payload["progress"].pop("best_val_loss")
+        payload["progress"].update(best_val_metric=None if best_val_loss is None else "val_loss",
+                                   best_val=best_val_loss)
+        payload["format"] = CHECKPOINT_FORMAT
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a {CHECKPOINT_FORMAT} file")
     problems = _structure_problems(payload, phase, config)

@@ -163,7 +163,7 @@ def test_fake_tensor_flop_count_equals_a_real_run(phase):
 
 def test_sample_flop_count_equals_a_real_sampling_call():
     # bench_predict's V100 time rests on this count: it must be what model.sample really computes, every step.
-    model, config = tiny_model(0, "evaluation.sample_steps=3")
+    model, config = tiny_model(0, "diffusion.sample_steps=3")
     thick, thin = clip_pair()
     with FlopCounterMode(display=False) as counter:
         model.eval().sample(thick, steps=3, interp=torch.rand_like(thin), generator=torch.Generator().manual_seed(0))

@@ -141,6 +141,21 @@ def test_resume_refuses_a_changed_config_or_world_size(tmp_path):
         load_checkpoint(path, phase="full", config=config, world_size=2)
 
 
+def test_a_checkpoint_of_the_previous_format_resumes_with_best_model_picked_by_its_val_loss(tmp_path):
+    """Format /1 (best-model by val_loss, progress.best_val_loss) is read as /2 with that metric named."""
+    config = training_config()
+    path = save_checkpoint(tmp_path, phase="frozen", config=config, progress=Progress(2, 0, 8),
+                           states=_states("frozen"), rng_per_rank=[capture_rng()])
+    payload = torch.load(path, weights_only=True)
+    payload["format"] = "ctv2v-train-checkpoint/1"
+    for key in ("best_val_metric", "best_val"):
+        del payload["progress"][key]
+    payload["progress"]["best_val_loss"] = 0.25
+    torch.save(payload, path)
+    progress = load_checkpoint(path, phase="frozen", config=config, world_size=1)["progress"]
+    assert progress == Progress(2, 0, 8, best_val_metric="val_loss", best_val=0.25)
+
+
 def test_deployment_settings_never_block_a_resume(tmp_path):
     config = training_config()
     path = save_checkpoint(tmp_path, phase="full", config=config, progress=Progress(), states=_states("full"),
@@ -228,5 +243,5 @@ def test_a_checkpoint_missing_parts_names_every_missing_key(tmp_path):
     torch.save(payload, path)
     with pytest.raises(CheckpointError) as refused:
         load_checkpoint(path, phase="full", config=config, world_size=1)
-    assert str(refused.value) == (f"{path}: an incomplete ctv2v-train-checkpoint/1 file: missing progress.global_step, "
+    assert str(refused.value) == (f"{path}: an incomplete ctv2v-train-checkpoint/2 file: missing progress.global_step, "
                                   "states.vae, states.scheduler, states.scaler, states.ema, rng[0].numpy, rng[0].torch")

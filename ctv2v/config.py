@@ -349,8 +349,9 @@ class TrainingConfig(_Section):
     """How many val views (each val volume, and with data.augment.axes its in-plane axes as the slice axis) are
     predicted whole at every validation, as the evaluate step predicts a scan (tiles, data consistency), and scored
     (PSNR/SSIM on the synthesized slices, beside the model's start). Scores of single clips misled: on the demo's
-    all-tissue val clips the model lost 1-4 dB while it gained 0.3-2.2 dB on the same views predicted whole. 0 (the
-    default): the val loss only; a whole view costs as much as evaluating it (main.yaml's 3 mm grid keeps it small)."""
+    all-tissue val clips the model lost 1-4 dB while it gained 0.3-2.2 dB on the same views predicted whole; their
+    mean PSNR picks best-model. 0 (the default): the val loss only, and it picks best-model; a whole view costs as
+    much as evaluating it (main.yaml's 3 mm grid keeps it small)."""
     val_sample_steps: int | None = Field(None, ge=1)
     """Sampling steps at validation; None: diffusion.sample_steps. Fewer keep validation cheap for a model that
     samples with many (not with diffusion.train_timesteps `sampled`: RunConfig checks it)."""

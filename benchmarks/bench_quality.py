@@ -52,7 +52,8 @@ TRAINING_ABLATIONS = {
     "slab phase 0 only": ["data.augment.slab_phases=false"],
     "no flips / transpose": ["data.augment.flips=false"],
     "no HU jitter": ["data.augment.hu_scale=0.0", "data.augment.hu_offset=0.0"],
-    "no augmentation at all": ["data.augment=null"],
+    "no augmentation at all": ["data.augment.slab_phases=false", "data.augment.axes=false", "data.augment.flips=false",
+                               "data.augment.hu_scale=0.0", "data.augment.hu_offset=0.0"],
     "3D UNet denoiser, no slab phase (the previous design)": [
         "denoiser.architecture=unet", "denoiser.slab_phase=false", "denoiser.channels=[16, 32, 64]",
         "denoiser.attention_levels=[false, false, false]", "denoiser.num_res_blocks=1",

@@ -385,9 +385,10 @@ class EvaluationConfig(_Section):
     volume_ids: list[str] | None = None
     """Only these test-split volumes (by manifest id); None: the whole test split."""
     tile_frames: Annotated[int, Field(ge=2)] | Literal["auto"] = "auto"
-    """Thin slices per inference tile, a multiple of data.thick.factor (tiles start on thick slices); auto: for a
-    model without attention every thin slice of the scan where the memory budget holds them (else halved until it
-    does, never below data.clip.frames), for one with attention data.clip.frames, the length it was trained on."""
+    """Thin slices per inference tile, a multiple of data.thick.factor (tiles start on thick slices); auto:
+    data.clip.frames, the length the model was trained on. Whole-volume tiles were faster but worse: the trained
+    cpu-quality model lost 0.05 / 0.00 / 0.09 dB on example_ct / example_ct_sm / an unseen head CT with them
+    (bench_quality, 2026-12-07): its VAE normalises each tile (GroupNorm) as it normalised 32-slice clips."""
     tile_height: Annotated[int, Field(ge=8)] | Literal["auto"] = "auto"
     """Rows per inference tile; auto: the whole slice where the memory budget holds it, else the largest square
     tile that fits (never below data.clip's). `tile_width` alike for columns."""

@@ -358,40 +358,32 @@ def plan_tiles(model: ClipSampler, config: RunConfig, shape: tuple[int, int, int
                device: torch.device, n_thick: int | None = None) -> TilePlan:
     """The tiles for a thin volume of `shape` (evaluation.tile_*): fixed settings as given, `auto` ones from memory.
 
-    Auto sizes: for a model without attention, the whole volume (every thin slice it covers, whole slices) where
-    one tile of it fits the memory budget, else the frames halved first (one thick slice of each tile is
-    recomputed by its neighbour, against data.clip.eval_overlap in-plane), then the rows and columns, never below
-    data.clip's crop, until it fits; a model with attention (MONAI's DiffusionModelUNet always has it in its middle
-    block) keeps the training crop, because attention makes every output voxel depend on the whole tile and its
-    cost grows with the square of the tile's voxels. The auto batch is as many tiles as the budget holds. Memory
-    per tile is measured on one blank tile of the training crop and scaled by voxels (exact for the crop itself;
-    linear in voxels without attention).
+    Auto in-plane sizes: for a model without attention, the whole slice where one tile of it fits the memory
+    budget, else halved (never below data.clip's crop) until it fits; a model with attention (MONAI's
+    DiffusionModelUNet always has it in its middle block) keeps the training crop, because attention makes every
+    output voxel depend on the whole tile and its cost grows with the square of the tile's voxels. The auto batch
+    is as many tiles as the budget holds. Memory per tile is measured on one blank tile of the training crop and
+    scaled by voxels (exact for the crop itself; linear in voxels without attention).
     """
     settings, clip = config.evaluation, config.data.clip
-    slices, rows, cols = shape
-    n_thick = -(-slices // factor) if n_thick is None else n_thick
-    whole = not attends(model)
-    auto_frames, auto_height, auto_width = (getattr(settings, f"tile_{name}") == "auto"
-                                            for name in ("frames", "height", "width"))
-    frames = (max(clip.frames, n_thick * factor) if whole else clip.frames) if auto_frames else settings.tile_frames
+    frames = clip.frames if settings.tile_frames == "auto" else settings.tile_frames
     if frames % factor or frames < 2 * factor:
         raise EvaluationError(f"evaluation.tile_frames={frames} must be a multiple of the thick factor {factor} and "
                               f"hold at least 2 thick slices ({2 * factor} thin slices)")
+    _, rows, cols = shape
+    whole = not attends(model)
+    auto_height, auto_width = settings.tile_height == "auto", settings.tile_width == "auto"
     height = (rows if whole else clip.height) if auto_height else settings.tile_height
     width = (cols if whole else clip.width) if auto_width else settings.tile_width
     peak = budget = None
-    if auto_frames or auto_height or auto_width or settings.tile_batch_size == "auto":
+    if auto_height or auto_width or settings.tile_batch_size == "auto":
         budget = int(available_memory_bytes(device) * settings.tile_memory_share)
-        crop = (clip.frames, clip.height, clip.width)
+        crop = (frames, clip.height, clip.width)
         per_voxel = tile_peak_bytes(model, config, crop, device) / math.prod(crop)
-        while per_voxel * frames * height * width > budget:
-            if auto_frames and frames > clip.frames:
-                frames = max(clip.frames, -(-frames // (2 * factor)) * factor)
-            elif (auto_height and height > clip.height) or (auto_width and width > clip.width):
-                height = max(clip.height, -(-height // 2)) if auto_height else height
-                width = max(clip.width, -(-width // 2)) if auto_width else width
-            else:
-                break
+        while per_voxel * frames * height * width > budget and (
+                (auto_height and height > clip.height) or (auto_width and width > clip.width)):
+            height = max(clip.height, -(-height // 2)) if auto_height else height
+            width = max(clip.width, -(-width // 2)) if auto_width else width
         peak = int(per_voxel * frames * height * width)
     batch = max(1, budget // max(peak, 1)) if settings.tile_batch_size == "auto" else settings.tile_batch_size
     overlap = settings.tile_overlap

@@ -147,18 +147,16 @@ def child(args: argparse.Namespace) -> int:
     result = predictor.predict(thick, spacing)
     seconds = time.monotonic() - started
     spent = cpu_seconds() - cpu_started
-    n_tiles = len(covering_tiles((covered, grid_rows, grid_cols), plan.size, plan.strides, FACTOR, thick.shape[0]))
+    tiles = covering_tiles((covered, grid_rows, grid_cols), plan.size, plan.strides, FACTOR, thick.shape[0])
     line = {"seconds": seconds, "cpu_seconds": spent, "voxels": int(result.hu.size),
             "model_grid_mm": list(result.model_grid_mm), "tiles": plan.describe(),
             "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_before_predict_mib": before_mib,
-            "gflop_per_cpu_second": n_tiles * count_sample_flops(config, plan.size) / spent / 1e9}
+            "gflop_per_cpu_second": len(tiles) * count_sample_flops(config, plan.size) / spent / 1e9}
     if args.volume == "demo-3mm":
         truth = thin[:covered]
         line["psnr_db"] = score_volume(result.hu, truth, FACTOR, -1000, 1000)["synthesized"]["psnr_db"]
         # The thin slices on either side of where a tile starts in z (none with one tile along z).
-        z_starts = {tile.z0 for tile in covering_tiles((covered, grid_rows, grid_cols), plan.size, plan.strides, FACTOR,
-                                                       thick.shape[0])}
-        seams = {z0 + d for z0 in z_starts - {0} for d in (-1, 1)}
+        seams = {tile.z0 + d for tile in tiles if tile.z0 > 0 for d in (-1, 1)}
         synthesized = set(synthesized_slices(covered, FACTOR).tolist())
         at_seams = sorted(seams & synthesized)
         elsewhere = sorted(synthesized - seams)

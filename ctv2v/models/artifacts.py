@@ -108,7 +108,6 @@ def load_trained_model(model_dir: Path, config: RunConfig) -> VideoToVideoDiffus
     return model
 
 
-
 def load_model_for_inference(model_dir: Path, config: RunConfig, device: torch.device) -> VideoToVideoDiffusion:
     """load_trained_model on `device` in eval mode, its VAE in the layout that predicts fastest there."""
     model = load_trained_model(model_dir, config).to(device).eval()

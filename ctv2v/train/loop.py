@@ -112,7 +112,10 @@ def best_validation(val: dict[str, float]) -> str:
     """The metric that picks best-model from a validation: the whole val views' PSNR on synthesized slices where
     they are scored (training.val_scored_views), which is what evaluate measures (the clip val_loss rose over the
     frozen phase while that PSNR rose: bench_quality, issue 18); else the val loss."""
-    return next(metric for metric in SELECTION if metric in val)
+    for metric in SELECTION:
+        if metric in val:
+            return metric
+    raise ValueError(f"validation returned {sorted(val)}: none of {list(SELECTION)}, which pick best-model")
 
 
 @dataclass
@@ -309,8 +312,7 @@ def train_loop(job: TrainJob) -> TrainResult:
         write_checkpoint()
     seconds = time.perf_counter() - started
     return TrainResult(progress.global_step, job.epochs, metrics, progress.best_val_metric, progress.best_val, ema,
-                       seconds,
-                       clips_seen / seconds if seconds > 0 else 0.0)
+                       seconds, clips_seen / seconds if seconds > 0 else 0.0)
 
 
 # ------------------------------------------------------------------------------------ step plumbing

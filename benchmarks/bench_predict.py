@@ -305,8 +305,8 @@ def large_scan_estimates(cpu_rates: dict[str, float]) -> None:
     config = load_config([REPO / "configs" / "main.yaml"])
     factor, frames = config.data.thick.factor, config.data.clip.frames
     side = round(512 * pixel_mm / config.data.resample.pixel_mm)
-    # The reformat CNN has no attention: auto tiles are whole slices of the model's grid (a 16 GB card holds them),
-    # the training clip's frames long.
+    # The reformat CNN has no attention: auto tiles are whole slices of the model's grid where the card's memory
+    # holds them (not measured here: no GPU), the training clip's frames long.
     tiles = covering_tiles((n_thick * factor, side, side), (frames, side, side), (frames - factor, side, side),
                            factor, n_thick)
     flops = len(tiles) * count_sample_flops(config, (frames, side, side))

@@ -516,7 +516,7 @@ def evaluate_volume(
         raise EvaluationError(f"volume {volume.volume_id}: {volume.thin.shape[0]} thin slices, but its thick series "
                               f"covers {covered}")
     truth = volume.thin[:covered]
-    # The interpolation a model with the v2v design starts from (adapted on; shown beside what the model changed).
+    # The interpolation a model with the v2v design starts from (shown beside what the model changed).
     start_hu = Interpolation(config.v2v.interpolation, config.v2v.consistent_interpolation).of(volume)
 
     def predict(sampler: ClipSampler) -> np.ndarray:
@@ -527,7 +527,8 @@ def evaluate_volume(
     scores = {MODEL: score_volume(prediction, truth, thick.factor, settings.hu_min, settings.hu_max)}
     adaptation = None
     if settings.adapt.seconds > 0:
-        adapted, adaptation = adapt_to_scan(model, volume, start_hu, config, generator.device, settings.adapt.seconds)
+        adapted, adaptation = adapt_to_scan(model, volume, prediction, config, generator.device,
+                                            settings.adapt.seconds)
         scores[MODEL_ADAPTED] = score_volume(predict(adapted), truth, thick.factor, settings.hu_min, settings.hu_max)
     for result in score_baselines(volume.thin, thick, settings.hu_min, settings.hu_max, settings.baselines):
         scores[result.method] = result.scores

@@ -160,14 +160,22 @@ class Predictor:
         # broadcast array (no memory) stands for the thin grid.
         grid = np.broadcast_to(np.float32(self.config.data.intensity.hu_min), (covered_slices(thick), rows, cols))
         volume = Preprocessed(Path(source).name, grid, thick, thin_spacing, np.diag([*thin_spacing, 1.0]))
-        generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
         model = self.model
         if self.adapt_seconds > 0:
-            start = Interpolation(self.config.v2v.interpolation, self.config.v2v.consistent_interpolation).of(volume)
-            model, self.adaptation = adapt_to_scan(self.model, volume, start, self.config, self.device,
+            # Adaptation trains on the model's own thin series of this scan (ctv2v.evaluate.adapt).
+            with self.precision.autocast(self.device):
+                own = predict_volume(self.model, volume, self.config, self._generator())
+            if self.config.evaluation.data_consistency:
+                own = project_to_thick(own, thick, own.shape[0])
+            model, self.adaptation = adapt_to_scan(self.model, volume, own, self.config, self.device,
                                                    self.adapt_seconds)
         with self.precision.autocast(self.device):
-            return predict_volume(model, volume, self.config, generator), thick
+            return predict_volume(model, volume, self.config, self._generator()), thick
+
+    def _generator(self) -> torch.Generator:
+        """The sampler's random stream, seeded with the run's seed: a prediction does not depend on what ran
+        before it."""
+        return torch.Generator(device=self.device).manual_seed(self.config.seed)
 
     def predict(self, hu: np.ndarray, spacing: tuple[float, float, float], affine: np.ndarray | None = None,
                 source: str = "input", factor: int | None = None) -> ThinSeries:

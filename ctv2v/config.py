@@ -371,8 +371,9 @@ class AdaptConfig(_Section):
     batch_size: int = Field(4, ge=1)
     ema_decay: float | None = Field(0.99, gt=0, lt=1)
     """The adapted denoiser is an exponential moving average of its weights over the adaptation's steps, begun at
-    the model's own (None: the last step's weights). Single steps on one scan move a trained model by +-0.1 dB
-    from one 50-step mark to the next; the average held example_ct within 0.01 dB of its start at every mark."""
+    the model's own (None: the last step's weights). Single steps on one scan moved a trained model by up to 0.24
+    dB from one 50-step mark to the next; the average held example_ct within 0.01 dB of its start at every mark.
+    From an untrained denoiser the average lags weights still far from converged (bench_quality's adapt only)."""
 
 
 class EvaluationConfig(_Section):

@@ -8,7 +8,7 @@ the VAE frozen (SMORE, Zhao et al. 2020, applied to the latent model). No thin s
 used: it is what the model is asked to make.
 
 The scan's z axis runs across every training frame of those views. Taken from the interpolation, it is blurred
-there as in nothing the model predicts, and the trained cpu-quality model lost 0.07 / 0.04 dB on example_ct /
+there as in nothing the model predicts, and the trained cpu-quality model lost 0.07 / 0.05 dB on example_ct /
 example_ct_sm after 300 steps on it; on its own prediction -0.02 / +0.12 dB, and +0.01 / +0.11 dB with the
 average of its weights over the steps (evaluation.adapt.ema_decay), the unseen head CT gaining +0.95 dB (the
 README's quality section has the settings).

@@ -84,10 +84,8 @@ def test_the_adapted_weights_are_the_average_over_the_steps_begun_at_the_model(s
     """evaluation.adapt.ema_decay d after one step: d x the model's weights + (1 - d) x the stepped ones."""
     config, volume = scan
     predicted = prediction_of(config, volume)
-    one_step = config.evaluation.adapt.model_copy(update={"steps": 1, "ema_decay": None})
-    last_config = config.model_copy(update={"evaluation": config.evaluation.model_copy(update={"adapt": one_step})})
-    averaged_config = config.model_copy(update={"evaluation": config.evaluation.model_copy(
-        update={"adapt": one_step.model_copy(update={"ema_decay": 0.25})})})
+    last_config = smoke_config(*OVERRIDES, "evaluation.adapt.steps=1", "evaluation.adapt.ema_decay=null")
+    averaged_config = smoke_config(*OVERRIDES, "evaluation.adapt.steps=1", "evaluation.adapt.ema_decay=0.25")
     model = model_of(config)
     stepped, _ = adapt_to_scan(model, volume, predicted, last_config, torch.device("cpu"), 600.0)
     averaged, _ = adapt_to_scan(model, volume, predicted, averaged_config, torch.device("cpu"), 600.0)

@@ -233,3 +233,32 @@ def test_the_cpu_layout_of_the_vae_does_not_change_the_prediction(tmp_path, demo
     predictor.model.vae.to(memory_format=torch.contiguous_format)
     default = predictor.predict(series.array, series.spacing).hu
     np.testing.assert_allclose(fast, default, atol=0.5)
+
+
+def test_predict_adapt_trains_on_the_models_own_prediction(tmp_path, demo_dir, monkeypatch):
+    """The scan's z axis in the adaptation's training views comes from the model, not from the interpolation."""
+    from ctv2v.data.interpolation import Interpolation
+    from ctv2v.data.thick import project_to_thick
+    from ctv2v.evaluate import predict as predict_module
+
+    series = read_volume(small_demo_series(demo_dir, tmp_path / "thick-dicom"))
+    model_dir = tiny_model(tmp_path / "model", "evaluation.adapt.steps=1", "evaluation.adapt.batch_size=1",
+                           "evaluation.data_consistency=true")
+    plain = Predictor(model_dir, "cpu")
+    own, thick = plain.predict_on_model_grid(series.array, series.spacing)
+    own = project_to_thick(own, thick, own.shape[0])
+    config = plain.config
+    interpolated = predict_module._interpolated(
+        Interpolation(config.v2v.interpolation, config.v2v.consistent_interpolation), thick)
+    assert config.evaluation.data_consistency and np.abs(own - interpolated[:own.shape[0]]).max() > 1.0
+    trained_on = []
+    real_adapt = predict_module.adapt_to_scan
+
+    def recording_adapt(model, volume, predicted_hu, *args):
+        trained_on.append(predicted_hu)
+        return real_adapt(model, volume, predicted_hu, *args)
+
+    monkeypatch.setattr(predict_module, "adapt_to_scan", recording_adapt)
+    Predictor(model_dir, "cpu", adapt_seconds=600.0).predict(series.array, series.spacing)
+    assert len(trained_on) == 1
+    np.testing.assert_allclose(trained_on[0], own, rtol=0, atol=1e-3)
